@@ -1,0 +1,560 @@
+"""Shared memory that every worker sees: routing table, message store, inboxes.
+
+The supervisor creates one anonymous MAP_SHARED mapping before it forks, so
+the region outlives any worker and a restarted worker finds it as it was.
+
+Layout, and the rule that makes it safe without locks:
+
+* ``N`` partitions.  Every id has a home worker, ``home = key % N`` where
+  ``key = id_key(id)``.  Partition ``w`` holds the table slots and the
+  message log of the ids whose home is ``w``, and **only worker w writes
+  to it**.  A worker killed at any instant leaves at most its own partition
+  half-written; its successor (same index) calls ``Partition.repair``.
+* ``N * N`` single-producer single-consumer byte rings, ``ring(src, dst)``.
+  The producer alone writes ``tail``, the consumer alone writes ``head``.
+  A record becomes visible only when ``tail`` moves past it, so a producer
+  killed mid-record leaves nothing; a consumer killed mid-batch re-reads
+  from its last stored ``head`` (at-least-once, in a window of one record).
+* One stats block per worker: counters the worker flushes periodically and
+  the pid the supervisor writes, so any worker can answer ``/stats``.
+
+Keys are CPython's ``hash()`` of the id bytes: SipHash keyed once per
+supervisor run, shared by every forked worker (and by restarted ones), never
+recomputed across processes that did not fork from the same supervisor.  Two
+different ids with the same 64-bit key would share a slot; with a random key
+the chance over a million ids is about 3e-8, which we accept for not paying
+for the id bytes in every slot.
+
+This module never blocks, never takes a lock, never allocates per message
+beyond the bytes it returns, and never touches a partition it does not own
+except through a ring.  Memory ordering relies on x86-64 (TSO): a store of
+``tail`` is seen after the stores of the record it publishes.
+"""
+
+import mmap
+import struct
+
+MAX_WORKERS = 64
+EMPTY = 0          # key of a free slot; also the log's wrap marker
+MAX_LOAD = 0.9     # refuse new ids beyond this fill, so every probe ends
+
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+# A log record: key, absolute offset of the id's previous record, seq,
+# timestamp (ms, wraps every 49 days), data length; then the data.
+_REC = struct.Struct("<qqIII")
+REC_HEADER = _REC.size
+_RING_LEN = _U32
+_RING_WRAP = 0xFFFFFFFF
+
+# Per-worker stats block (all u64). Order is the wire order of /stats.
+STAT_FIELDS = ("pid", "started_ms", "connections", "subscribers", "accepted",
+               "published", "delivered", "expired", "dropped", "rss_bytes")
+_STAT_BLOCK = 128
+# Partition header (u64 each).  "dirty" is the slot whose fields are being
+# rewritten and "journal" the slot move in progress (src << 32 | dst), or
+# NO_SLOT: together, everything a crash can leave half-done in a partition.
+_H_WRITE, _H_TAIL, _H_IDS, _H_MESSAGES, _H_DIRTY, _H_JOURNAL = range(6)
+NO_SLOT = 0xFFFFFFFFFFFFFFFF
+_HEADER = 64
+_CACHE_LINE = 64
+
+
+def id_key(ident: bytes) -> int:
+    """The 64-bit key of an id; never EMPTY."""
+    return hash(ident) or 1
+
+
+def _align(n, a):
+    return (n + a - 1) // a * a
+
+
+class TableFull(Exception):
+    """The home partition has no room for one more id."""
+
+
+class Layout:
+    """Where everything lives in the region, computed the same way in every process."""
+
+    SLOT_BYTES = 8 + 8 + 8 + 4 + 4 + 4 + 8   # key, mask, cmask, last, first, compat, head
+
+    def __init__(self, workers, max_ids, log_bytes, ring_bytes):
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be 1..{MAX_WORKERS}")
+        self.workers = workers
+        self.slots = max(16, int(max_ids / 0.75 / workers) + 1)
+        self.log_size = max(4096, _align(log_bytes // workers, 8))
+        self.ring_size = max(4096, 1 << (max(ring_bytes, 4096) - 1).bit_length())
+        off = _HEADER + _STAT_BLOCK * workers
+        self.part_offsets = []
+        for _ in range(workers):
+            off = _align(off, 4096)
+            self.part_offsets.append(off)
+            off += _CACHE_LINE + self.slots * self.SLOT_BYTES + self.log_size
+        self.ring_offsets = {}
+        for src in range(workers):
+            for dst in range(workers):
+                off = _align(off, 4096)
+                self.ring_offsets[src, dst] = off
+                off += 2 * _CACHE_LINE + self.ring_size
+        self.total = _align(off, mmap.PAGESIZE)
+
+    @property
+    def table_bytes(self):
+        return self.slots * self.SLOT_BYTES * self.workers
+
+
+class SharedRegion:
+    """The mapping and its views; create it before fork, use it after."""
+
+    def __init__(self, workers, max_ids, log_bytes, ring_bytes, ttl_ms, max_queued):
+        self.layout = Layout(workers, max_ids, log_bytes, ring_bytes)
+        self.ttl_ms = ttl_ms
+        self.max_queued = max_queued
+        self.mm = mmap.mmap(-1, self.layout.total, flags=mmap.MAP_SHARED)
+        self.view = memoryview(self.mm)
+        for w in range(workers):
+            base = self.layout.part_offsets[w]
+            header = self._part_header(w)
+            header[_H_DIRTY] = header[_H_JOURNAL] = NO_SLOT
+
+    @property
+    def workers(self):
+        return self.layout.workers
+
+    def stats(self, w):
+        base = _HEADER + _STAT_BLOCK * w
+        return StatsBlock(self.view[base:base + _STAT_BLOCK].cast("Q"))
+
+    def partition(self, w):
+        return Partition(self, w)
+
+    def ring(self, src, dst):
+        return Ring(self.view, self.layout.ring_offsets[src, dst], self.layout.ring_size)
+
+    def home(self, key):
+        return key % self.layout.workers
+
+    def totals(self):
+        """Region-wide figures for /stats: read without locks, so approximate under load."""
+        ids = messages = used = 0
+        for w in range(self.workers):
+            header = self._part_header(w)
+            ids += header[_H_IDS]
+            messages += header[_H_MESSAGES]
+            used += header[_H_WRITE] - header[_H_TAIL]
+        lay = self.layout
+        return {"ids_used": ids, "ids_capacity": int(lay.slots * lay.workers * MAX_LOAD),
+                "messages": messages, "bytes_used": used,
+                "bytes_capacity": lay.log_size * lay.workers,
+                "region_bytes": lay.total}
+
+    def _part_header(self, w):
+        base = self.layout.part_offsets[w]
+        return self.view[base:base + _CACHE_LINE].cast("Q")
+
+
+class StatsBlock:
+    """One worker's counters in the region, by name."""
+
+    __slots__ = ("_words",)
+
+    def __init__(self, words):
+        self._words = words
+
+    def get(self, name):
+        return self._words[STAT_FIELDS.index(name)]
+
+    def set(self, name, value):
+        self._words[STAT_FIELDS.index(name)] = value
+
+    def as_dict(self):
+        return dict(zip(STAT_FIELDS, self._words[:len(STAT_FIELDS)]))
+
+
+class Ring:
+    """A single-producer, single-consumer ring of length-prefixed byte records.
+
+    Positions are absolute u64 byte counts; the physical place is pos mod size.
+    A record never straddles the end: a wrap marker sends the reader to 0.
+    """
+
+    __slots__ = ("_pos", "_data", "size", "_mask")
+
+    def __init__(self, view, offset, size):
+        self._pos = view[offset:offset + 2 * _CACHE_LINE].cast("Q")   # [0]=head, [8]=tail
+        self._data = view[offset + 2 * _CACHE_LINE:offset + 2 * _CACHE_LINE + size]
+        self.size = size
+        self._mask = size - 1
+
+    def push(self, payload) -> bool:
+        """Append one record; False when it does not fit now (back-pressure)."""
+        need = 4 + len(payload)
+        need += -need % 4
+        tail = self._pos[8]
+        phys = tail & self._mask
+        room_to_end = self.size - phys
+        pad = room_to_end if room_to_end < need else 0
+        if tail + pad + need - self._pos[0] > self.size:
+            return False
+        data = self._data
+        if pad:
+            _RING_LEN.pack_into(data, phys, _RING_WRAP)
+            tail += pad
+            phys = 0
+        _RING_LEN.pack_into(data, phys, len(payload))
+        data[phys + 4:phys + 4 + len(payload)] = payload
+        self._pos[8] = tail + need          # publish: the record is visible from here on
+        return True
+
+    def pop(self):
+        """The next record's bytes, or None; the caller must ``commit`` after handling it."""
+        head = self._pos[0]
+        if head == self._pos[8]:
+            return None
+        phys = head & self._mask
+        n = _RING_LEN.unpack_from(self._data, phys)[0]
+        if n == _RING_WRAP:
+            head += self.size - phys
+            self._pos[0] = head
+            if head == self._pos[8]:
+                return None
+            phys = 0
+            n = _RING_LEN.unpack_from(self._data, 0)[0]
+        return bytes(self._data[phys + 4:phys + 4 + n])
+
+    def commit(self, payload_len):
+        """Mark the record just popped as handled (stores head)."""
+        need = 4 + payload_len
+        self._pos[0] = self._pos[0] + need + (-need % 4)
+
+    def pending_bytes(self):
+        return self._pos[8] - self._pos[0]
+
+
+class Partition:
+    """The id table and message log of one home worker.
+
+    Only worker ``w`` may call the methods that write (all but ``find``).
+    The table is open addressing with linear probing and backward-shift
+    deletion, stored as parallel arrays (one field per array) so a field is
+    one indexed load.  The log is a circular FIFO of records in publish
+    order: the oldest live record is at ``tail``, so expiry and making room
+    are both "advance the tail", O(1) per record over its lifetime.  An id's
+    messages are the chain from its newest record back through ``prev``.
+    """
+
+    def __init__(self, region, w):
+        lay = region.layout
+        view = region.view
+        base = lay.part_offsets[w]
+        self.header = view[base:base + _CACHE_LINE].cast("Q")
+        n = self.nslots = lay.slots
+        off = base + _CACHE_LINE
+        arrays = []
+        for fmt, width in (("q", 8), ("Q", 8), ("Q", 8), ("Q", 8), ("I", 4), ("I", 4), ("I", 4)):
+            arrays.append(view[off:off + n * width].cast(fmt))
+            off += n * width
+        (self.keys, self.masks, self.cmasks, self.heads,
+         self.lasts, self.firsts, self.compats) = arrays
+        self.log = view[off:off + lay.log_size]
+        self.log_size = lay.log_size
+        self.workers = lay.workers
+        self.id_limit = int(n * MAX_LOAD)
+        self.ttl_ms = region.ttl_ms
+        self.max_queued = region.max_queued
+        self.expired = 0      # counted by this process since it started
+        self.dropped = 0
+
+    # -- the table ---------------------------------------------------------
+
+    def _ideal(self, key):
+        return (key // self.workers) % self.nslots
+
+    def find(self, key):
+        """The slot index holding key, or -1."""
+        keys = self.keys
+        n = self.nslots
+        i = (key // self.workers) % n
+        while True:
+            k = keys[i]
+            if k == key:
+                return i
+            if k == EMPTY:
+                return -1
+            i += 1
+            if i == n:
+                i = 0
+
+    def _find_or_add(self, key):
+        keys = self.keys
+        n = self.nslots
+        i = (key // self.workers) % n
+        while True:
+            k = keys[i]
+            if k == key:
+                return i
+            if k == EMPTY:
+                break
+            i += 1
+            if i == n:
+                i = 0
+        header = self.header
+        if header[_H_IDS] >= self.id_limit:
+            raise TableFull("id table full")
+        header[_H_DIRTY] = i
+        self.masks[i] = self.cmasks[i] = self.heads[i] = 0
+        self.lasts[i] = self.compats[i] = 0
+        self.firsts[i] = 1
+        keys[i] = key                     # the slot exists from here on
+        header[_H_DIRTY] = NO_SLOT
+        header[_H_IDS] += 1
+        return i
+
+    def _move(self, src, dst):
+        for arr in (self.masks, self.cmasks, self.heads, self.lasts, self.firsts,
+                    self.compats, self.keys):
+            arr[dst] = arr[src]
+
+    def _delete(self, hole):
+        """Remove slot ``hole``, shifting later entries of its cluster back.
+
+        Every step is journaled in one 8-byte store, so ``repair`` can redo
+        the step a crash interrupted and finish the shift.
+        """
+        header = self.header
+        header[_H_JOURNAL] = hole << 32 | hole
+        self._shift_into(hole)
+        header[_H_IDS] -= 1
+
+    def _shift_into(self, hole):
+        keys = self.keys
+        n = self.nslots
+        header = self.header
+        j = hole
+        while True:
+            j += 1
+            if j == n:
+                j = 0
+            k = keys[j]
+            if k == EMPTY:
+                break
+            ideal = self._ideal(k)
+            # The entry at j may fill the hole unless its ideal slot lies
+            # cyclically in (hole, j]: then it would end before its start.
+            if (hole < j and (ideal <= hole or ideal > j)) or \
+               (hole > j and ideal <= hole and ideal > j):
+                header[_H_JOURNAL] = j << 32 | hole
+                self._move(j, hole)
+                hole = j
+        keys[hole] = EMPTY
+        header[_H_JOURNAL] = NO_SLOT
+
+    def _maybe_forget(self, i):
+        if self.lasts[i] < self.firsts[i] and not self.masks[i] and not self.cmasks[i]:
+            self._delete(i)
+
+    # -- the log -----------------------------------------------------------
+
+    def _record_at(self, pos):
+        """The header at ``pos``; a wrap marker (key EMPTY) when too close to the end for one."""
+        phys = pos % self.log_size
+        if self.log_size - phys < REC_HEADER:
+            return EMPTY, 0, 0, 0, 0
+        return _REC.unpack_from(self.log, phys)
+
+    def _drop_tail(self, now_ms):
+        """Advance the tail past one record; count it if it was still live."""
+        header = self.header
+        tail = header[_H_TAIL]
+        key, _prev, seq, stamp, length = self._record_at(tail)
+        if key == EMPTY:                  # wrap marker
+            header[_H_TAIL] = tail + self.log_size - tail % self.log_size
+            return
+        i = self.find(key)
+        if i >= 0 and self.firsts[i] <= seq <= self.lasts[i]:
+            self.firsts[i] = seq + 1
+            header[_H_MESSAGES] -= 1
+            if (now_ms - stamp) & 0xFFFFFFFF >= self.ttl_ms:
+                self.expired += 1
+            else:
+                self.dropped += 1
+            need = REC_HEADER + length
+            header[_H_TAIL] = tail + need + (-need % 8)
+            self._maybe_forget(i)
+            return
+        need = REC_HEADER + length
+        header[_H_TAIL] = tail + need + (-need % 8)
+
+    def _reserve(self, need, now_ms):
+        """The absolute position where a record of ``need`` bytes goes, after making room."""
+        header = self.header
+        size = self.log_size
+        pos = header[_H_WRITE]
+        phys = pos % size
+        if size - phys < need:            # never straddle the end: pad to the start
+            while header[_H_TAIL] < pos + (size - phys) - size:
+                self._drop_tail(now_ms)
+            _U64.pack_into(self.log, phys, EMPTY)   # positions are 8-aligned: it fits
+            pos += size - phys
+            header[_H_WRITE] = pos
+        while header[_H_TAIL] < pos + need - size:
+            self._drop_tail(now_ms)
+        return pos
+
+    def expire(self, now_ms):
+        """Drop the records older than the TTL; returns how many live ones expired."""
+        header = self.header
+        before = self.expired
+        ttl = self.ttl_ms
+        while header[_H_TAIL] < header[_H_WRITE]:
+            key, _prev, _seq, stamp, _len = self._record_at(header[_H_TAIL])
+            if key != EMPTY and (now_ms - stamp) & 0xFFFFFFFF < ttl:
+                break
+            self._drop_tail(now_ms)
+        return self.expired - before
+
+    def _walk(self, i, lowest, now_ms):
+        """Yield (seq, phys, length) of slot i's live records, newest first, down to ``lowest``."""
+        key = self.keys[i]
+        expect = self.lasts[i]
+        lowest = max(lowest, self.firsts[i])
+        pos = self.heads[i]
+        tail = self.header[_H_TAIL]
+        size = self.log_size
+        ttl = self.ttl_ms
+        while expect >= lowest and pos >= tail:
+            phys = pos % size
+            rkey, prev, seq, stamp, length = _REC.unpack_from(self.log, phys)
+            if rkey != key or seq != expect or (now_ms - stamp) & 0xFFFFFFFF >= ttl:
+                return
+            yield seq, phys + REC_HEADER, length
+            pos = prev
+            expect -= 1
+
+    # -- what the home worker does ------------------------------------------
+
+    def publish(self, key, data, now_ms):
+        """Store one message; returns (seq, bitmask of the workers to deliver to).
+
+        Raises TableFull when the id is new and the table has no room.
+        """
+        need = REC_HEADER + len(data)
+        need += -need % 8
+        if need > self.log_size // 2:
+            raise ValueError("message larger than half a partition's log")
+        pos = self._reserve(need, now_ms)     # may forget slots: find ours after it
+        i = self._find_or_add(key)
+        header = self.header
+        seq = self.lasts[i] + 1
+        phys = pos % self.log_size
+        _REC.pack_into(self.log, phys, key, self.heads[i], seq, now_ms & 0xFFFFFFFF, len(data))
+        self.log[phys + REC_HEADER:phys + REC_HEADER + len(data)] = data
+        header[_H_WRITE] = pos + need          # the record exists from here on
+        header[_H_DIRTY] = i
+        self.heads[i] = pos                    # head before last: see repair()
+        self.lasts[i] = seq
+        overflow = seq - self.firsts[i] + 1 - self.max_queued
+        if overflow > 0:
+            self.firsts[i] += overflow
+            self.dropped += overflow
+            header[_H_MESSAGES] -= overflow
+        header[_H_MESSAGES] += 1
+        targets = self.masks[i] | self.cmasks[i]
+        if self.cmasks[i]:                     # held compat polls consume it
+            self.compats[i] = seq
+            self.cmasks[i] = 0
+        header[_H_DIRTY] = NO_SLOT
+        return seq, targets
+
+    def subscribe(self, key, bit, since, now_ms):
+        """Register worker bit for key; returns (last seq, [(seq, data)] with seq > since).
+
+        ``since`` beyond the last seq (the server restarted) counts as 0.
+        """
+        i = self._find_or_add(key)
+        self.masks[i] |= bit
+        last = self.lasts[i]
+        if since > last:
+            since = 0
+        log = self.log
+        found = [(seq, bytes(log[p:p + n])) for seq, p, n in self._walk(i, since + 1, now_ms)]
+        found.reverse()
+        return last, found
+
+    def unsubscribe(self, key, bit):
+        i = self.find(key)
+        if i >= 0:
+            self.masks[i] &= ~bit
+            self.cmasks[i] &= ~bit
+            self._maybe_forget(i)
+
+    def compat_take(self, key, bit, now_ms):
+        """The oldest message compat readers have not had, advancing the cursor; or None.
+
+        With None, worker bit is registered to receive the next message.
+        """
+        i = self._find_or_add(key)
+        oldest = None
+        for oldest in self._walk(i, self.compats[i] + 1, now_ms):
+            pass
+        if oldest is None:
+            self.cmasks[i] |= bit
+            return None
+        seq, p, n = oldest
+        self.compats[i] = seq
+        return seq, bytes(self.log[p:p + n])
+
+    def last_seq(self, key):
+        i = self.find(key)
+        return self.lasts[i] if i >= 0 else 0
+
+    def clear_worker(self, bit):
+        """Forget that worker ``bit`` holds anything: it was restarted."""
+        masks, cmasks = self.masks, self.cmasks
+        cleared = []
+        for i in range(self.nslots):
+            if (masks[i] | cmasks[i]) & bit:
+                masks[i] &= ~bit
+                cmasks[i] &= ~bit
+                cleared.append(self.keys[i])
+        for key in cleared:               # deleting shifts slots: look each up again
+            i = self.find(key)
+            if i >= 0:
+                self._maybe_forget(i)
+
+    def repair(self):
+        """Finish whatever a killed predecessor left half-done; recount the header."""
+        header = self.header
+        journal = header[_H_JOURNAL]
+        if journal != NO_SLOT:
+            src, dst = journal >> 32, journal & 0xFFFFFFFF
+            if src != dst:
+                self._move(src, dst)
+            self._shift_into(src)
+            header[_H_JOURNAL] = NO_SLOT
+        i = header[_H_DIRTY]
+        if i != NO_SLOT:
+            self._repair_slot(i)
+            header[_H_DIRTY] = NO_SLOT
+        ids = messages = 0
+        keys, lasts, firsts = self.keys, self.lasts, self.firsts
+        for i in range(self.nslots):
+            if keys[i] != EMPTY:
+                ids += 1
+                messages += max(0, lasts[i] - firsts[i] + 1)
+        header[_H_IDS] = ids
+        header[_H_MESSAGES] = messages
+
+    def _repair_slot(self, i):
+        key = self.keys[i]
+        if key == EMPTY:
+            return                        # killed while creating it: never existed
+        head = self.heads[i]
+        if self.header[_H_TAIL] <= head < self.header[_H_WRITE]:
+            rkey, _prev, seq, _stamp, _len = self._record_at(head)
+            if rkey == key and seq == self.lasts[i] + 1:
+                self.lasts[i] = seq       # killed between head and last: finish it
+        last = self.lasts[i]
+        self.firsts[i] = max(min(self.firsts[i], last + 1), last + 1 - self.max_queued)
+        self.compats[i] = min(self.compats[i], last)
