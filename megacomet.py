@@ -1,0 +1,277 @@
+"""MegaComet: the command line and the supervisor.
+
+The supervisor creates the shared region and one eventfd per worker, forks
+the workers, restarts any that dies, and stops them all on SIGTERM/SIGINT.
+It never touches a connection, a ring or a partition itself: it only
+writes each worker's pid into the region (0 while that worker is down), so
+that /health and /stats can tell who is alive.
+
+Run it:  python megacomet.py --workers 8
+"""
+
+import argparse
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+
+import shmqueue
+import worker
+
+RESTART_BACKOFF_MAX = 30.0     # seconds between restarts of a worker that keeps dying
+CRASH_LOOP_WINDOW = 5.0        # a worker that dies younger than this is crash-looping
+STOP_GRACE = 4.0               # seconds workers get to answer held polls on shutdown
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="megacomet.py",
+        description="A comet (HTTP long-poll push) server: pre-forked epoll workers sharing "
+                    "routing and message queues through shared memory.")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (default: CPU count, %(default)s here; at most 64)")
+    p.add_argument("--host", default="0.0.0.0", help="client port address (default %(default)s)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="client port for subscribers (default %(default)s; 0 picks a free one)")
+    p.add_argument("--app-host", default="127.0.0.1",
+                   help="app port address for publishers (default %(default)s: keep it private)")
+    p.add_argument("--app-port", type=int, default=9000,
+                   help="app port: HTTP publish API, /stats, /metrics, /health and the binary "
+                        "protocol (default %(default)s; 0 picks a free one)")
+    p.add_argument("--max-ids", type=int, default=1_000_000,
+                   help="ids the shared table holds at once (default %(default)s)")
+    p.add_argument("--shm-mb", type=int, default=128,
+                   help="MiB of shared memory for buffered messages (default %(default)s)")
+    p.add_argument("--ring-kb", type=int, default=256,
+                   help="KiB per worker-to-worker ring (default %(default)s; raised to fit "
+                        "2 messages of --max-message)")
+    p.add_argument("--max-queued", type=int, default=64,
+                   help="messages buffered per id; older ones are dropped (default %(default)s)")
+    p.add_argument("--queue-ttl", type=float, default=60.0,
+                   help="seconds a buffered message lives (default %(default)s)")
+    p.add_argument("--poll-timeout", type=int, default=30,
+                   help="seconds a long-poll is held without news (default %(default)s; "
+                        "?timeout= may ask for 1..120)")
+    p.add_argument("--max-message", type=int, default=65536,
+                   help="largest message in bytes (default %(default)s)")
+    p.add_argument("--max-body", type=int, default=16 << 20,
+                   help="largest HTTP body on the app port, i.e. a batch (default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send request headers, and may idle "
+                        "between keep-alive requests (default %(default)s)")
+    p.add_argument("--cors-origin", default="*",
+                   help="Access-Control-Allow-Origin sent to subscribers (default %(default)s)")
+    p.add_argument("--app-token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on the app port (not for "
+                        "GET /health) and refuse the binary protocol")
+    args = p.parse_args(argv)
+    if not 1 <= args.workers <= shmqueue.MAX_WORKERS:
+        p.error("--workers must be 1..%d" % shmqueue.MAX_WORKERS)
+    for name in ("max_ids", "shm_mb", "ring_kb", "max_queued", "poll_timeout", "max_message",
+                 "max_body"):
+        if getattr(args, name) < 1:
+            p.error("--%s must be positive" % name.replace("_", "-"))
+    if not 0 < args.queue_ttl < 2 ** 31 / 1000:
+        p.error("--queue-ttl must be between 0 and 24 days")
+    if not 0 < args.header_timeout:
+        p.error("--header-timeout must be positive")
+    if args.max_message * 2 + 64 > (args.shm_mb << 20) // args.workers:
+        p.error("--max-message must fit twice in each worker's share of --shm-mb")
+    args.ring_kb = max(args.ring_kb, (2 * (args.max_message + 256) + 1023) // 1024)
+    return args
+
+
+def raise_fd_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def reserve_port(host, port):
+    """Bind (not listen) a SO_REUSEPORT socket: resolves port 0 and holds the port for the workers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+class Supervisor:
+    def __init__(self, args):
+        self.args = args
+        self.n = args.workers
+        self.pids = {}                   # pid -> worker index
+        self.started = [0.0] * self.n    # when each worker was last forked
+        self.backoff = [0.0] * self.n
+        self.restart_at = {}             # index -> when to fork it again
+        self.stopping = False
+
+    def run(self):
+        args = self.args
+        fd_limit = raise_fd_limit()
+        reserved = [reserve_port(args.host, args.port), reserve_port(args.app_host, args.app_port)]
+        args.port = reserved[0].getsockname()[1]
+        args.app_port = reserved[1].getsockname()[1]
+        args.started_at = time.time()
+        self.region = shmqueue.SharedRegion(
+            self.n, args.max_ids, args.shm_mb << 20, args.ring_kb << 10,
+            ttl_ms=int(args.queue_ttl * 1000), max_queued=args.max_queued)
+        self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(self.n)]
+        self.reserved = reserved
+        self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(sig_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        self._banner(fd_limit)
+        for index in range(self.n):
+            self._spawn(index, ready_w)
+        os.close(ready_w)
+        self._wait_ready(ready_r)
+        while not self.stopping:
+            self._reap()
+            self._restart_due()
+            timeout = 1.0
+            if self.restart_at:
+                timeout = max(0.0, min(self.restart_at.values()) - time.monotonic())
+            self._wait_signal(timeout)
+        self._stop()
+        return 0
+
+    def _banner(self, fd_limit):
+        a = self.args
+        lay = self.region.layout
+        print("megacomet: %d workers, pid %d" % (self.n, os.getpid()))
+        print("megacomet: client port http://%s:%d  (GET /sub/<id>, GET /<id>.js)" % (a.host, a.port))
+        print("megacomet: app port    http://%s:%d  (POST /pub, /stats, /metrics, /health, "
+              "binary protocol%s)" % (a.app_host, a.app_port, "; token required" if a.app_token else ""))
+        print("megacomet: fd limit %d per worker: up to ~%d connections in all" %
+              (fd_limit, (fd_limit - 32) * self.n))
+        print("megacomet: shared memory %.1f MiB (ids %d, messages %d MiB, rings %d x %d KiB)" %
+              (lay.total / 2 ** 20, int(lay.slots * self.n * shmqueue.MAX_LOAD),
+               lay.log_size * self.n >> 20, self.n * self.n, lay.ring_size >> 10))
+        sys.stdout.flush()
+
+    def _wait_ready(self, ready_r):
+        """Print 'ready' once every worker listens (tests and scripts wait for that line)."""
+        seen = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < self.n and time.monotonic() < deadline and not self.stopping:
+            readable, _, _ = select.select([ready_r], [], [], 0.2)
+            if readable:
+                data = os.read(ready_r, 4096)
+                if not data:
+                    break
+                seen.update(int(x) for x in data.split())
+            self._reap()
+        os.close(ready_r)
+        if len(seen) == self.n:
+            print("megacomet: ready", flush=True)
+        else:
+            print("megacomet: only %d of %d workers started" % (len(seen), self.n), flush=True)
+
+    def _spawn(self, index, ready_w=None):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(self.sig_r)
+                for sock in self.reserved:
+                    sock.close()
+                for sig in (signal.SIGTERM, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                worker.Worker(index, self.args, self.region, self.eventfds, ready_w).run()
+            except BaseException as e:   # noqa: BLE001 - anything must end in _exit
+                print("megacomet[worker %d]: died: %r" % (index, e), file=sys.stderr, flush=True)
+                code = 1
+            finally:
+                os._exit(code)
+        self.pids[pid] = index
+        self.started[index] = time.monotonic()
+        self.region.stats(index).set("pid", pid)
+
+    def _on_signal(self, signum, frame):
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+
+    def _wait_signal(self, timeout):
+        try:
+            select.select([self.sig_r], [], [], timeout)
+            os.read(self.sig_r, 4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index = self.pids.pop(pid, None)
+            if index is None:
+                continue
+            self.region.stats(index).set("pid", 0)
+            if self.stopping:
+                continue
+            lived = time.monotonic() - self.started[index]
+            if lived < CRASH_LOOP_WINDOW:
+                self.backoff[index] = min(RESTART_BACKOFF_MAX, max(0.1, self.backoff[index] * 2))
+            else:
+                self.backoff[index] = 0.0
+            print("megacomet: worker %d (pid %d) %s after %.1f s; restarting in %.1f s" %
+                  (index, pid, describe_status(status), lived, self.backoff[index]),
+                  file=sys.stderr, flush=True)
+            self.restart_at[index] = time.monotonic() + self.backoff[index]
+
+    def _restart_due(self):
+        now = time.monotonic()
+        for index, when in list(self.restart_at.items()):
+            if when <= now:
+                del self.restart_at[index]
+                self._spawn(index)
+
+    def _stop(self):
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STOP_GRACE
+        while self.pids and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.02)
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while self.pids:
+            pid, _ = os.waitpid(-1, 0)
+            self.pids.pop(pid, None)
+        print("megacomet: stopped", flush=True)
+
+
+def describe_status(status):
+    if os.WIFSIGNALED(status):
+        return "killed by %s" % signal.Signals(os.WTERMSIG(status)).name
+    return "exited with %d" % os.waitstatus_to_exitcode(status)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return Supervisor(args).run()
+    except OSError as e:
+        print("megacomet: %s" % e, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

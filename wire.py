@@ -1,0 +1,244 @@
+"""Sans-IO parsing and building of what crosses a socket: HTTP/1.1 and the binary publish protocol.
+
+Everything here is a pure function of bytes: no sockets, no clock, no
+process state, so it can be unit-tested and fuzzed on its own.  It must
+never keep anything about a request once the request is parsed (no header
+dict outlives ``parse_head``), never trust a length it has not bounded, and
+report every malformed input as ``HttpError`` / ``FrameError`` rather than
+any other exception.
+"""
+
+import re
+
+MAX_HEAD = 8192
+ID_PATTERN = re.compile(rb"[A-Za-z0-9_~:@-]{1,128}\Z")
+CALLBACK_PATTERN = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,63}\Z")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+
+REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
+           401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+           411: "Length Required", 413: "Content Too Large",
+           431: "Request Header Fields Too Large", 501: "Not Implemented",
+           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+
+def valid_id(ident: bytes) -> bool:
+    return ID_PATTERN.match(ident) is not None
+
+
+class HttpError(Exception):
+    """A request we answer with ``status`` and then close."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Request:
+    """The parts of a request head the server acts on; the rest is dropped."""
+
+    __slots__ = ("method", "path", "query", "keep_alive", "content_length",
+                 "chunked", "authorization", "head_end")
+
+    def __init__(self, method, path, query, keep_alive, content_length, chunked,
+                 authorization, head_end):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.authorization = authorization
+        self.head_end = head_end
+
+
+def parse_head(buf, max_head=MAX_HEAD):
+    """Parse the request head at the start of ``buf``.
+
+    Returns a Request (``head_end`` is where the body starts), or None when
+    the head is not complete yet.  Raises HttpError for anything malformed,
+    and 431 once the head exceeds ``max_head`` bytes.
+    """
+    end = buf.find(b"\r\n\r\n", 0, max_head + 4)
+    if end < 0:
+        if len(buf) > max_head:
+            raise HttpError(431, "request head over %d bytes" % max_head)
+        return None
+    lines = bytes(buf[:end]).split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not _TARGET.match(parts[1]):
+        raise HttpError(400, "malformed request line")
+    method, target, version = parts
+    if version == b"HTTP/1.1":
+        keep_alive = True
+    elif version == b"HTTP/1.0":
+        keep_alive = False
+    elif version.startswith(b"HTTP/"):
+        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
+    else:
+        raise HttpError(400, "malformed request line")
+    content_length = None
+    chunked = False
+    authorization = None
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            raise HttpError(400, "malformed header line")
+        value = value.strip(b" \t")
+        if b"\n" in value or b"\r" in value or b"\0" in value:
+            raise HttpError(400, "control character in header value")
+        name = name.lower()
+        if name == b"content-length":
+            if not value.isdigit() or len(value) > 18 or \
+                    (content_length is not None and int(value) != content_length):
+                raise HttpError(400, "bad Content-Length")
+            content_length = int(value)
+        elif name == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                raise HttpError(501, "only chunked transfer-encoding is supported")
+            chunked = True
+        elif name == b"connection":
+            tokens = [t.strip().lower() for t in value.split(b",")]
+            if b"close" in tokens:
+                keep_alive = False
+            elif b"keep-alive" in tokens and version == b"HTTP/1.0":
+                keep_alive = True
+        elif name == b"authorization":
+            authorization = value
+    if chunked and content_length is not None:
+        raise HttpError(400, "both Content-Length and Transfer-Encoding")
+    path, _, query = target.partition(b"?")
+    return Request(method, path, query, keep_alive, content_length, chunked,
+                   authorization, end + 4)
+
+
+def parse_body(buf, req, max_body):
+    """The body of ``req`` from ``buf`` as (body bytes, end offset), or None if incomplete.
+
+    Raises HttpError(413) as soon as the body is known to exceed ``max_body``.
+    """
+    start = req.head_end
+    if req.chunked:
+        return _parse_chunked(buf, start, max_body)
+    length = req.content_length or 0
+    if length > max_body:
+        raise HttpError(413, "body over %d bytes" % max_body)
+    if len(buf) - start < length:
+        return None
+    return bytes(buf[start:start + length]), start + length
+
+
+def _parse_chunked(buf, pos, max_body):
+    chunks = []
+    total = 0
+    while True:
+        line_end = buf.find(b"\r\n", pos, pos + 64)
+        if line_end < 0:
+            if len(buf) - pos >= 64:
+                raise HttpError(400, "malformed chunk size")
+            return None
+        size_text = bytes(buf[pos:line_end]).split(b";")[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise HttpError(400, "malformed chunk size") from None
+        if size < 0 or size_text[:1] in (b"+", b"-") or size_text.lower().startswith(b"0x"):
+            raise HttpError(400, "malformed chunk size")
+        total += size
+        if total > max_body:
+            raise HttpError(413, "body over %d bytes" % max_body)
+        data_start = line_end + 2
+        if size == 0:
+            trailer_end = buf.find(b"\r\n", data_start)
+            while trailer_end > data_start:          # skip trailer fields
+                data_start = trailer_end + 2
+                trailer_end = buf.find(b"\r\n", data_start)
+            if trailer_end < 0:
+                if len(buf) - data_start > MAX_HEAD:
+                    raise HttpError(431, "chunked trailer too long")
+                return None
+            return b"".join(chunks), trailer_end + 2
+        if len(buf) < data_start + size + 2:
+            return None
+        if buf[data_start + size:data_start + size + 2] != b"\r\n":
+            raise HttpError(400, "chunk not followed by CRLF")
+        chunks.append(bytes(buf[data_start:data_start + size]))
+        pos = data_start + size + 2
+
+
+def parse_query(query):
+    """``a=1&b=2`` as a dict of str; percent-decoded; the last of repeated keys wins."""
+    from urllib.parse import unquote_to_bytes
+    out = {}
+    for pair in query.split(b"&"):
+        if pair:
+            name, _, value = pair.partition(b"=")
+            try:
+                out[unquote_to_bytes(name).decode()] = unquote_to_bytes(value.replace(b"+", b" ")).decode()
+            except UnicodeDecodeError:
+                raise HttpError(400, "query is not UTF-8") from None
+    return out
+
+
+def response(status, body=b"", content_type=b"application/json", keep_alive=True,
+             headers=b"", head_only=False):
+    """A complete HTTP/1.1 response as bytes; ``headers`` is pre-joined extra lines."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status].encode())]
+    if status != 204:
+        parts.append(b"Content-Type: %s\r\nContent-Length: %d\r\n" % (content_type, len(body)))
+    parts.append(headers)
+    parts.append(b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
+    if not head_only and status != 204:
+        parts.append(body)
+    return b"".join(parts)
+
+
+class FrameError(Exception):
+    """A binary-protocol frame we close the connection for."""
+
+
+FRAME_PUBLISH = 0x02
+FRAME_PING = 0x01      # accepted and ignored: lets a publisher keep an idle link alive
+
+
+def parse_frames(buf, max_message):
+    """Complete frames at the start of ``buf``: ([(id, message)], bytes consumed).
+
+    A publish frame is ``0x02 <id> 0x00 <message> 0x00``; ``0x01`` alone is a
+    ping.  Raises FrameError for an unknown leading byte, an invalid id, a
+    message over ``max_message`` bytes or one that is not UTF-8 - as soon as
+    the bytes seen prove it, not when the frame ends.
+    """
+    frames = []
+    pos = 0
+    n = len(buf)
+    while pos < n:
+        kind = buf[pos]
+        if kind == FRAME_PING:
+            pos += 1
+            continue
+        if kind != FRAME_PUBLISH:
+            raise FrameError("unknown frame byte 0x%02x" % kind)
+        id_end = buf.find(b"\0", pos + 1, pos + 130)
+        if id_end < 0:
+            if n - pos > 129:
+                raise FrameError("id over 128 bytes")
+            break
+        ident = bytes(buf[pos + 1:id_end])
+        if not valid_id(ident):
+            raise FrameError("invalid id")
+        msg_end = buf.find(b"\0", id_end + 1, id_end + 2 + max_message)
+        if msg_end < 0:
+            if n - id_end - 1 > max_message:
+                raise FrameError("message over %d bytes" % max_message)
+            break
+        message = bytes(buf[id_end + 1:msg_end])
+        try:
+            message.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FrameError("message is not UTF-8") from None
+        frames.append((ident, message))
+        pos = msg_end + 1
+    return frames, pos

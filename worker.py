@@ -1,0 +1,953 @@
+"""One worker process: a single-threaded epoll loop that holds connections.
+
+Each worker listens on the client and app ports itself (SO_REUSEPORT: the
+kernel spreads connections), owns one partition of the shared region (the
+ids whose home it is) and talks to the other workers only through the rings
+of ``shmqueue``.  Everything about an id goes to its home as a small record:
+
+    PUB     any worker -> home    store a message, deliver it, maybe ACK back
+    SUB     any worker -> home    register the worker, answer with MSGS (backlog)
+    CPOLL   any worker -> home    take the compat cursor's next message (CMSG)
+    UNSUB   any worker -> home    the worker holds nobody for the id any more
+    RESET   restarted  -> home    forget every registration of the sender
+    DELIVER home -> subscribers   one new message for every holder of the id
+
+Records a worker sends to itself go through a local FIFO, never a direct
+call, so that one order holds for every pair of workers: a SUB's MSGS reply
+always precedes the DELIVERs of messages published after it.
+
+The loop must never block (sockets are non-blocking, rings report full
+instead of waiting), never scan all connections (timeouts live in a wheel
+of buckets), never keep a socket object or a header dict per connection,
+and never let one bad connection affect another.
+"""
+
+import collections
+import errno
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import time
+
+import shmqueue
+import wire
+
+TICK = 0.25                      # seconds between housekeeping passes
+READ_SIZE = 65536
+ACCEPT_BATCH = 128
+EVENT_BATCH = 1024
+DRAIN_BATCH = 4096               # records taken from one ring per loop turn
+BACKLOG_PAUSE = 20000            # unsent records at which app reads pause
+LOG_LINES_PER_SECOND = 20
+
+IN = select.EPOLLIN | select.EPOLLRDHUP
+OUT = select.EPOLLOUT
+
+# Record kinds and their fixed headers (little-endian); variable parts follow.
+PUB, ACK, SUB, MSGS, DELIVER, UNSUB, CPOLL, CMSG, RESET = b"PASMDUCcR"
+_PUB = struct.Struct("<BIIIB")        # kind, fd, serial, line, id length | id, data
+_ACK = struct.Struct("<BIIII")        # kind, fd, serial, line, seq (0 = refused)
+_SUB = struct.Struct("<BIIIB")        # kind, fd, serial, since, id length | id
+_MSGS = struct.Struct("<BIIIB")       # kind, fd, serial, last, flags | (seq, len, data)*
+_MSG = struct.Struct("<II")
+_DELIVER = struct.Struct("<BIBB")     # kind, seq, flags, id length | id, data
+_UNSUB = struct.Struct("<BB")         # kind, id length | id
+_CPOLL = struct.Struct("<BIIB")       # kind, fd, serial, id length | id
+_CMSG = struct.Struct("<BIII")        # kind, fd, serial, seq (0 = none) | data
+MSGS_FINAL, MSGS_REFUSED = 1, 2
+DELIVER_COMPAT = 1
+
+# Connection states.
+READING, PENDING, HELD, BUSY, CLOSING, CLOSED = range(6)
+# Response formats of a held client connection (or a JSONP callback name).
+FMT_JSON, FMT_COMPAT = 0, 1
+
+
+class Conn:
+    """One accepted connection; a raw fd, no socket object."""
+
+    __slots__ = ("fd", "app", "state", "buf", "out", "ident", "since", "last",
+                 "fmt", "flags", "deadline", "serial")
+
+    def __init__(self, fd, app):
+        self.fd = fd
+        self.app = app           # None: client port; False: app HTTP; True: app binary
+        self.state = READING
+        self.buf = b""
+        self.out = b""
+        self.ident = b""
+        self.since = 0
+        self.last = 0
+        self.fmt = FMT_JSON
+        self.flags = 0           # KEEP_ALIVE | HEAD_ONLY of the request being answered
+        self.deadline = 0
+        self.serial = 0
+
+
+KEEP_ALIVE, HEAD_ONLY = 1, 2
+
+
+class Batch:
+    """An app request waiting for the ACKs of the messages it published."""
+
+    __slots__ = ("waiting", "published", "errors", "seq")
+
+    def __init__(self):
+        self.waiting = 0
+        self.published = 0
+        self.errors = []
+        self.seq = 0
+
+
+class Worker:
+    def __init__(self, index, config, region, eventfds, ready_fd=None):
+        self.index = index
+        self.bit = 1 << index
+        self.cfg = config
+        self.region = region
+        self.eventfds = eventfds
+        self.ready_fd = ready_fd
+        self.part = region.partition(index)
+        n = region.workers
+        self.inbox = [(src, region.ring(src, index)) for src in range(n) if src != index]
+        self.outbox = [region.ring(index, dst) for dst in range(n)]
+        self.backlog = [collections.deque() for _ in range(n)]
+        self.backlogged = 0
+        self.local = collections.deque()
+        self.wake = set()
+        self.conns = {}
+        self.held = {}           # id -> Conn or set of Conns (pending and held)
+        self.lingering = set()   # ids whose last holder left; UNSUB at the next tick
+        self.batches = {}        # fd -> Batch
+        self.partial = {}        # fd -> messages of a MSGS reply still arriving in parts
+        self.paused = []         # app fds not read while the backlog is over the limit
+        self.wheel = {}          # tick number -> [Conn]
+        self.wheel_at = 0
+        self.serial = int.from_bytes(os.urandom(4), "little") | 1
+        self.stopping = False
+        self.now = time.monotonic()
+        self.stats = region.stats(index)
+        saved = self.stats.as_dict()   # a restarted worker continues the counters
+        self.accepted = saved["accepted"]
+        self.published = saved["published"]
+        self.delivered = saved["delivered"]
+        self.part.expired = saved["expired"]
+        self.part.dropped = saved["dropped"]
+        self.subscribers = 0
+        self.rss = 0
+        self.rss_at = 0.0
+        self.log_budget = LOG_LINES_PER_SECOND
+        self.log_suppressed = 0
+        self.accept_paused_until = 0.0
+        self.common = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
+                       b"X-Content-Type-Options: nosniff\r\n" % config.cors_origin.encode())
+        self.token = b"Bearer " + config.app_token.encode() if config.app_token else None
+
+    # -- start, loop, stop ----------------------------------------------------
+
+    def run(self):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # the supervisor handles Ctrl-C
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.ep = select.epoll()
+        self.listeners = {}
+        for host, port, app in ((self.cfg.host, self.cfg.port, None),
+                                (self.cfg.app_host, self.cfg.app_port, False)):
+            sock = listen_socket(host, port)
+            self.listeners[sock.fileno()] = (sock, app)
+            self.ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.efd = self.eventfds[self.index]
+        self.ep.register(self.efd, select.EPOLLIN)
+        self.ep.register(wake_r, select.EPOLLIN)
+        self.part.repair()
+        for dst in range(self.region.workers):      # forget what a predecessor held
+            self._send(dst, bytes((RESET,)))
+        self._flush_stats()
+        if self.ready_fd is not None:
+            os.write(self.ready_fd, b"%d\n" % self.index)
+            os.close(self.ready_fd)
+        self.wheel_at = self._tick_of(self.now)
+        next_tick = self.now + TICK
+        busy = False
+        while not self.stopping:
+            timeout = 0 if busy or self.local else max(0.0, next_tick - time.monotonic())
+            events = self.ep.poll(timeout, EVENT_BATCH)
+            self.now = time.monotonic()
+            busy = False
+            for fd, ev in events:
+                conn = self.conns.get(fd)
+                if conn is not None:
+                    if ev & OUT:
+                        self._flush_out(conn)
+                    if ev & ~OUT and conn.state != CLOSED:
+                        self._on_readable(conn)
+                elif fd == self.efd:
+                    try:
+                        os.eventfd_read(self.efd)
+                    except BlockingIOError:
+                        pass
+                    busy = self._drain_inbox()
+                elif fd in self.listeners:
+                    self._accept(*self.listeners[fd])
+                elif fd == wake_r:
+                    os.read(wake_r, 64)
+            if busy:
+                busy = self._drain_inbox()
+            self._run_local()
+            self._flush_backlog()
+            self._notify()
+            if self.now >= next_tick:
+                self._tick()
+                next_tick = self.now + TICK
+        self._shutdown()
+
+    def _on_sigterm(self, signum, frame):
+        self.stopping = True
+
+    def _shutdown(self):
+        """Stop accepting, answer held polls as timed out, flush, exit."""
+        for fd, (sock, _app) in self.listeners.items():
+            self.ep.unregister(fd)
+            sock.close()
+        for conn in list(self.conns.values()):
+            if conn.app is None and conn.state in (PENDING, HELD):
+                conn.flags &= ~KEEP_ALIVE
+                self._answer_timeout(conn)
+            elif conn.state == READING:
+                self._close(conn)
+        deadline = time.monotonic() + 2.0
+        while any(c.out for c in self.conns.values()) and time.monotonic() < deadline:
+            for fd, ev in self.ep.poll(0.05):
+                conn = self.conns.get(fd)
+                if conn is not None and ev & OUT:
+                    self._flush_out(conn)
+        self._flush_backlog()
+        self._notify()
+        self._flush_stats()
+        for conn in list(self.conns.values()):
+            self._close(conn)
+
+    # -- housekeeping --------------------------------------------------------
+
+    def _tick_of(self, t):
+        return int(t / TICK) + 1
+
+    def _set_deadline(self, conn, seconds):
+        tick = self._tick_of(self.now + seconds)
+        conn.deadline = tick
+        bucket = self.wheel.get(tick)
+        if bucket is None:
+            self.wheel[tick] = [conn]
+        else:
+            bucket.append(conn)
+
+    def _tick(self):
+        now_tick = self._tick_of(self.now) - 1
+        while self.wheel_at <= now_tick:
+            for conn in self.wheel.pop(self.wheel_at, ()):
+                if conn.deadline != self.wheel_at:
+                    continue                      # re-armed since: another bucket has it
+                if conn.state == READING:
+                    self._close(conn)             # headers too slow (or idle keep-alive)
+                elif conn.state in (PENDING, HELD):
+                    self._answer_timeout(conn)
+            self.wheel_at += 1
+        self.part.expire(self._now_ms())
+        if self.lingering:
+            for ident in self.lingering:
+                if ident not in self.held:
+                    self._send_home(ident, _UNSUB.pack(UNSUB, len(ident)) + ident)
+            self.lingering.clear()
+        if self.accept_paused_until and self.now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            for fd in self.listeners:
+                self.ep.modify(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.log_budget = LOG_LINES_PER_SECOND * TICK * 4
+        if self.log_suppressed:
+            self.log("%d log lines suppressed" % self.log_suppressed, force=True)
+            self.log_suppressed = 0
+        self._flush_stats()
+        self._flush_backlog()
+        self._notify()
+
+    def _flush_stats(self):
+        if self.now >= self.rss_at:
+            self.rss_at = self.now + 2.0
+            try:
+                with open("/proc/self/statm", "rb") as f:
+                    self.rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except OSError:
+                pass
+        s = self.stats
+        s.set("connections", len(self.conns))
+        s.set("subscribers", self.subscribers)
+        s.set("accepted", self.accepted)
+        s.set("published", self.published)
+        s.set("delivered", self.delivered)
+        s.set("expired", self.part.expired)
+        s.set("dropped", self.part.dropped)
+        s.set("rss_bytes", self.rss)
+
+    def _now_ms(self):
+        return int(self.now * 1000)
+
+    def log(self, message, force=False):
+        if not force:
+            if self.log_budget <= 0:
+                self.log_suppressed += 1
+                return
+            self.log_budget -= 1
+        os.write(2, ("megacomet[worker %d pid %d]: %s\n" % (self.index, os.getpid(), message)).encode())
+
+    # -- sockets -------------------------------------------------------------
+
+    def _accept(self, sock, app):
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, _addr = sock._accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if not self.accept_paused_until:
+                        self.log("accept: %s; pausing accepts for 0.5 s" % os.strerror(e.errno))
+                    self.accept_paused_until = self.now + 0.5
+                    for lfd in self.listeners:
+                        self.ep.modify(lfd, 0)
+                    return
+                continue                          # ECONNABORTED and the like: next one
+            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_RDWR | os.O_NONBLOCK)
+            conn = Conn(fd, app)
+            self.conns[fd] = conn
+            self.ep.register(fd, IN)
+            self._set_deadline(conn, self.cfg.header_timeout)
+            self.accepted += 1
+
+    def _on_readable(self, conn):
+        try:
+            data = os.read(conn.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.buf += data
+        if conn.state == READING:
+            if conn.app is True:
+                self._on_frames(conn)
+            else:
+                self._on_requests(conn)
+        elif len(conn.buf) > wire.MAX_HEAD + self.cfg.max_body:
+            self._close(conn)                     # pipelining far ahead of our answers
+
+    def _write(self, conn, data):
+        """Send what the socket takes now; keep the rest for EPOLLOUT."""
+        if conn.out:
+            conn.out += data
+            return
+        try:
+            n = os.write(conn.fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._close(conn)
+            return
+        if n < len(data):
+            conn.out = data[n:]
+            self.ep.modify(conn.fd, IN | OUT)
+
+    def _flush_out(self, conn):
+        try:
+            n = os.write(conn.fd, conn.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.out = conn.out[n:]
+        if not conn.out:
+            if conn.state == CLOSING:
+                self._close(conn)
+            else:
+                self.ep.modify(conn.fd, IN)
+
+    def _close(self, conn):
+        if conn.state == CLOSED:
+            return
+        if conn.state in (PENDING, HELD) and conn.app is None:
+            self._unhold(conn)
+        conn.state = CLOSED
+        self.batches.pop(conn.fd, None)
+        self.partial.pop(conn.fd, None)
+        del self.conns[conn.fd]
+        os.close(conn.fd)                         # also leaves the epoll set
+
+    def _respond(self, conn, status, body=b"", content_type=b"application/json", headers=b""):
+        """Answer the current request; then read the next one or close."""
+        keep = conn.flags & KEEP_ALIVE and not self.stopping
+        self._write(conn, wire.response(status, body, content_type, keep,
+                                        headers, conn.flags & HEAD_ONLY))
+        if conn.state == CLOSED:
+            return
+        if keep:
+            conn.state = READING
+            self._set_deadline(conn, self.cfg.header_timeout)
+        elif conn.out:
+            conn.state = CLOSING
+        else:
+            self._close(conn)
+
+    def _fail(self, conn, status, reason):
+        self.log("%s: %d %s" % ("app" if conn.app is not None else "client", status, reason))
+        conn.flags &= ~KEEP_ALIVE
+        self._respond(conn, status, reason.encode() + b"\n", b"text/plain; charset=utf-8",
+                      self.common if conn.app is None else b"")
+
+    # -- HTTP requests ---------------------------------------------------------
+
+    def _on_requests(self, conn):
+        """Parse and route every complete request in the buffer, one at a time."""
+        while conn.state == READING and conn.buf:
+            if conn.app is False and conn.serial == 0:
+                first = conn.buf[0]
+                if first in (wire.FRAME_PUBLISH, wire.FRAME_PING):
+                    if self.token is not None:
+                        self.log("app: binary protocol refused (--app-token is set)")
+                        self._close(conn)
+                        return
+                    conn.app = True
+                    conn.deadline = 0              # a publisher link may idle for ever
+                    self._on_frames(conn)
+                    return
+                if not (0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A):
+                    self.log("app: first byte 0x%02x is neither HTTP nor binary; closed" % first)
+                    self._close(conn)
+                    return
+                conn.serial = 1                    # decided: HTTP from here on
+            try:
+                req = wire.parse_head(conn.buf)
+                if req is None:
+                    return
+                limit = self.cfg.max_body if conn.app is False else self.cfg.max_message
+                parsed = wire.parse_body(conn.buf, req, limit)
+                if parsed is None:
+                    return
+                body, end = parsed
+                conn.buf = conn.buf[end:]
+                conn.flags = (KEEP_ALIVE if req.keep_alive else 0) | \
+                    (HEAD_ONLY if req.method == b"HEAD" else 0)
+                if conn.app is None:
+                    self._route_client(conn, req)
+                else:
+                    self._route_app(conn, req, body)
+            except wire.HttpError as e:
+                self._fail(conn, e.status, e.reason)
+                return
+
+    def _route_client(self, conn, req):
+        method, path = req.method, req.path
+        if method == b"OPTIONS":
+            self._respond(conn, 204, headers=self.common + b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
+                          b"Access-Control-Allow-Headers: Content-Type, Cache-Control, Last-Event-ID\r\n"
+                          b"Access-Control-Max-Age: 86400\r\n")
+            return
+        if method not in (b"GET", b"HEAD"):
+            raise wire.HttpError(405, "method not allowed")
+        if path.startswith(b"/sub/"):
+            ident = path[5:]
+            if not wire.valid_id(ident):
+                raise wire.HttpError(400, "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -")
+            query = wire.parse_query(req.query) if req.query else {}
+            since = _int_param(query, "since", 0, 0, 0xFFFFFFFF)
+            timeout = _int_param(query, "timeout", self.cfg.poll_timeout, 1, 120)
+            callback = query.get("callback")
+            if callback is not None and not wire.CALLBACK_PATTERN.match(callback):
+                raise wire.HttpError(400, "callback must match [A-Za-z_$][A-Za-z0-9_$.]{0,63}")
+            conn.fmt = callback or FMT_JSON
+            conn.since = since
+            self._hold(conn, ident, timeout)
+            self._send_home(ident, _SUB.pack(SUB, conn.fd, conn.serial, since, len(ident)) + ident)
+            return
+        if path.endswith(b".js") and path.count(b"/") == 1 and wire.valid_id(path[1:-3]):
+            ident = path[1:-3]
+            conn.fmt = FMT_COMPAT
+            conn.flags &= ~KEEP_ALIVE               # the original closes after each poll
+            self._hold(conn, ident, self.cfg.poll_timeout)
+            self._send_home(ident, _CPOLL.pack(CPOLL, conn.fd, conn.serial, len(ident)) + ident)
+            return
+        raise wire.HttpError(404, "no such path")
+
+    def _route_app(self, conn, req, body):
+        method, path = req.method, req.path
+        if path == b"/health":
+            if method not in (b"GET", b"HEAD"):
+                raise wire.HttpError(405, "method not allowed")
+            alive = all(self.region.stats(w).get("pid") for w in range(self.region.workers))
+            self._respond(conn, 200 if alive else 503, b"ok\n" if alive else b"worker down\n",
+                          b"text/plain; charset=utf-8")
+            return
+        if self.token is not None and req.authorization != self.token:
+            raise wire.HttpError(401, "app token required")
+        if path == b"/pub" or path.startswith(b"/pub/"):
+            if method != b"POST":
+                raise wire.HttpError(405, "publish with POST")
+            if path == b"/pub":
+                self._publish_batch(conn, body)
+                return
+            ident = path[5:]
+            if not wire.valid_id(ident):
+                raise wire.HttpError(400, "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -")
+            if len(body) > self.cfg.max_message:
+                raise wire.HttpError(413, "message over %d bytes" % self.cfg.max_message)
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise wire.HttpError(400, "message is not UTF-8") from None
+            self._begin_app_wait(conn, 1)
+            conn.ident = ident
+            self._publish(ident, body, conn, 0)
+            return
+        if method not in (b"GET", b"HEAD"):
+            raise wire.HttpError(405, "method not allowed")
+        if path == b"/stats":
+            self._respond(conn, 200, json.dumps(self.stats_document()).encode())
+        elif path == b"/metrics":
+            self._respond(conn, 200, self.metrics_text().encode(),
+                          b"text/plain; version=0.0.4; charset=utf-8")
+        else:
+            raise wire.HttpError(404, "no such path")
+
+    def _publish_batch(self, conn, body):
+        batch = self._begin_app_wait(conn, 0)
+        for number, line in enumerate(body.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                ident, data = item["id"], item["data"]
+                if not isinstance(ident, str) or not isinstance(data, str):
+                    raise ValueError("id and data must be strings")
+                ident = ident.encode()
+                if not wire.valid_id(ident):
+                    raise ValueError("invalid id")
+                data = data.encode("utf-8")
+                if len(data) > self.cfg.max_message:
+                    raise ValueError("message over %d bytes" % self.cfg.max_message)
+            except (ValueError, KeyError, TypeError, UnicodeError) as e:
+                batch.errors.append({"line": number, "error": _error_text(e)})
+                continue
+            batch.waiting += 1
+            self._publish(ident, data, conn, number)
+        self._maybe_finish_batch(conn, resume=False)   # the request loop goes on by itself
+
+    def _begin_app_wait(self, conn, waiting):
+        self.serial = (self.serial + 1) & 0xFFFFFFFF or 1
+        conn.serial = self.serial
+        conn.state = BUSY
+        batch = self.batches[conn.fd] = Batch()
+        batch.waiting = waiting
+        return batch
+
+    def _maybe_finish_batch(self, conn, resume=True):
+        batch = self.batches.get(conn.fd)
+        if batch is None or batch.waiting:
+            return
+        del self.batches[conn.fd]
+        conn.state = READING
+        if conn.ident:                             # a single POST /pub/<id>
+            ident, conn.ident = conn.ident, b""
+            if batch.seq:
+                self._respond(conn, 202, b'{"id": "%s", "seq": %d}' % (ident, batch.seq))
+            else:
+                self._fail(conn, 503, "id table full")
+        else:
+            self._respond(conn, 202, json.dumps({"published": batch.published,
+                                                 "errors": batch.errors}).encode())
+        if resume:
+            self._resume(conn)
+
+    # -- binary protocol ---------------------------------------------------------
+
+    def _on_frames(self, conn):
+        try:
+            frames, used = wire.parse_frames(conn.buf, self.cfg.max_message)
+        except wire.FrameError as e:
+            self.log("app: binary protocol: %s; connection closed" % e)
+            self._close(conn)
+            return
+        conn.buf = conn.buf[used:]
+        for ident, message in frames:
+            self._publish(ident, message, None, 0)
+        if self.backlogged > BACKLOG_PAUSE:
+            self._pause(conn)
+
+    def _pause(self, conn):
+        self.ep.modify(conn.fd, 0)
+        self.paused.append(conn)
+
+    # -- talking to homes ------------------------------------------------------
+
+    def _send(self, dst, record):
+        if dst == self.index:
+            self.local.append(record)
+            return
+        queue = self.backlog[dst]
+        if queue or not self.outbox[dst].push(record):
+            queue.append(record)
+            self.backlogged += 1
+        self.wake.add(dst)
+
+    def _send_home(self, ident, record):
+        self._send(shmqueue.id_key(ident) % self.region.workers, record)
+
+    def _publish(self, ident, data, conn, line):
+        fd, serial = (conn.fd, conn.serial) if conn is not None else (0, 0)
+        self._send_home(ident, _PUB.pack(PUB, fd, serial, line, len(ident)) + ident + data)
+
+    def _flush_backlog(self):
+        if not self.backlogged:
+            return
+        for dst, queue in enumerate(self.backlog):
+            ring = self.outbox[dst]
+            while queue and ring.push(queue[0]):
+                queue.popleft()
+                self.backlogged -= 1
+                self.wake.add(dst)
+        if self.paused and self.backlogged < BACKLOG_PAUSE // 2:
+            paused, self.paused = self.paused, []
+            for conn in paused:
+                if conn.state != CLOSED:
+                    self.ep.modify(conn.fd, IN)
+                    self._on_frames(conn)
+
+    def _notify(self):
+        for dst in self.wake:
+            os.eventfd_write(self.eventfds[dst], 1)
+        self.wake.clear()
+
+    def _drain_inbox(self):
+        """Handle what other workers sent; True if a ring still has more."""
+        more = False
+        for src, ring in self.inbox:
+            for _ in range(DRAIN_BATCH):
+                record = ring.pop()
+                if record is None:
+                    break
+                self._handle(src, record)
+                ring.commit(len(record))
+            else:
+                more = True
+        return more
+
+    def _run_local(self):
+        local = self.local
+        while local:
+            self._handle(self.index, local.popleft())
+
+    def _handle(self, src, record):
+        try:
+            HANDLERS[record[0]](self, src, record)
+        except Exception as e:                      # a bug must cost one record, not the worker
+            self.log("internal error handling record %r from worker %d: %r" % (record[:1], src, e))
+
+    # home side
+
+    def _on_pub(self, src, record):
+        _, fd, serial, line, n = _PUB.unpack_from(record)
+        start = _PUB.size
+        ident = record[start:start + n]
+        data = record[start + n:]
+        try:
+            seq, targets = self.part.publish(shmqueue.id_key(ident), data, self._now_ms())
+        except shmqueue.TableFull:
+            seq, targets = 0, 0
+            self.log("publish: id table full, message for %s refused" % ident.decode())
+        else:
+            self.published += 1
+        if serial:
+            self._send(src, _ACK.pack(ACK, fd, serial, line, seq))
+        if targets:
+            compat = self.part.compats[self.part.find(shmqueue.id_key(ident))] == seq
+            head = _DELIVER.pack(DELIVER, seq, DELIVER_COMPAT if compat else 0, n) + ident
+            record = head + data
+            dst = 0
+            while targets:
+                if targets & 1:
+                    self._send(dst, record)
+                targets >>= 1
+                dst += 1
+
+    def _on_sub(self, src, record):
+        _, fd, serial, since, n = _SUB.unpack_from(record)
+        ident = record[_SUB.size:_SUB.size + n]
+        try:
+            last, messages = self.part.subscribe(shmqueue.id_key(ident), 1 << src, since,
+                                                 self._now_ms())
+        except shmqueue.TableFull:
+            self._send(src, _MSGS.pack(MSGS, fd, serial, 0, MSGS_FINAL | MSGS_REFUSED))
+            return
+        # Split a long backlog so that no record outgrows a ring.
+        limit = self.outbox[src].size // 4
+        parts = [_MSGS.pack(MSGS, fd, serial, last, 0)]
+        size = _MSGS.size
+        for seq, data in messages:
+            if size + 8 + len(data) > limit:
+                self._send(src, b"".join(parts))
+                parts = [_MSGS.pack(MSGS, fd, serial, last, 0)]
+                size = _MSGS.size
+            parts.append(_MSG.pack(seq, len(data)))
+            parts.append(data)
+            size += 8 + len(data)
+        parts[0] = _MSGS.pack(MSGS, fd, serial, last, MSGS_FINAL)
+        self._send(src, b"".join(parts))
+
+    def _on_cpoll(self, src, record):
+        _, fd, serial, n = _CPOLL.unpack_from(record)
+        ident = record[_CPOLL.size:_CPOLL.size + n]
+        try:
+            found = self.part.compat_take(shmqueue.id_key(ident), 1 << src, self._now_ms())
+        except shmqueue.TableFull:
+            found = None
+        seq, data = found if found else (0, b"")
+        self._send(src, _CMSG.pack(CMSG, fd, serial, seq) + data)
+
+    def _on_unsub(self, src, record):
+        n = record[1]
+        ident = record[_UNSUB.size:_UNSUB.size + n]
+        self.part.unsubscribe(shmqueue.id_key(ident), 1 << src)
+
+    def _on_reset(self, src, record):
+        self.part.clear_worker(1 << src)
+
+    # subscriber side
+
+    def _on_ack(self, src, record):
+        _, fd, serial, line, seq = _ACK.unpack(record)
+        conn = self.conns.get(fd)
+        batch = self.batches.get(fd)
+        if conn is None or batch is None or conn.serial != serial:
+            return                                   # the publisher went away meanwhile
+        batch.waiting -= 1
+        if seq:
+            batch.published += 1
+            batch.seq = seq
+        else:
+            batch.errors.append({"line": line, "error": "id table full"})
+        self._maybe_finish_batch(conn)
+
+    def _on_msgs(self, src, record):
+        _, fd, serial, last, flags = _MSGS.unpack_from(record)
+        conn = self.conns.get(fd)
+        if conn is None or conn.serial != serial or conn.state != PENDING:
+            return
+        if flags & MSGS_REFUSED:
+            self._unhold(conn)
+            self._fail(conn, 503, "id table full")
+            return
+        pos = _MSGS.size
+        messages = self.partial.pop(fd, []) if self.partial else []
+        while pos < len(record):
+            seq, n = _MSG.unpack_from(record, pos)
+            pos += 8
+            messages.append((seq, record[pos:pos + n]))
+            pos += n
+        if not flags & MSGS_FINAL:
+            self.partial[fd] = messages
+            return
+        conn.last = last
+        if messages:
+            self._answer(conn, messages, last)
+        else:
+            conn.since = last
+            conn.state = HELD
+
+    def _on_cmsg(self, src, record):
+        _, fd, serial, seq = _CMSG.unpack_from(record)
+        conn = self.conns.get(fd)
+        if conn is None or conn.serial != serial or conn.state != PENDING:
+            return
+        if seq:
+            self._unhold(conn)
+            self._respond(conn, 200, record[_CMSG.size:], b"application/javascript; charset=utf-8",
+                          self.common)
+            self.delivered += 1
+            self._resume(conn)
+        else:
+            conn.state = HELD
+
+    def _on_deliver(self, src, record):
+        _, seq, flags, n = _DELIVER.unpack_from(record)
+        start = _DELIVER.size
+        ident = record[start:start + n]
+        entry = self.held.get(ident)
+        if entry is None:
+            self._send(src, _UNSUB.pack(UNSUB, n) + ident)   # a stale registration heals
+            return
+        data = record[start + n:]
+        holders = (entry,) if type(entry) is Conn else list(entry)
+        bodies = {}
+        for conn in holders:
+            if conn.state != HELD:
+                continue                               # pending: its MSGS reply brings it
+            if conn.fmt == FMT_COMPAT:
+                if flags & DELIVER_COMPAT:
+                    self._unhold(conn)
+                    self._respond(conn, 200, data, b"application/javascript; charset=utf-8",
+                                  self.common)
+                    self.delivered += 1
+                    self._resume(conn)
+                continue
+            if seq <= conn.since:
+                continue
+            body = bodies.get(conn.fmt)
+            if body is None:
+                body = bodies[conn.fmt] = self._json_body(conn, [(seq, data)], seq)
+            self._unhold(conn)
+            self._respond(conn, 200, body, *self._json_type(conn))
+            self.delivered += 1
+            self._resume(conn)
+
+    # -- answering held connections -------------------------------------------
+
+    def _hold(self, conn, ident, timeout):
+        self.serial = (self.serial + 1) & 0xFFFFFFFF or 1
+        conn.serial = self.serial
+        conn.ident = ident
+        conn.state = PENDING
+        entry = self.held.get(ident)
+        if entry is None:
+            self.held[ident] = conn
+        elif type(entry) is set:
+            entry.add(conn)
+        else:
+            self.held[ident] = {entry, conn}
+        self.subscribers += 1
+        self._set_deadline(conn, timeout)
+
+    def _unhold(self, conn):
+        ident = conn.ident
+        entry = self.held.get(ident)
+        if entry is conn:
+            del self.held[ident]
+        elif type(entry) is set and conn in entry:
+            entry.discard(conn)
+            if entry:
+                return self._count_unhold(conn)
+            del self.held[ident]
+        else:
+            return
+        self.lingering.add(ident)
+        self._count_unhold(conn)
+
+    def _count_unhold(self, conn):
+        self.subscribers -= 1
+        conn.state = READING
+
+    def _json_type(self, conn):
+        if conn.fmt == FMT_JSON:
+            return b"application/json", self.common
+        return b"application/javascript; charset=utf-8", self.common
+
+    def _json_body(self, conn, messages, last):
+        items = ", ".join('{"seq": %d, "data": %s}' % (seq, json.dumps(data.decode("utf-8")))
+                          for seq, data in messages)
+        body = '{"id": "%s", "messages": [%s], "last": %d}' % (conn.ident.decode(), items, last)
+        if conn.fmt != FMT_JSON:
+            body = "/**/%s(%s);" % (conn.fmt, body)
+        return body.encode()
+
+    def _answer(self, conn, messages, last):
+        body = self._json_body(conn, messages, last)
+        self._unhold(conn)
+        self._respond(conn, 200, body, *self._json_type(conn))
+        self.delivered += len(messages)
+        self._resume(conn)
+
+    def _answer_timeout(self, conn):
+        self._unhold(conn)
+        if conn.fmt == FMT_COMPAT:
+            self._respond(conn, 204, headers=self.common)
+        else:
+            self._respond(conn, 200, self._json_body(conn, [], conn.last), *self._json_type(conn))
+        self._resume(conn)
+
+    def _resume(self, conn):
+        """After an answer given outside the request loop: serve what was pipelined behind it."""
+        if conn.state == READING and conn.buf:
+            self._on_requests(conn)
+
+    # -- /stats and /metrics ---------------------------------------------------
+
+    def stats_document(self):
+        self._flush_stats()
+        workers = []
+        totals = dict.fromkeys(shmqueue.STAT_FIELDS[2:], 0)
+        for w in range(self.region.workers):
+            block = self.region.stats(w).as_dict()
+            row = {"index": w, "pid": block["pid"]}
+            for name in shmqueue.STAT_FIELDS[2:]:
+                row[name] = block[name]
+                totals[name] += block[name]
+            workers.append(row)
+        return {"workers": workers, "totals": totals, "shm": self.region.totals(),
+                "uptime_s": round(time.time() - self.cfg.started_at, 3)}
+
+    def metrics_text(self):
+        doc = self.stats_document()
+        lines = []
+        for name in shmqueue.STAT_FIELDS[2:]:
+            gauge = name in ("connections", "subscribers", "rss_bytes")
+            metric = "megacomet_" + name + ("" if gauge else "_total")
+            lines.append("# TYPE %s %s" % (metric, "gauge" if gauge else "counter"))
+            for row in doc["workers"]:
+                lines.append('%s{worker="%d"} %d' % (metric, row["index"], row[name]))
+        for name, value in doc["shm"].items():
+            lines.append("# TYPE megacomet_shm_%s gauge" % name)
+            lines.append("megacomet_shm_%s %d" % (name, value))
+        lines.append("# TYPE megacomet_workers_alive gauge")
+        lines.append("megacomet_workers_alive %d" % sum(1 for r in doc["workers"] if r["pid"]))
+        lines.append("# TYPE megacomet_uptime_seconds gauge")
+        lines.append("megacomet_uptime_seconds %s" % doc["uptime_s"])
+        return "\n".join(lines) + "\n"
+
+
+HANDLERS = {PUB: Worker._on_pub, SUB: Worker._on_sub, CPOLL: Worker._on_cpoll,
+            UNSUB: Worker._on_unsub, RESET: Worker._on_reset, ACK: Worker._on_ack,
+            MSGS: Worker._on_msgs, CMSG: Worker._on_cmsg, DELIVER: Worker._on_deliver}
+
+
+def _int_param(query, name, default, low, high):
+    text = query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or len(text) > 10:
+        raise wire.HttpError(400, "%s must be a whole number" % name)
+    return min(max(int(text), low), high)
+
+
+def _error_text(e):
+    if isinstance(e, KeyError):
+        return "missing %s" % e
+    if isinstance(e, json.JSONDecodeError):
+        return "invalid JSON"
+    return str(e)
+
+
+def listen_socket(host, port):
+    """A non-blocking listening socket on (host, port) that shares the port with its siblings."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(socket.SOMAXCONN)
+    sock.setblocking(False)
+    return sock
