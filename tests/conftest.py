@@ -1,0 +1,177 @@
+"""Test harness: start the real server as a separate process on free loopback ports.
+
+Every wait here has a timeout, and every server started is stopped by pid
+(supervisor and workers) when its test ends, whatever happened.
+"""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+START_TIMEOUT = 20.0
+
+
+class Server:
+    """One megacomet.py process tree; ``client`` and ``app`` are its ports."""
+
+    def __init__(self, *flags, workers=2):
+        self.flags = ["--workers", str(workers), "--host", "127.0.0.1", "--port", "0",
+                      "--app-port", "0", *map(str, flags)]
+        self.workers = workers
+        self.log_path = os.path.join("/tmp", "megacomet-test-%d-%d.log" % (os.getpid(), time.monotonic_ns()))
+        self.proc = None
+        self.client = self.app = None
+
+    def start(self):
+        self.log = open(self.log_path, "w+b")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "megacomet.py"), *self.flags],
+                                     stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
+        deadline = time.monotonic() + START_TIMEOUT
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        text = b""
+        while b"megacomet: ready" not in text:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("server did not start: %r %r" % (text, self.stderr()))
+            chunk = self.proc.stdout.read()
+            if chunk:
+                text += chunk
+            else:
+                time.sleep(0.02)
+        self.banner = text.decode()
+        self.client = int(re.search(r"client port http://[^:]+:(\d+)", self.banner).group(1))
+        self.app = int(re.search(r"app port +http://[^:]+:(\d+)", self.banner).group(1))
+        return self
+
+    def stderr(self):
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def worker_pids(self):
+        return [w["pid"] for w in self.stats()["workers"]]
+
+    def stop(self):
+        """SIGTERM the supervisor, then SIGKILL anything of the tree still alive."""
+        if self.proc is None:
+            return
+        pids = []
+        try:
+            pids = [int(p) for p in open("/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)).read().split()]
+        except OSError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.stdout.close()
+        self.log.close()
+        self.proc = None
+
+    # -- HTTP helpers (each request on its own connection unless given one) --
+
+    def request(self, method, path, body=None, port=None, headers=None, timeout=10):
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.app, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+    def pub(self, ident, data, **kw):
+        status, _, body = self.request("POST", "/pub/" + ident, data.encode() if isinstance(data, str) else data, **kw)
+        assert status == 202, (status, body)
+        return json.loads(body)["seq"]
+
+    def pub_batch(self, items, **kw):
+        body = "\n".join(json.dumps({"id": i, "data": d}) for i, d in items).encode()
+        status, _, reply = self.request("POST", "/pub", body, **kw)
+        assert status == 202, (status, reply)
+        return json.loads(reply)
+
+    def sub(self, ident, since=None, timeout=None, wait=15, **kw):
+        path = "/sub/" + ident
+        query = []
+        if since is not None:
+            query.append("since=%d" % since)
+        if timeout is not None:
+            query.append("timeout=%d" % timeout)
+        if query:
+            path += "?" + "&".join(query)
+        status, headers, body = self.request("GET", path, port=self.client, timeout=wait, **kw)
+        return status, headers, body
+
+    def stats(self):
+        status, _, body = self.request("GET", "/stats")
+        assert status == 200
+        return json.loads(body)
+
+
+@pytest.fixture
+def server_factory():
+    started = []
+
+    def make(*flags, workers=2):
+        server = Server(*flags, workers=workers).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(server_factory):
+    return server_factory(workers=2)
+
+
+def raw_request(port, data, timeout=5.0, read_until_close=True):
+    """Send raw bytes to a port and return everything read until close or timeout."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_until_close:
+                break
+        return b"".join(chunks)
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, message))
