@@ -435,7 +435,9 @@ class Partition:
     # -- what the home worker does ------------------------------------------
 
     def publish(self, key, data, now_ms):
-        """Store one message; returns (seq, bitmask of the workers to deliver to).
+        """Store one message; returns (seq, workers to deliver to, whether compat polls take it).
+
+        The workers are a bitmask.
 
         Raises TableFull when the id is new and the table has no room.
         """
@@ -461,11 +463,12 @@ class Partition:
             header[_H_MESSAGES] -= overflow
         header[_H_MESSAGES] += 1
         targets = self.masks[i] | self.cmasks[i]
-        if self.cmasks[i]:                     # held compat polls consume it
+        compat = self.cmasks[i] != 0
+        if compat:                             # held compat polls consume it
             self.compats[i] = seq
             self.cmasks[i] = 0
         header[_H_DIRTY] = NO_SLOT
-        return seq, targets
+        return seq, targets, compat
 
     def subscribe(self, key, bit, since, now_ms):
         """Register worker bit for key; returns (last seq, [(seq, data)] with seq > since).

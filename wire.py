@@ -131,6 +131,8 @@ def parse_body(buf, req, max_body):
 
 
 def _parse_chunked(buf, pos, max_body):
+    if not buf.startswith(b"0", pos) and buf.find(b"\r\n0", pos) < 0:
+        return None                       # no last-chunk yet: skip re-decoding what came so far
     chunks = []
     total = 0
     while True:

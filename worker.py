@@ -160,13 +160,15 @@ class Worker:
                                 (self.cfg.app_host, self.cfg.app_port, False)):
             sock = listen_socket(host, port)
             self.listeners[sock.fileno()] = (sock, app)
-            self.ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            self.ep.register(sock.fileno(), select.EPOLLIN)
         self.efd = self.eventfds[self.index]
         self.ep.register(self.efd, select.EPOLLIN)
         self.ep.register(wake_r, select.EPOLLIN)
         self.part.repair()
-        for dst in range(self.region.workers):      # forget what a predecessor held
-            self._send(dst, bytes((RESET,)))
+        if self.stats.get("started_ms"):          # a predecessor ran: forget what it held
+            for dst in range(self.region.workers):
+                self._send(dst, bytes((RESET,)))
+        self.stats.set("started_ms", int(time.time() * 1000))
         self._flush_stats()
         if self.ready_fd is not None:
             os.write(self.ready_fd, b"%d\n" % self.index)
@@ -266,7 +268,7 @@ class Worker:
         if self.accept_paused_until and self.now >= self.accept_paused_until:
             self.accept_paused_until = 0.0
             for fd in self.listeners:
-                self.ep.modify(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+                self.ep.modify(fd, select.EPOLLIN)
         self.log_budget = LOG_LINES_PER_SECOND * TICK * 4
         if self.log_suppressed:
             self.log("%d log lines suppressed" % self.log_suppressed, force=True)
@@ -338,7 +340,12 @@ class Worker:
         if not data:
             self._close(conn)
             return
-        conn.buf += data
+        if not conn.buf:
+            conn.buf = data
+        else:
+            if type(conn.buf) is bytes:      # growing: append in place, not by copying
+                conn.buf = bytearray(conn.buf)
+            conn.buf += data
         if conn.state == READING:
             if conn.app is True:
                 self._on_frames(conn)
@@ -665,16 +672,15 @@ class Worker:
         ident = record[start:start + n]
         data = record[start + n:]
         try:
-            seq, targets = self.part.publish(shmqueue.id_key(ident), data, self._now_ms())
+            seq, targets, compat = self.part.publish(shmqueue.id_key(ident), data, self._now_ms())
         except shmqueue.TableFull:
-            seq, targets = 0, 0
+            seq = targets = compat = 0
             self.log("publish: id table full, message for %s refused" % ident.decode())
         else:
             self.published += 1
         if serial:
             self._send(src, _ACK.pack(ACK, fd, serial, line, seq))
         if targets:
-            compat = self.part.compats[self.part.find(shmqueue.id_key(ident))] == seq
             head = _DELIVER.pack(DELIVER, seq, DELIVER_COMPAT if compat else 0, n) + ident
             record = head + data
             dst = 0
