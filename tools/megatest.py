@@ -1,0 +1,1595 @@
+#!/usr/bin/env python3
+"""megatest: load generator for MegaComet (and for peers that speak its HTTP API).
+
+Opens N long-poll connections from P child processes, each a raw select.epoll
+loop over non-blocking sockets bound to its own loopback source addresses
+(127.0.0.2, 127.0.0.3, ...), and measures the server from the outside:
+
+  hold     open N subscribers and hold them: open rate, server memory per
+           connection (RSS and PSS from /proc/<pid>/smaps_rollup), CPU per accept
+  deliver  N subscribers each on its own id; one message to each through the
+           batch API, then (separate round) through the binary protocol: checks
+           each got exactly its own message; deliveries/s, latency p50/p99/max
+  fanout   N subscribers on one id, one publish: time until all have it
+  queue    M messages to M absent ids (no subscribers): memory per queued
+           message, then a sample of ids must drain with GET /sub/<id>
+  churn    S subscribers re-polling with since=last after every delivery under
+           a steady publish rate: sustained deliveries/s and latency
+
+Server CPU: utime+stime from /proc/<pid>/stat of every server process (the
+pids in /stats, --server-pid and its descendants), before and after a phase.
+Traffic only goes to 127.0.0.0/8; every phase and the whole run are bounded
+in time (--duration). Ctrl-C / SIGTERM stop every child.
+
+Standard library only.
+"""
+
+import argparse
+import array
+import collections
+import ctypes
+import errno
+import json
+import math
+import os
+import pickle
+import random
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+IP_BIND_ADDRESS_NO_PORT = 24
+PR_SET_PDEATHSIG = 1
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MAX_BATCH = 10000
+MONO = time.monotonic_ns
+
+# Connection states in a child.
+PENDING, CONNECTING, OPEN, DEAD = 0, 1, 2, 3
+
+
+class Stopped(Exception):
+    """Raised in the coordinator on SIGINT/SIGTERM or when --duration runs out."""
+
+
+# ---------------------------------------------------------------------------
+# HTTP/1.1 response parsing shared by children and the coordinator.
+
+def parse_response(data, pos):
+    """Parse one response starting at data[pos].
+
+    Returns None when incomplete, else (status, head, low, body, end): head
+    the raw header block, low its lower-cased copy, end the offset after it.
+    """
+    he = data.find(b"\r\n\r\n", pos)
+    if he < 0:
+        return None
+    head = data[pos:he]
+    low = head.lower()
+    status = int(head[9:12])
+    bs = he + 4
+    k = low.find(b"\r\ncontent-length:")
+    if k >= 0:
+        e = low.find(b"\r\n", k + 17)
+        end = bs + int(low[k + 17:e if e >= 0 else len(low)])
+        if end > len(data):
+            return None
+        return status, head, low, data[bs:end], end
+    if b"\r\ntransfer-encoding:" in low and b"chunked" in low:
+        body = bytearray()
+        p = bs
+        while True:
+            le = data.find(b"\r\n", p)
+            if le < 0:
+                return None
+            size = int(data[p:le].split(b";")[0], 16)
+            p = le + 2
+            if size == 0:
+                while True:             # optional trailers, then an empty line
+                    te = data.find(b"\r\n", p)
+                    if te < 0:
+                        return None
+                    if te == p:
+                        return status, head, low, bytes(body), te + 2
+                    p = te + 2
+            if p + size + 2 > len(data):
+                return None
+            body += data[p:p + size]
+            p += size + 2
+    if status in (204, 304) or 100 <= status < 200:
+        return status, head, low, b"", bs
+    raise ValueError("response without Content-Length or chunking: %r" % head[:80])
+
+
+def header_value(head, low, name):
+    """Value of header `name` (lower-case bytes) from a parsed head, or None."""
+    k = low.find(b"\r\n" + name + b":")
+    if k < 0:
+        return None
+    s = k + len(name) + 3
+    e = low.find(b"\r\n", s)
+    return head[s:e if e >= 0 else len(head)].strip()
+
+
+class HttpConn:
+    """A tiny blocking keep-alive HTTP/1.1 client (publisher, stats, drain)."""
+
+    def __init__(self, host, port, timeout=30.0):
+        self.addr = (host, port)
+        self.timeout = timeout
+        self.sock = None
+        self.buf = b""
+
+    def connect(self):
+        self.close()
+        self.sock = socket.create_connection(self.addr, timeout=self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+    @staticmethod
+    def build(method, path, body=None, headers=()):
+        h = ["%s %s HTTP/1.1" % (method, path), "Host: %s" % "megatest"]
+        h.extend(headers)
+        if body is not None:
+            h.append("Content-Length: %d" % len(body))
+        req = ("\r\n".join(h) + "\r\n\r\n").encode()
+        return req + body if body is not None else req
+
+    def read_responses(self, count):
+        out = []
+        while len(out) < count:
+            r = parse_response(self.buf, 0)
+            if r is None:
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    raise ConnectionError("server closed the connection")
+                self.buf += chunk
+                continue
+            out.append(r[:4])
+            self.buf = self.buf[r[4]:]
+        return out
+
+    def pipeline(self, requests):
+        """Send requests (bytes) back to back; return their (status, head, low, body)."""
+        if self.sock is None:
+            self.connect()
+        try:
+            self.sock.sendall(b"".join(requests))
+            return self.read_responses(len(requests))
+        except (OSError, ValueError):
+            self.close()
+            raise
+
+    def request(self, method, path, body=None, headers=()):
+        """One request; reconnects once if a kept-alive connection went stale."""
+        req = self.build(method, path, body, headers)
+        for attempt in (0, 1):
+            fresh = self.sock is None
+            try:
+                status, head, low, rbody = self.pipeline([req])[0]
+                if b"connection: close" in low:
+                    self.close()
+                return status, rbody
+            except (ConnectionError, BrokenPipeError, ConnectionResetError):
+                if fresh or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+class Publisher:
+    """One publisher connection (HTTP keep-alive, or a binary-protocol stream).
+
+    Each message is "<round>|<monotonic ns at send>|<id>", so a subscriber can
+    check it got its own message and compute publish-to-receive latency."""
+
+    def __init__(self, host, port, batch_size):
+        self.host, self.port = host, port
+        self.batch_size = min(batch_size, MAX_BATCH)
+        self.http = HttpConn(host, port, timeout=60)
+        self.bin = None
+
+    def close(self):
+        self.http.close()
+        if self.bin is not None:
+            # Fire-and-forget: half-close, then give the server a moment to read.
+            try:
+                self.bin.shutdown(socket.SHUT_WR)
+                self.bin.settimeout(2.0)
+                while self.bin.recv(65536):
+                    pass
+            except OSError:
+                pass
+            self.bin.close()
+            self.bin = None
+
+    def batch(self, ids, rnd):
+        ok = 0
+        errors = collections.Counter()
+        size = self.batch_size
+        for i in range(0, len(ids), size):
+            part = ids[i:i + size]
+            t = MONO()
+            body = "".join(['{"id":"%s","data":"%d|%d|%s"}\n' % (x, rnd, t, x)
+                            for x in part]).encode()
+            try:
+                status, rbody = self.http.request("POST", "/pub", body)
+            except (OSError, ValueError) as e:
+                errors["batch: " + repr(e)] += len(part)
+                continue
+            if status not in (200, 201, 202):
+                errors["batch: http %d" % status] += len(part)
+                continue
+            try:
+                r = json.loads(rbody)
+                ok += int(r.get("published", 0))
+                for e in r.get("errors") or ():
+                    errors["batch: %s" % (e.get("error") if isinstance(e, dict) else e)] += 1
+            except (ValueError, AttributeError, TypeError):
+                errors["batch: bad answer"] += 1
+        return ok, errors
+
+    def binary(self, ids, rnd):
+        if self.bin is None:
+            self.bin = socket.create_connection((self.host, self.port), timeout=60)
+        sent = 0
+        for i in range(0, len(ids), 1000):
+            part = ids[i:i + 1000]
+            t = MONO()
+            self.bin.sendall(b"".join([b"\x02%s\x00%d|%d|%s\x00" % (x.encode(), rnd, t, x.encode())
+                                       for x in part]))
+            sent += len(part)
+        return sent, {}
+
+    def single(self, ids, rnd):
+        ok = 0
+        errors = collections.Counter()
+        window = 128
+        for i in range(0, len(ids), window):
+            t = MONO()
+            reqs = [HttpConn.build("POST", "/pub/" + x, ("%d|%d|%s" % (rnd, t, x)).encode())
+                    for x in ids[i:i + window]]
+            try:
+                for status, _, _, _ in self.http.pipeline(reqs):
+                    if status in (200, 201, 202):
+                        ok += 1
+                    else:
+                        errors["single: http %d" % status] += 1
+            except (OSError, ValueError) as e:
+                errors["single: " + repr(e)] += len(reqs)
+        return ok, errors
+
+
+# ---------------------------------------------------------------------------
+# Server process accounting.
+
+def descendants(pid):
+    """pid's descendants (scan of /proc)."""
+    children = collections.defaultdict(list)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        children[int(fields[1])].append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cpu_seconds(pids):
+    """Sum of utime+stime over pids (seconds); missing pids are skipped."""
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def memory(pids):
+    """{"rss": bytes, "pss": bytes, "pids": n} summed over smaps_rollup of pids."""
+    rss = pss = n = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/smaps_rollup" % pid) as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+            n += 1
+        except OSError:
+            continue
+    return {"rss": rss, "pss": pss, "pids": n}
+
+
+def kernel_memory():
+    out = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                k, v = line.split(":", 1)
+                if k in ("Slab", "MemAvailable"):
+                    out[k.lower()] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def parse_stats(body):
+    """Normalize a /stats answer: MegaComet JSON, or Nchan's stub status text."""
+    try:
+        obj = json.loads(body)
+        if isinstance(obj, dict):
+            return obj
+    except ValueError:
+        pass
+    totals = {}
+    for line in body.decode("latin-1").splitlines():
+        k, _, v = line.partition(":")
+        v = v.strip()
+        if v.isdigit():
+            totals[k.strip().replace(" ", "_")] = int(v)
+    if "subscribers" in totals:
+        totals.setdefault("published", totals.get("total_published_messages", 0))
+        return {"workers": [], "totals": totals, "format": "nchan_stub_status"}
+    raise ValueError("unrecognized stats answer: %r" % body[:80])
+
+
+# ---------------------------------------------------------------------------
+# Child: an epoll loop over its share of the connections.
+
+def set_pdeathsig():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def send_msg(sock, obj):
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(struct.pack("<I", len(data)) + data)
+
+
+def take_msgs(buf):
+    """Split complete length-prefixed pickles off a bytearray buffer."""
+    out = []
+    while len(buf) >= 4:
+        n = struct.unpack_from("<I", buf)[0]
+        if len(buf) < 4 + n:
+            break
+        out.append(pickle.loads(bytes(buf[4:4 + n])))
+        del buf[:4 + n]
+    return out
+
+
+class Child:
+    """Runs in a forked process; talks to the coordinator over `ctl`."""
+
+    def __init__(self, index, ctl, cfg, lo, hi):
+        self.index = index
+        self.ctl = ctl
+        self.cfg = cfg
+        self.lo = lo
+        self.n = n = hi - lo
+        self.addr = (cfg["host"], cfg["port"])
+        self.nchan = cfg["proto"] == "nchan"
+        self.host_hdr = ("Host: %s:%d\r\n" % self.addr).encode()
+        self.timeout_q = ("timeout=%d" % cfg["poll_timeout"]).encode()
+        self.ids = [cfg["id_of"](lo + j) for j in range(n)]
+        self.names = [x.decode() for x in self.ids]
+        self.srcs = [cfg["src_of"](lo + j) for j in range(n)]
+        self.socks = [None] * n
+        self.state = bytearray(n)
+        self.started = array.array("d", bytes(8 * n))
+        self.retries = bytearray(n)
+        self.last = [0] * n                      # json: last seq; nchan: cursor headers
+        self.got = array.array("i", bytes(4 * n))  # messages of the current round
+        self.waiting = bytearray(n)              # a request is outstanding
+        self.fdmap = {}
+        self.rbuf = {}
+        self.wbuf = {}
+        self.queue = collections.deque()
+        self.ep = select.epoll()
+        self.ctl_buf = bytearray()
+        self.parent = os.getppid()
+        self.round = 0
+        self.repoll = True
+        self.stop = False
+        self.open_reported = True
+        self.counts = collections.Counter()
+        self.errors = collections.Counter()
+        self.n_connecting = 0
+        self.n_open = 0
+        self.n_waiting = 0
+        self.lat = array.array("d")
+        self.rx_first = self.rx_last = 0
+        self.inflight = cfg["inflight"]
+        self.rate = cfg["connect_rate"]
+        self.rate_t0 = 0
+        self.rate_done = 0
+
+    # -- requests ----------------------------------------------------------
+    def request(self, j):
+        ident = self.ids[j]
+        if self.nchan:
+            cur = self.last[j]
+            extra = b""
+            if cur:
+                extra = b"If-Modified-Since: " + cur[0] + b"\r\nIf-None-Match: " + cur[1] + b"\r\n"
+            return b"GET /sub/" + ident + b" HTTP/1.1\r\n" + self.host_hdr + extra + b"\r\n"
+        return (b"GET /sub/" + ident + b"?since=%d&" % self.last[j] + self.timeout_q
+                + b" HTTP/1.1\r\n" + self.host_hdr + b"\r\n")
+
+    def send(self, j, data):
+        s = self.socks[j]
+        if j in self.wbuf:
+            self.wbuf[j] += data
+            return
+        try:
+            n = s.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self.dead(j, "send:" + errno.errorcode.get(e.errno, str(e.errno)))
+            return
+        if n < len(data):
+            self.wbuf[j] = data[n:]
+            self.ep.modify(s.fileno(), select.EPOLLIN | select.EPOLLOUT)
+
+    def flush(self, j):
+        data = self.wbuf.pop(j, None)
+        s = self.socks[j]
+        if data is None or s is None:
+            return
+        try:
+            n = s.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self.dead(j, "send:" + errno.errorcode.get(e.errno, str(e.errno)))
+            return
+        if n < len(data):
+            self.wbuf[j] = data[n:]
+        else:
+            self.ep.modify(s.fileno(), select.EPOLLIN)
+
+    def poll_next(self, j):
+        if not self.waiting[j]:
+            self.waiting[j] = 1
+            self.n_waiting += 1
+        self.counts["polls"] += 1
+        self.send(j, self.request(j))
+
+    # -- connections -------------------------------------------------------
+    def start_connects(self, now):
+        budget = self.inflight - self.n_connecting
+        if self.rate:
+            allowed = int(self.rate * (now - self.rate_t0) / 1e9) - self.rate_done
+            budget = min(budget, allowed)
+        addr = self.addr
+        while budget > 0 and self.queue:
+            j = self.queue.popleft()
+            try:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as e:
+                self.fail(j, "socket:" + errno.errorcode.get(e.errno, str(e.errno)), retry=False)
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    while self.queue:
+                        self.fail(self.queue.popleft(), "socket:EMFILE", retry=False)
+                return
+            s.setblocking(False)
+            try:
+                s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                s.bind((self.srcs[j], 0))
+                err = s.connect_ex(addr)
+            except OSError as e:
+                err = e.errno
+            if err not in (0, errno.EINPROGRESS):
+                s.close()
+                self.fail(j, "connect:" + errno.errorcode.get(err, str(err)))
+                continue
+            fd = s.fileno()
+            self.fdmap[fd] = j
+            self.socks[j] = s
+            self.state[j] = CONNECTING
+            self.started[j] = now
+            self.n_connecting += 1
+            self.rate_done += 1
+            self.ep.register(fd, select.EPOLLOUT)
+            budget -= 1
+
+    def fail(self, j, why, retry=True):
+        """A connect attempt failed: retry later or give up on j."""
+        if retry and self.retries[j] < self.cfg["retries"]:
+            self.retries[j] += 1
+            self.counts["retries"] += 1
+            self.queue.append(j)
+        else:
+            self.errors[why] += 1
+            self.state[j] = DEAD
+
+    def connected(self, j, fd):
+        s = self.socks[j]
+        self.n_connecting -= 1
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.drop(j, fd)
+            self.fail(j, "connect:" + errno.errorcode.get(err, str(err)))
+            return
+        self.state[j] = OPEN
+        self.n_open += 1
+        self.counts["opened"] += 1
+        self.ep.modify(fd, select.EPOLLIN)
+        self.poll_next(j)
+
+    def drop(self, j, fd):
+        s = self.socks[j]
+        self.socks[j] = None
+        self.fdmap.pop(fd, None)
+        self.rbuf.pop(j, None)
+        self.wbuf.pop(j, None)
+        try:
+            self.ep.unregister(fd)
+        except OSError:
+            pass
+        s.close()
+
+    def dead(self, j, why):
+        """An open connection ended."""
+        s = self.socks[j]
+        if s is None:
+            return
+        self.drop(j, s.fileno())
+        if self.state[j] == OPEN:
+            self.n_open -= 1
+        self.state[j] = DEAD
+        if self.waiting[j]:
+            self.waiting[j] = 0
+            self.n_waiting -= 1
+        self.errors[why] += 1
+        self.counts["closed"] += 1
+
+    def check_connect_timeouts(self, now):
+        limit = now - self.cfg["connect_timeout"] * 1e9
+        for j in range(self.n):
+            if self.state[j] == CONNECTING and self.started[j] < limit:
+                self.n_connecting -= 1
+                self.drop(j, self.socks[j].fileno())
+                self.fail(j, "connect:timeout")
+
+    # -- responses ---------------------------------------------------------
+    def readable(self, j, fd):
+        s = self.socks[j]
+        try:
+            data = s.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.dead(j, "recv:" + errno.errorcode.get(e.errno, str(e.errno)))
+            return
+        if not data:
+            self.dead(j, "closed by server")
+            return
+        pend = self.rbuf.pop(j, None)
+        if pend is not None:
+            data = pend + data
+        pos = 0
+        size = len(data)
+        while pos < size:
+            try:
+                r = parse_response(data, pos)
+            except ValueError:
+                self.dead(j, "bad response")
+                return
+            if r is None:
+                break
+            pos = r[4]
+            self.response(j, r[0], r[1], r[2], r[3])
+            if self.socks[j] is not s:
+                return
+        if pos < size:
+            self.rbuf[j] = data[pos:]
+
+    def response(self, j, status, head, low, body):
+        now = MONO()
+        self.counts["responses"] += 1
+        if self.waiting[j]:
+            self.waiting[j] = 0
+            self.n_waiting -= 1
+        again = self.repoll
+        if self.nchan:
+            if status == 200:
+                self.message(j, body.decode("utf-8", "replace"), now)
+                lm = header_value(head, low, b"last-modified")
+                et = header_value(head, low, b"etag")
+                if lm is not None and et is not None:
+                    self.last[j] = (lm, et)
+            elif status in (304, 408):
+                self.counts["empty"] += 1
+            else:
+                self.errors["http %d" % status] += 1
+                again = False
+        elif status == 200:
+            try:
+                obj = json.loads(body)
+                msgs = obj["messages"]
+            except (ValueError, KeyError, TypeError):
+                self.errors["bad json"] += 1
+                msgs = ()
+                again = False
+            if not msgs:
+                self.counts["empty"] += 1
+            last = self.last[j]
+            for m in msgs:
+                seq = m["seq"]
+                if seq <= last:
+                    self.counts["dup_seq"] += 1
+                    continue
+                last = seq
+                self.message(j, m["data"], now)
+            self.last[j] = last
+        else:
+            self.errors["http %d" % status] += 1
+            again = False
+        if b"connection: close" in low:
+            self.dead(j, "closed by server (Connection: close)")
+            return
+        if again:
+            self.poll_next(j)
+
+    def message(self, j, data, now):
+        parts = data.split("|", 3)
+        try:
+            rnd, t = int(parts[0]), int(parts[1])
+            mid = parts[2]
+        except (ValueError, IndexError):
+            self.counts["foreign"] += 1
+            return
+        if mid != self.names[j]:
+            self.counts["wrong"] += 1
+        elif rnd != self.round:
+            self.counts["stale"] += 1
+        else:
+            self.got[j] += 1
+            self.counts["delivered"] += 1
+            if len(self.lat) < 4_000_000:
+                self.lat.append((now - t) / 1e6)
+            if not self.rx_first:
+                self.rx_first = now
+            self.rx_last = now
+
+    # -- control -----------------------------------------------------------
+    def progress(self):
+        return {"type": "progress", "child": self.index, "open": self.n_open,
+                "connecting": self.n_connecting, "pending": len(self.queue),
+                "waiting": self.n_waiting, "counts": dict(self.counts),
+                "errors": dict(self.errors)}
+
+    def control(self):
+        try:
+            data = self.ctl.recv(1 << 20)
+        except BlockingIOError:
+            return
+        if not data:
+            self.stop = True
+            return
+        self.ctl_buf += data
+        for msg in take_msgs(self.ctl_buf):
+            self.command(msg)
+
+    def command(self, msg):
+        cmd = msg["cmd"]
+        reply = {"type": "ack", "seq": msg.get("seq"), "child": self.index}
+        if cmd == "open":
+            self.queue.extend(j for j in range(self.n) if self.state[j] == PENDING)
+            self.open_reported = False
+            self.rate_t0 = MONO()
+            self.rate_done = 0
+        elif cmd == "round":
+            self.round = msg["round"]
+            self.got = array.array("i", bytes(4 * self.n))
+            self.lat = array.array("d")
+            self.rx_first = self.rx_last = 0
+            for k in ("delivered", "wrong", "stale", "foreign", "dup_seq"):
+                self.counts.pop(k, None)
+        elif cmd == "report":
+            hist = collections.Counter(min(g, 3) for g, st in zip(self.got, self.state)
+                                       if st == OPEN or g)
+            reply.update(self.progress())
+            reply.update(type="report", lat=self.lat.tobytes(), rx_first=self.rx_first,
+                         rx_last=self.rx_last, got_hist=dict(hist))
+        elif cmd == "repoll":
+            self.repoll = msg["on"]
+        elif cmd == "close":
+            self.repoll = False
+            for j in range(self.n):
+                if self.socks[j] is not None:
+                    st = self.state[j]
+                    self.drop(j, self.socks[j].fileno())
+                    self.state[j] = DEAD
+                    if st == OPEN:
+                        self.n_open -= 1
+                    elif st == CONNECTING:
+                        self.n_connecting -= 1
+            self.queue.clear()
+            self.n_waiting = 0
+            self.waiting = bytearray(self.n)
+        elif cmd == "stop":
+            self.stop = True
+        send_msg(self.ctl, reply)
+
+    def run(self):
+        ep = self.ep
+        ctl_fd = self.ctl.fileno()
+        ep.register(ctl_fd, select.EPOLLIN)
+        fdmap = self.fdmap
+        socks = self.socks
+        state = self.state
+        next_report = next_check = 0
+        EPOLLOUT = select.EPOLLOUT
+        while not self.stop:
+            busy = self.queue or self.n_connecting
+            try:
+                events = ep.poll(0.02 if busy else 0.25, 8192)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                j = fdmap.get(fd)
+                if j is None:
+                    if fd == ctl_fd:
+                        self.control()
+                    continue
+                if state[j] == CONNECTING:
+                    self.connected(j, fd)
+                    continue
+                if ev & EPOLLOUT:
+                    self.flush(j)
+                if ev & ~EPOLLOUT and socks[j] is not None:
+                    self.readable(j, fd)
+            now = MONO()
+            if self.queue and self.n_connecting < self.inflight:
+                self.start_connects(now)
+            if now >= next_check:
+                next_check = now + 1_000_000_000
+                if self.n_connecting:
+                    self.check_connect_timeouts(now)
+                if os.getppid() != self.parent:
+                    break
+            if not self.open_reported and not self.queue and not self.n_connecting:
+                self.open_reported = True
+                msg = self.progress()
+                msg["type"] = "opened"
+                send_msg(self.ctl, msg)
+            if now >= next_report:
+                next_report = now + 400_000_000
+                send_msg(self.ctl, self.progress())
+
+
+def child_main(index, ctl, cfg, lo, hi):
+    set_pdeathsig()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    code = 0
+    try:
+        ctl.settimeout(60)
+        Child(index, ctl, cfg, lo, hi).run()
+    except BaseException as e:  # report, then die: the coordinator sees EOF
+        code = 1
+        try:
+            send_msg(ctl, {"type": "crash", "child": index, "error": repr(e)})
+        except Exception:
+            pass
+    os._exit(code)
+
+
+# ---------------------------------------------------------------------------
+# Coordinator.
+
+def percentiles(values):
+    if not values:
+        return {"n": 0}
+    values = sorted(values)
+    n = len(values)
+
+    def pick(q):
+        return round(values[min(n - 1, int(math.ceil(q * n)) - 1)], 3)
+    return {"n": n, "p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99),
+            "max": round(values[-1], 3), "mean": round(sum(values) / n, 3)}
+
+
+def ip_add(base, k):
+    """The k-th usable address after base (skips .0 and .255 last octets)."""
+    a = struct.unpack("!I", socket.inet_aton(base))[0]
+    while k:
+        a += 1
+        if a & 0xFF not in (0, 255):
+            k -= 1
+    return socket.inet_ntoa(struct.pack("!I", a))
+
+
+class Coordinator:
+    def __init__(self, args):
+        self.args = args
+        self.t_start = time.monotonic()
+        self.deadline = self.t_start + args.duration
+        self.children = []          # dicts: pid, sock, buf, alive, progress, ...
+        self.seq = 0
+        self.replies = {}
+        self.problems = []
+        self.record = {"tool": "megatest", "mode": args.mode,
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "args": {k: v for k, v in vars(args).items() if k != "func"},
+                       "phases": {}}
+        self.phase = "setup"
+        self.next_print = 0
+        self.last_print = (time.monotonic(), 0, 0)
+        self.tag = "%s%04x-" % (args.id_prefix, random.getrandbits(16))
+        self.stats_conn = HttpConn(args.host, args.app_port, timeout=10)
+        self.publishers = []
+
+    # -- logging -----------------------------------------------------------
+    def log(self, text):
+        print("[%6.1fs] %s" % (time.monotonic() - self.t_start, text), file=sys.stderr,
+              flush=True)
+
+    def problem(self, text):
+        self.problems.append(text)
+        self.log("PROBLEM: " + text)
+
+    def check_time(self):
+        if time.monotonic() >= self.deadline:
+            raise Stopped("--duration %.0fs reached" % self.args.duration)
+
+    # -- server ------------------------------------------------------------
+    def stats(self):
+        try:
+            status, body = self.stats_conn.request("GET", self.args.stats_path)
+            if status != 200:
+                return None
+            return parse_stats(body)
+        except (OSError, ValueError):
+            self.stats_conn.close()
+            return None
+
+    def server_pids(self, st=None):
+        pids = set()
+        st = st if st is not None else self.stats()
+        for w in (st or {}).get("workers", []):
+            if isinstance(w, dict) and w.get("pid"):
+                pids.add(int(w["pid"]))
+        for pid in self.args.server_pid or ():
+            pids.add(pid)
+            pids.update(descendants(pid))
+        return sorted(pids)
+
+    def snapshot(self):
+        st = self.stats()
+        pids = self.server_pids(st)
+        snap = {"t": time.monotonic(), "pids": pids, "cpu_s": cpu_seconds(pids),
+                "mem": memory(pids), "kernel": kernel_memory(), "stats": st}
+        if st and isinstance(st.get("workers"), list):
+            snap["stats_rss"] = sum(int(w.get("rss_bytes", 0) or 0) for w in st["workers"]
+                                    if isinstance(w, dict))
+        return snap
+
+    @staticmethod
+    def totals(st, key):
+        if not st:
+            return None
+        v = (st.get("totals") or {}).get(key)
+        if v is None and st.get("workers"):
+            try:
+                v = sum(int(w.get(key, 0) or 0) for w in st["workers"])
+            except (TypeError, ValueError, AttributeError):
+                return None
+        return v
+
+    def cost(self, before, after, ops, per="op"):
+        """CPU µs per operation and memory per operation between two snapshots."""
+        out = {"server_pids": after["pids"]}
+        if ops <= 0:
+            return out
+        out["cpu_s"] = round(after["cpu_s"] - before["cpu_s"], 3)
+        out["cpu_us_per_" + per] = round((after["cpu_s"] - before["cpu_s"]) * 1e6 / ops, 2)
+        return out
+
+    def memory_delta(self, before, after, count, per):
+        out = {}
+        if not count:
+            return out
+        for k in ("rss", "pss"):
+            d = after["mem"][k] - before["mem"][k]
+            out[k + "_delta"] = d
+            out[k + "_bytes_per_" + per] = round(d / count, 1)
+            out[k + "_total"] = after["mem"][k]
+        if "stats_rss" in before and "stats_rss" in after:
+            out["stats_rss_bytes_per_" + per] = round(
+                (after["stats_rss"] - before["stats_rss"]) / count, 1)
+        if "slab" in before["kernel"] and "slab" in after["kernel"]:
+            out["kernel_slab_bytes_per_" + per] = round(
+                (after["kernel"]["slab"] - before["kernel"]["slab"]) / count, 1)
+        if after.get("stats") and after["stats"].get("shm") is not None:
+            out["shm_after"] = after["stats"]["shm"]
+            out["shm_before"] = (before.get("stats") or {}).get("shm")
+        return out
+
+    # -- children ----------------------------------------------------------
+    def spawn(self, n, id_of):
+        args = self.args
+        procs = args.procs or max(1, math.ceil(n / args.per_proc))
+        if n / procs > 18000:
+            raise SystemExit("megatest: %d connections over %d processes exceeds ~18000 "
+                             "sockets per process (open-file limit 20000); raise --procs"
+                             % (n, procs))
+        per_src = args.per_source
+
+        def src_of(i):
+            return ip_add(args.source_base, 1 + i // per_src)
+        n_src = max(1, math.ceil(n / per_src))
+        cfg = {"host": args.host, "port": args.port, "proto": args.proto,
+               "poll_timeout": args.poll_timeout, "id_of": id_of, "src_of": src_of,
+               "inflight": max(1, math.ceil(args.inflight / procs)),
+               "connect_rate": args.connect_rate / procs if args.connect_rate else 0,
+               "connect_timeout": args.connect_timeout, "retries": args.retries}
+        self.record["clients"] = {"procs": procs, "connections": n,
+                                  "sources": [src_of(0), src_of(n - 1)], "n_sources": n_src}
+        parent_ends = []
+        for k in range(procs):
+            lo, hi = n * k // procs, n * (k + 1) // procs
+            a, b = socket.socketpair()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                a.close()
+                for s in parent_ends:
+                    s.close()
+                self.stats_conn.close()
+                child_main(k, b, cfg, lo, hi)
+            b.close()
+            a.settimeout(30)
+            parent_ends.append(a)
+            self.children.append({"index": k, "pid": pid, "sock": a, "buf": bytearray(),
+                                  "alive": True, "progress": {}, "opened": False,
+                                  "n": hi - lo})
+        self.log("%d client processes, %d connections, sources %s..%s (%d per source)"
+                 % (procs, n, src_of(0), src_of(n - 1), per_src))
+
+    def pump(self, timeout):
+        """Read child messages for up to `timeout` seconds (returns after the first batch)."""
+        live = [c for c in self.children if c["alive"]]
+        if not live:
+            time.sleep(min(timeout, 0.1))
+            return
+        try:
+            ready, _, _ = select.select([c["sock"] for c in live], [], [], max(0, timeout))
+        except InterruptedError:
+            return
+        for c in live:
+            if c["sock"] not in ready:
+                continue
+            try:
+                data = c["sock"].recv(1 << 22)
+            except (BlockingIOError, socket.timeout):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                c["alive"] = False
+                self.problem("client process %d (pid %d) exited unexpectedly"
+                             % (c["index"], c["pid"]))
+                continue
+            c["buf"] += data
+            for msg in take_msgs(c["buf"]):
+                t = msg["type"]
+                if t in ("progress", "opened", "report"):
+                    c["progress"] = msg
+                if t == "opened":
+                    c["opened"] = True
+                if t in ("ack", "report"):
+                    self.replies[(msg["seq"], c["index"])] = msg
+                if t == "crash":
+                    self.problem("client process %d crashed: %s" % (c["index"], msg["error"]))
+
+    def agg(self):
+        tot = collections.Counter()
+        errs = collections.Counter()
+        for c in self.children:
+            p = c["progress"]
+            for k in ("open", "connecting", "pending", "waiting"):
+                tot[k] += p.get(k, 0)
+            tot.update(p.get("counts", {}))
+            errs.update(p.get("errors", {}))
+        return tot, errs
+
+    def show(self, force=False, extra=""):
+        now = time.monotonic()
+        if not force and now < self.next_print:
+            return
+        self.next_print = now + 1.0
+        tot, errs = self.agg()
+        t0, o0, d0 = self.last_print
+        dt = max(now - t0, 1e-6)
+        self.last_print = (now, tot["opened"], tot["delivered"])
+        self.log("%-14s open %d (+%d/s) connecting %d errors %d delivered %d (+%d/s)%s"
+                 % (self.phase, tot["open"], (tot["opened"] - o0) / dt, tot["connecting"],
+                    sum(errs.values()), tot["delivered"], (tot["delivered"] - d0) / dt, extra))
+
+    def wait(self, cond, timeout, what, stall=None, value=None):
+        """Pump until cond() or timeout; optional stall limit on value() progress."""
+        end = min(time.monotonic() + timeout, self.deadline)
+        last_v, last_t = None, time.monotonic()
+        while True:
+            if cond():
+                return True
+            now = time.monotonic()
+            if stall and value:
+                v = value()
+                if v != last_v:
+                    last_v, last_t = v, now
+                elif now - last_t > stall:
+                    self.problem("%s: no progress for %.0fs" % (what, stall))
+                    return False
+            if now >= end:
+                self.check_time()
+                self.problem("%s: timed out after %.0fs" % (what, timeout))
+                return False
+            if not any(c["alive"] for c in self.children):
+                self.problem("%s: no client process left" % what)
+                return False
+            self.pump(min(0.2, end - now))
+            self.show()
+
+    def command(self, cmd, timeout=15.0, **kw):
+        self.seq += 1
+        seq = self.seq
+        msg = dict(kw, cmd=cmd, seq=seq)
+        for c in self.children:
+            if c["alive"]:
+                try:
+                    send_msg(c["sock"], msg)
+                except OSError:
+                    c["alive"] = False
+        live = [c["index"] for c in self.children if c["alive"]]
+        self.wait(lambda: all((seq, k) in self.replies or not self.children[k]["alive"]
+                              for k in live), timeout, "command %s" % cmd)
+        return [self.replies.pop((seq, k)) for k in live if (seq, k) in self.replies]
+
+    def shutdown(self):
+        for c in self.children:
+            if c["alive"]:
+                try:
+                    send_msg(c["sock"], {"cmd": "stop", "seq": 0})
+                except OSError:
+                    pass
+        end = time.monotonic() + 3
+        pending = {c["pid"] for c in self.children}
+        while pending and time.monotonic() < end:
+            for pid in list(pending):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    pending.discard(pid)
+            time.sleep(0.05)
+        for pid in pending:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        for c in self.children:
+            c["sock"].close()
+            c["alive"] = False
+        self.children = []
+
+    # -- phases ------------------------------------------------------------
+    def open_phase(self, n, expect_subscribers=True):
+        """Open every child's connections; confirm with /stats subscribers."""
+        self.phase = "open"
+        base_subs = self.totals(self.stats(), "subscribers") or 0
+        t0 = time.monotonic()
+        self.command("open")
+        ok = self.wait(lambda: all(c["opened"] or not c["alive"] for c in self.children),
+                       max(60.0, n / 500), "open", stall=20,
+                       value=lambda: self.agg()[0]["opened"])
+        t1 = time.monotonic()
+        tot, errs = self.agg()
+        opened = tot["open"]
+        res = {"target": n, "opened": opened, "failed": n - opened, "errors": dict(errs),
+               "retries": tot["retries"], "client_s": round(t1 - t0, 3),
+               "open_per_s": round(opened / max(t1 - t0, 1e-9), 1), "complete": ok}
+        self.show(force=True)
+        if expect_subscribers:
+            want = base_subs + opened
+            seen = [None]
+
+            def confirmed():
+                v = self.totals(self.stats(), "subscribers")
+                seen[0] = v
+                return v is None or v >= want
+            self.phase = "confirm"
+            if self.wait(confirmed, self.args.confirm_timeout, "server subscriber count"):
+                t2 = time.monotonic()
+                if seen[0] is not None:
+                    res["confirmed_s"] = round(t2 - t0, 3)
+                    res["confirmed_per_s"] = round(opened / max(t2 - t0, 1e-9), 1)
+            res["server_subscribers"] = seen[0]
+        if res["failed"]:
+            self.problem("%d of %d connections failed to open: %s"
+                         % (res["failed"], n, dict(errs)))
+        self.log("opened %d/%d in %.2fs (%.0f/s)%s" % (
+            opened, n, t1 - t0, res["open_per_s"],
+            ", server confirmed after %.2fs (%.0f/s)" % (res["confirmed_s"], res["confirmed_per_s"])
+            if "confirmed_s" in res else ""))
+        return res
+
+    def await_polls(self, what):
+        """All open connections hold a request, and the server counts them."""
+        self.phase = "re-poll"
+        self.wait(lambda: self.agg()[0]["waiting"] >= self.agg()[0]["open"], 30,
+                  what + ": re-polls sent")
+        want = self.agg()[0]["waiting"]
+        self.wait(lambda: (self.totals(self.stats(), "subscribers") or want) >= want,
+                  self.args.confirm_timeout, what + ": server subscriber count")
+
+    def round_result(self, reports, t_pub0, t_pub1, expected, name):
+        lat = array.array("d")
+        hist = collections.Counter()
+        tot = collections.Counter()
+        rx_last = 0
+        for r in reports:
+            lat.frombytes(r["lat"])
+            hist.update(r["got_hist"])
+            tot.update(r["counts"])
+            rx_last = max(rx_last, r["rx_last"])
+        delivered = tot["delivered"]
+        span = (rx_last / 1e9 - t_pub0) if rx_last else None
+        res = {"expected": expected, "delivered": delivered,
+               "exactly_one": hist.get(1, 0), "missing": hist.get(0, 0),
+               "duplicated": hist.get(2, 0) + hist.get(3, 0),
+               "wrong_id": tot["wrong"], "stale": tot["stale"], "foreign": tot["foreign"],
+               "dup_seq": tot["dup_seq"], "publish_s": round(t_pub1 - t_pub0, 3),
+               "latency_ms": percentiles(lat)}
+        if span and span > 0:
+            res["span_s"] = round(span, 3)
+            res["deliveries_per_s"] = round(delivered / span, 1)
+        return res
+
+    def publish(self, method, items, rnd):
+        """Publish one message to each id in items for round rnd; returns (ok, errors).
+
+        Publisher connections persist across calls (see close_publishers)."""
+        k = max(1, min(self.args.pub_conns, len(items)))
+        while len(self.publishers) < k:
+            self.publishers.append(Publisher(self.args.host, self.args.app_port,
+                                             self.args.batch_size))
+        parts = [items[i * len(items) // k:(i + 1) * len(items) // k] for i in range(k)]
+        results = [None] * k
+
+        def run(i):
+            try:
+                results[i] = getattr(self.publishers[i], method)(parts[i], rnd)
+            except Exception as e:       # counted below
+                self.publishers[i].close()
+                results[i] = (0, {method + ": " + repr(e): len(parts[i])})
+        if k == 1:
+            run(0)
+        else:
+            threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(k)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(max(1.0, self.deadline - time.monotonic()))
+        ok = 0
+        errors = collections.Counter()
+        for r in results:
+            if r is None:
+                errors["publisher thread did not finish"] += 1
+                continue
+            ok += r[0]
+            errors.update(r[1])
+        return ok, dict(errors)
+
+    def close_publishers(self):
+        for p in self.publishers:
+            p.close()
+        self.publishers = []
+
+    def deliver_round(self, name, method, ids, rnd, expected):
+        """Publish to ids in round rnd and wait for `expected` deliveries."""
+        self.await_polls(name)
+        self.command("round", round=rnd)
+        before = self.snapshot()
+        self.phase = name
+        self.log("%s: publishing %d messages via %s" % (name, len(ids), method))
+        t0 = time.monotonic()
+        ok, errors = self.publish(method, ids, rnd)
+        t1 = time.monotonic()
+        if errors:
+            self.problem("%s: publish errors %s" % (name, errors))
+        target = expected if not errors else min(expected, expected * ok // max(1, len(ids)))
+        self.wait(lambda: self.agg()[0]["delivered"] >= target,
+                  max(30.0, expected / 1000), name + ": deliveries", stall=self.args.stall,
+                  value=lambda: self.agg()[0]["delivered"])
+        time.sleep(self.args.settle)       # let duplicates, if any, arrive
+        self.pump(0)
+        self.close_publishers()
+        after = self.snapshot()
+        reports = self.command("report")
+        self.show(force=True)
+        res = self.round_result(reports, t0, t1, expected, name)
+        res.update(method=method, published=ok, publish_errors=errors,
+                   publish_per_s=round(ok / max(t1 - t0, 1e-9), 1))
+        res.update(self.cost(before, after, max(res["delivered"], 1), "delivery"))
+        if res["missing"] or res["duplicated"] or res["wrong_id"]:
+            self.problem("%s: %d missing, %d duplicated, %d wrong id" % (
+                name, res["missing"], res["duplicated"], res["wrong_id"]))
+        return res
+
+    # -- modes -------------------------------------------------------------
+    def mode_hold(self):
+        n = self.args.connections
+        base = self.snapshot()
+        self.spawn(n, lambda i, t=self.tag: ("%s%d" % (t, i)).encode())
+        res = self.open_phase(n)
+        self.phase = "hold"
+        end = time.monotonic() + self.args.hold
+        self.wait(lambda: time.monotonic() >= end, self.args.hold + 5, "hold")
+        at_n = self.snapshot()
+        tot, errs = self.agg()
+        res["still_open"] = tot["open"]
+        res["lost_during_hold"] = res["opened"] - tot["open"]
+        res.update(self.cost(base, at_n, res["opened"], "connection"))
+        res.update(self.memory_delta(base, at_n, res["opened"], "connection"))
+        res["server_connections"] = self.totals(at_n["stats"], "connections")
+        self.record["phases"]["hold"] = res
+        if res["lost_during_hold"]:
+            self.problem("%d connections lost during hold" % res["lost_during_hold"])
+
+    def mode_deliver(self):
+        n = self.args.connections
+        ids = ["%s%d" % (self.tag, i) for i in range(n)]
+        self.spawn(n, lambda i, t=self.tag: ("%s%d" % (t, i)).encode())
+        self.record["phases"]["open"] = self.open_phase(n)
+        for rnd, method in enumerate(self.args.publish, 1):
+            name = "deliver_" + method
+            self.record["phases"][name] = self.deliver_round(name, method, ids, rnd, n)
+
+    def mode_fanout(self):
+        n = self.args.connections
+        fan = self.tag + "fan"
+        self.spawn(n, lambda i, f=fan.encode(): f)
+        self.record["phases"]["open"] = self.open_phase(n)
+        method = self.args.publish[0] if self.args.publish[0] != "batch" else "single"
+        for r in range(1, self.args.rounds + 1):
+            name = "fanout" if self.args.rounds == 1 else "fanout_%d" % r
+            res = self.deliver_round(name, method, [fan], r, n)
+            lat = res["latency_ms"]
+            if lat.get("n"):
+                res["time_to_all_ms"] = lat["max"]
+            self.record["phases"][name] = res
+
+    def mode_queue(self):
+        m = self.args.messages
+        ids = ["%s%d" % (self.tag, i) for i in range(m)]
+        method = self.args.publish[0]
+        base = self.snapshot()
+        self.phase = "queue"
+        self.log("queue: publishing %d messages to %d absent ids via %s" % (m, m, method))
+        t0 = time.monotonic()
+        ok, errors = self.publish(method, ids, 1)
+        t1 = time.monotonic()
+        self.close_publishers()
+        time.sleep(self.args.settle)
+        after = self.snapshot()
+        if errors:
+            self.problem("queue: publish errors %s" % errors)
+        res = {"messages": m, "published": ok, "publish_errors": errors, "method": method,
+               "publish_s": round(t1 - t0, 3), "publish_per_s": round(ok / max(t1 - t0, 1e-9), 1)}
+        res.update(self.cost(base, after, max(ok, 1), "message"))
+        res.update(self.memory_delta(base, after, max(ok, 1), "message"))
+        # Drain a sample.
+        sample = sorted(random.sample(range(m), min(self.args.drain_sample, m)))
+        conn = HttpConn(self.args.host, self.args.port, timeout=10)
+        good = bad = 0
+        lat = []
+        bad_examples = []
+        for i in sample:
+            self.check_time()
+            x = ids[i]
+            path = ("/sub/%s" % x) if self.args.proto == "nchan" else "/sub/%s?since=0&timeout=1" % x
+            t = time.monotonic()
+            try:
+                status, body = conn.request("GET", path)
+            except (OSError, ValueError) as e:
+                bad += 1
+                bad_examples.append((x, repr(e)))
+                conn.close()
+                continue
+            lat.append((time.monotonic() - t) * 1e3)
+            if self.args.proto == "nchan":
+                datas = [body.decode("utf-8", "replace")] if status == 200 else []
+            else:
+                try:
+                    datas = [mm["data"] for mm in json.loads(body)["messages"]]
+                except (ValueError, KeyError, TypeError):
+                    datas = []
+            if status == 200 and len(datas) == 1 and datas[0].split("|", 3)[2:3] == [x]:
+                good += 1
+            else:
+                bad += 1
+                if len(bad_examples) < 5:
+                    bad_examples.append((x, status, body[:200].decode("latin-1")))
+        conn.close()
+        res["drain"] = {"sample": len(sample), "ok": good, "bad": bad,
+                        "latency_ms": percentiles(lat), "bad_examples": bad_examples}
+        if bad:
+            self.problem("queue drain: %d of %d sampled ids wrong, e.g. %s"
+                         % (bad, len(sample), bad_examples[:2]))
+        self.record["phases"]["queue"] = res
+        self.log("queue: %d published in %.2fs; %s" % (ok, t1 - t0, {
+            k: v for k, v in res.items() if k.endswith("per_message")}))
+
+    def mode_churn(self):
+        args = self.args
+        n = args.connections
+        ids = ["%s%d" % (self.tag, i) for i in range(n)]
+        self.spawn(n, lambda i, t=self.tag: ("%s%d" % (t, i)).encode())
+        self.record["phases"]["open"] = self.open_phase(n)
+        self.await_polls("churn")
+        self.command("round", round=1)
+        method = args.publish[0]
+        before = self.snapshot()
+        self.phase = "churn"
+        self.log("churn: %d subscribers, %.0f msg/s via %s for %.0fs"
+                 % (n, args.rate, method, args.churn_time))
+        t0 = time.monotonic()
+        sent = ok = 0
+        errors = collections.Counter()
+        cursor = random.randrange(n)
+        tick = 0.02
+        while True:
+            now = time.monotonic()
+            if now - t0 >= args.churn_time:
+                break
+            self.check_time()
+            due = min(int(args.rate * (now - t0)) - sent, MAX_BATCH)
+            if due > 0:
+                batch = [ids[(cursor + k) % n] for k in range(due)]
+                cursor = (cursor + due) % n
+                sent += due
+                good, err = self.publish(method, batch, 1)
+                ok += good
+                errors.update(err)
+            self.pump(max(0.0, tick - (time.monotonic() - now)))
+            self.show(extra=" published %d" % sent)
+        t1 = time.monotonic()
+        self.close_publishers()
+        self.phase = "churn drain"
+        self.wait(lambda: self.agg()[0]["delivered"] >= ok, 10, "churn: drain",
+                  stall=3, value=lambda: self.agg()[0]["delivered"])
+        after = self.snapshot()
+        reports = self.command("report")
+        self.command("repoll", on=False)
+        self.show(force=True)
+        res = self.round_result(reports, t0, t1, ok, "churn")
+        tot = collections.Counter()
+        for r in reports:
+            tot.update(r["counts"])
+        res.pop("exactly_one")
+        res.pop("missing")
+        res.pop("duplicated")
+        res.update(subscribers=n, rate_target=args.rate, method=method, published=ok,
+                   publish_errors=dict(errors), seconds=round(t1 - t0, 3),
+                   publish_per_s=round(ok / max(t1 - t0, 1e-9), 1),
+                   lost=ok - res["delivered"], responses=tot["responses"], empty=tot["empty"])
+        if res["delivered"]:
+            res["messages_per_response"] = round(res["delivered"] / max(1, tot["responses"]
+                                                                      - tot["empty"]), 3)
+            res["sustained_deliveries_per_s"] = round(res["delivered"] / max(t1 - t0, 1e-9), 1)
+        res.update(self.cost(before, after, max(res["delivered"], 1), "delivery"))
+        if errors:
+            self.problem("churn: publish errors %s" % dict(errors))
+        if res["lost"] or res["wrong_id"]:
+            self.problem("churn: %d messages not delivered, %d wrong id"
+                         % (res["lost"], res["wrong_id"]))
+        self.record["phases"]["churn"] = res
+
+    # -- driver ------------------------------------------------------------
+    def run(self):
+        args = self.args
+        st = self.stats()
+        if st is None:
+            self.problem("no stats from %s:%d%s (memory/CPU figures limited to --server-pid)"
+                         % (args.host, args.app_port, args.stats_path))
+        self.record["server"] = {"pids": self.server_pids(st), "supervisor": args.server_pid,
+                                 "uptime_s": (st or {}).get("uptime_s")}
+        try:
+            getattr(self, "mode_" + args.mode)()
+        except Stopped as e:
+            self.problem("stopped: %s" % e)
+            self.record["stopped"] = str(e)
+        finally:
+            signal.alarm(0)
+            self.phase = "teardown"
+            self.close_publishers()
+            try:
+                if self.children:
+                    self.command("close", timeout=10)
+            except Stopped:
+                pass
+            self.shutdown()
+        self.record["problems"] = self.problems
+        self.record["ok"] = not self.problems
+        self.record["elapsed_s"] = round(time.monotonic() - self.t_start, 3)
+        return self.record
+
+
+def summary_line(rec):
+    bits = ["megatest %s:" % rec["mode"]]
+    for name, p in rec["phases"].items():
+        f = []
+        for k in ("opened", "target", "open_per_s", "confirmed_per_s", "delivered", "expected",
+                  "missing", "duplicated", "wrong_id", "deliveries_per_s",
+                  "sustained_deliveries_per_s", "time_to_all_ms", "published",
+                  "rss_bytes_per_connection", "pss_bytes_per_connection",
+                  "rss_bytes_per_message", "pss_bytes_per_message", "cpu_us_per_connection",
+                  "cpu_us_per_delivery", "cpu_us_per_message"):
+            if k in p:
+                f.append("%s=%s" % (k, p[k]))
+        lat = p.get("latency_ms")
+        if lat and lat.get("n"):
+            f.append("lat_ms p50=%s p99=%s max=%s" % (lat["p50"], lat["p99"], lat["max"]))
+        if "drain" in p:
+            f.append("drain_ok=%d/%d" % (p["drain"]["ok"], p["drain"]["sample"]))
+        bits.append("[%s %s]" % (name, " ".join(f)))
+    bits.append("ok" if rec.get("ok") else "PROBLEMS=%d" % len(rec.get("problems", ())))
+    return " ".join(bits)
+
+
+def loopback(host):
+    try:
+        return socket.inet_aton(host)[0] == 127
+    except OSError:
+        return False
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Load generator for MegaComet long-poll servers (loopback only).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=("hold", "deliver", "fanout", "queue", "churn"),
+                   default="hold")
+    p.add_argument("--connections", "-n", type=int, default=10000,
+                   help="long-poll connections (subscribers)")
+    p.add_argument("--messages", "-m", type=int, default=100000, help="queue mode: messages")
+    p.add_argument("--host", default="127.0.0.1", help="server address (127.0.0.0/8 only)")
+    p.add_argument("--port", type=int, default=8000, help="client port")
+    p.add_argument("--app-port", type=int, default=9000, help="application port")
+    p.add_argument("--proto", choices=("megacomet", "nchan"), default="megacomet",
+                   help="subscriber protocol: MegaComet JSON, or Nchan long-poll")
+    p.add_argument("--stats-path", default="/stats")
+    p.add_argument("--server-pid", type=int, action="append",
+                   help="supervisor pid (repeatable); its descendants count as server too")
+    p.add_argument("--publish", default=None,
+                   help="comma list of publish methods: batch, binary, single "
+                        "(default: deliver batch,binary; others batch; nchan single)")
+    p.add_argument("--batch-size", type=int, default=1000, help="messages per POST /pub")
+    p.add_argument("--pub-conns", type=int, default=1, help="parallel publisher connections")
+    p.add_argument("--procs", type=int, default=0, help="client processes (0: auto)")
+    p.add_argument("--per-proc", type=int, default=15000,
+                   help="connections per client process when --procs is auto")
+    p.add_argument("--per-source", type=int, default=10000,
+                   help="connections per loopback source address")
+    p.add_argument("--source-base", default="127.0.0.1",
+                   help="source addresses start after this one")
+    p.add_argument("--inflight", type=int, default=2048, help="connects in flight, total")
+    p.add_argument("--connect-rate", type=float, default=0, help="connects/s cap (0: none)")
+    p.add_argument("--connect-timeout", type=float, default=15.0)
+    p.add_argument("--retries", type=int, default=2, help="connect retries per connection")
+    p.add_argument("--poll-timeout", type=int, default=120, help="timeout= of each long-poll")
+    p.add_argument("--confirm-timeout", type=float, default=20.0,
+                   help="wait for /stats to count the subscribers")
+    p.add_argument("--hold", type=float, default=5.0, help="hold mode: seconds to hold")
+    p.add_argument("--rounds", type=int, default=1, help="fanout mode: publishes")
+    p.add_argument("--rate", type=float, default=5000, help="churn mode: messages/s")
+    p.add_argument("--churn-time", type=float, default=10.0, help="churn mode: seconds")
+    p.add_argument("--drain-sample", type=int, default=1000, help="queue mode: ids drained")
+    p.add_argument("--settle", type=float, default=0.5,
+                   help="seconds to wait after a round before reading memory/reports")
+    p.add_argument("--stall", type=float, default=10.0,
+                   help="give up waiting for deliveries after this long without progress")
+    p.add_argument("--duration", type=float, default=600.0, help="hard cap on the whole run (s)")
+    p.add_argument("--id-prefix", default="mt")
+    p.add_argument("--json", metavar="FILE", help="write the record as JSON")
+    args = p.parse_args(argv)
+    if not loopback(args.host):
+        p.error("--host must be a 127.0.0.0/8 address (loopback-only load)")
+    if not loopback(args.source_base):
+        p.error("--source-base must be a 127.0.0.0/8 address")
+    if args.publish is None:
+        if args.proto == "nchan":
+            args.publish = "single"
+        elif args.mode == "deliver":
+            args.publish = "batch,binary"
+        elif args.mode == "fanout":
+            args.publish = "single"
+        else:
+            args.publish = "batch"
+    args.publish = [x.strip() for x in args.publish.split(",") if x.strip()]
+    for x in args.publish:
+        if x not in ("batch", "binary", "single"):
+            p.error("unknown publish method %r" % x)
+    if args.proto == "nchan" and set(args.publish) - {"single"}:
+        p.error("nchan supports only --publish single")
+    if args.connections < 1 or args.messages < 1:
+        p.error("--connections and --messages must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    coord = Coordinator(args)
+    me = os.getpid()
+    hits = [0]
+
+    def on_signal(signum, frame):
+        if os.getpid() != me:
+            os._exit(1)
+        hits[0] += 1
+        if hits[0] > 1:
+            for c in coord.children:
+                try:
+                    os.kill(c["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            os._exit(130)
+        raise Stopped(signal.Signals(signum).name)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(sig, on_signal)
+    signal.alarm(int(args.duration) + 1)
+    try:
+        rec = coord.run()
+    except Stopped as e:          # a signal outside the guarded section
+        coord.shutdown()
+        rec = coord.record
+        rec["stopped"] = str(e)
+        rec["ok"] = False
+    line = summary_line(rec)
+    rec["summary"] = line
+    print(line, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rec, f, indent=1)
+    return 0 if rec.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
