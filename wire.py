@@ -9,12 +9,11 @@ any other exception.
 """
 
 import re
+from urllib.parse import unquote_to_bytes
 
 MAX_HEAD = 8192
 ID_PATTERN = re.compile(rb"[A-Za-z0-9_~:@-]{1,128}\Z")
 CALLBACK_PATTERN = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,63}\Z")
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 
 REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
            401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
@@ -54,6 +53,13 @@ class Request:
         self.head_end = head_end
 
 
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/1\.([01])\Z")
+# Every header line, each followed by CRLF: a token, a colon, a value free of CR, LF and NUL.
+_HEADER_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\0]*\r\n)*\Z")
+# The few fields we act on, found in the lower-cased block (same offsets as the original).
+_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|authorization):[ \t]*([^\r]*)")
+
+
 def parse_head(buf, max_head=MAX_HEAD):
     """Parse the request head at the start of ``buf``.
 
@@ -66,47 +72,42 @@ def parse_head(buf, max_head=MAX_HEAD):
         if len(buf) > max_head:
             raise HttpError(431, "request head over %d bytes" % max_head)
         return None
-    lines = bytes(buf[:end]).split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not _TARGET.match(parts[1]):
+    head = bytes(buf[:end + 2])
+    line_end = head.find(b"\r\n")
+    line = _REQUEST_LINE.match(head, 0, line_end)
+    if line is None:
+        version = head[:line_end].rpartition(b" ")[2]
+        if re.match(rb"HTTP/\d", version) and version not in (b"HTTP/1.0", b"HTTP/1.1"):
+            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
         raise HttpError(400, "malformed request line")
-    method, target, version = parts
-    if version == b"HTTP/1.1":
-        keep_alive = True
-    elif version == b"HTTP/1.0":
-        keep_alive = False
-    elif version.startswith(b"HTTP/"):
-        raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
-    else:
-        raise HttpError(400, "malformed request line")
+    method, target, minor = line.groups()
+    if not _HEADER_LINES.match(head, line_end + 2):
+        raise HttpError(400, "malformed header line")
+    keep_alive = minor == b"1"
     content_length = None
     chunked = False
     authorization = None
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
-            raise HttpError(400, "malformed header line")
-        value = value.strip(b" \t")
-        if b"\n" in value or b"\r" in value or b"\0" in value:
-            raise HttpError(400, "control character in header value")
-        name = name.lower()
+    lower = head.lower()
+    for field in _FIELDS.finditer(lower, line_end):
+        name = field.group(1)
+        value = field.group(2).rstrip(b" \t")
         if name == b"content-length":
             if not value.isdigit() or len(value) > 18 or \
                     (content_length is not None and int(value) != content_length):
                 raise HttpError(400, "bad Content-Length")
             content_length = int(value)
         elif name == b"transfer-encoding":
-            if value.lower() != b"chunked":
+            if value != b"chunked":
                 raise HttpError(501, "only chunked transfer-encoding is supported")
             chunked = True
         elif name == b"connection":
-            tokens = [t.strip().lower() for t in value.split(b",")]
+            tokens = [t.strip() for t in value.split(b",")]
             if b"close" in tokens:
                 keep_alive = False
-            elif b"keep-alive" in tokens and version == b"HTTP/1.0":
+            elif b"keep-alive" in tokens and minor == b"0":
                 keep_alive = True
-        elif name == b"authorization":
-            authorization = value
+        else:
+            authorization = head[field.start(2):field.start(2) + len(value)]
     if chunked and content_length is not None:
         raise HttpError(400, "both Content-Length and Transfer-Encoding")
     path, _, query = target.partition(b"?")
@@ -172,15 +173,18 @@ def _parse_chunked(buf, pos, max_body):
 
 def parse_query(query):
     """``a=1&b=2`` as a dict of str; percent-decoded; the last of repeated keys wins."""
-    from urllib.parse import unquote_to_bytes
+    escaped = b"%" in query or b"+" in query
     out = {}
-    for pair in query.split(b"&"):
-        if pair:
-            name, _, value = pair.partition(b"=")
-            try:
-                out[unquote_to_bytes(name).decode()] = unquote_to_bytes(value.replace(b"+", b" ")).decode()
-            except UnicodeDecodeError:
-                raise HttpError(400, "query is not UTF-8") from None
+    try:
+        for pair in query.split(b"&"):
+            if pair:
+                name, _, value = pair.partition(b"=")
+                if escaped:
+                    name = unquote_to_bytes(name.replace(b"+", b" "))
+                    value = unquote_to_bytes(value.replace(b"+", b" "))
+                out[name.decode()] = value.decode()
+    except UnicodeDecodeError:
+        raise HttpError(400, "query is not UTF-8") from None
     return out
 
 

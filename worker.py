@@ -862,12 +862,7 @@ class Worker:
         return b"application/javascript; charset=utf-8", self.common
 
     def _json_body(self, conn, messages, last):
-        items = ", ".join('{"seq": %d, "data": %s}' % (seq, json.dumps(data.decode("utf-8")))
-                          for seq, data in messages)
-        body = '{"id": "%s", "messages": [%s], "last": %d}' % (conn.ident.decode(), items, last)
-        if conn.fmt != FMT_JSON:
-            body = "/**/%s(%s);" % (conn.fmt, body)
-        return body.encode()
+        return json_body(conn.ident, messages, last, None if conn.fmt == FMT_JSON else conn.fmt)
 
     def _answer(self, conn, messages, last):
         body = self._json_body(conn, messages, last)
@@ -927,6 +922,16 @@ class Worker:
 HANDLERS = {PUB: Worker._on_pub, SUB: Worker._on_sub, CPOLL: Worker._on_cpoll,
             UNSUB: Worker._on_unsub, RESET: Worker._on_reset, ACK: Worker._on_ack,
             MSGS: Worker._on_msgs, CMSG: Worker._on_cmsg, DELIVER: Worker._on_deliver}
+
+
+def json_body(ident, messages, last, callback=None):
+    """The /sub answer: ``{"id": ..., "messages": [{"seq", "data"}], "last": N}``, maybe JSONP-wrapped."""
+    items = ", ".join('{"seq": %d, "data": %s}' % (seq, json.dumps(data.decode("utf-8")))
+                      for seq, data in messages)
+    body = '{"id": "%s", "messages": [%s], "last": %d}' % (ident.decode(), items, last)
+    if callback is not None:
+        body = "/**/%s(%s);" % (callback, body)
+    return body.encode()
 
 
 def _int_param(query, name, default, low, high):
