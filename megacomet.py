@@ -92,8 +92,17 @@ def raise_fd_limit():
 
 
 def reserve_port(host, port):
-    """Bind (not listen) a SO_REUSEPORT socket: resolves port 0 and holds the port for the workers."""
+    """Bind (not listen) a SO_REUSEPORT socket: resolves port 0 and holds the port for the workers.
+
+    It first binds without SO_REUSEPORT, which fails if anything holds the
+    port: otherwise a second server started on the same port by the same
+    user would silently share its connections with the first.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
