@@ -101,7 +101,10 @@ def reserve_port(host, port):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(e.errno, "cannot listen on %s:%d: %s" % (host, port, e.strerror)) from None
         port = probe.getsockname()[1]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -278,7 +281,7 @@ def main(argv=None):
     try:
         return Supervisor(args).run()
     except OSError as e:
-        print("megacomet: %s" % e, file=sys.stderr)
+        print("megacomet: %s" % (e.strerror or e), file=sys.stderr)
         return 1
 
 

@@ -199,6 +199,7 @@ class Publisher:
         self.batch_size = min(batch_size, MAX_BATCH)
         self.http = HttpConn(host, port, timeout=60)
         self.bin = None
+        self.done = 0          # messages handed to the server so far (progress)
 
     def close(self):
         self.http.close()
@@ -238,6 +239,7 @@ class Publisher:
                     errors["batch: %s" % (e.get("error") if isinstance(e, dict) else e)] += 1
             except (ValueError, AttributeError, TypeError):
                 errors["batch: bad answer"] += 1
+            self.done += len(part)
         return ok, errors
 
     def binary(self, ids, rnd):
@@ -250,6 +252,7 @@ class Publisher:
             self.bin.sendall(b"".join([b"\x02%s\x00%d|%d|%s\x00" % (x.encode(), rnd, t, x.encode())
                                        for x in part]))
             sent += len(part)
+            self.done += len(part)
         return sent, {}
 
     def single(self, ids, rnd):
@@ -268,6 +271,7 @@ class Publisher:
                         errors["single: http %d" % status] += 1
             except (OSError, ValueError) as e:
                 errors["single: " + repr(e)] += len(reqs)
+            self.done += len(reqs)
         return ok, errors
 
 
@@ -1037,8 +1041,9 @@ class Coordinator:
         dt = max(now - t0, 1e-6)
         self.last_print = (now, tot["opened"], tot["delivered"])
         self.log("%-14s open %d (+%d/s) connecting %d errors %d delivered %d (+%d/s)%s"
-                 % (self.phase, tot["open"], (tot["opened"] - o0) / dt, tot["connecting"],
-                    sum(errs.values()), tot["delivered"], (tot["delivered"] - d0) / dt, extra))
+                 % (self.phase, tot["open"], max(0, tot["opened"] - o0) / dt, tot["connecting"],
+                    sum(errs.values()), tot["delivered"], max(0, tot["delivered"] - d0) / dt,
+                    extra))
 
     def wait(self, cond, timeout, what, stall=None, value=None):
         """Pump until cond() or timeout; optional stall limit on value() progress."""
@@ -1182,10 +1187,12 @@ class Coordinator:
             res["deliveries_per_s"] = round(delivered / span, 1)
         return res
 
-    def publish(self, method, items, rnd):
+    def publish(self, method, items, rnd, background=True):
         """Publish one message to each id in items for round rnd; returns (ok, errors).
 
-        Publisher connections persist across calls (see close_publishers)."""
+        Publisher connections persist across calls (see close_publishers).  In
+        the background (threads) the coordinator keeps reading its children and
+        printing progress meanwhile."""
         k = max(1, min(self.args.pub_conns, len(items)))
         while len(self.publishers) < k:
             self.publishers.append(Publisher(self.args.host, self.args.app_port,
@@ -1199,14 +1206,20 @@ class Coordinator:
             except Exception as e:       # counted below
                 self.publishers[i].close()
                 results[i] = (0, {method + ": " + repr(e): len(parts[i])})
-        if k == 1:
-            run(0)
+        if not background:
+            for i in range(k):
+                run(i)
         else:
             threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(k)]
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join(max(1.0, self.deadline - time.monotonic()))
+            while any(t.is_alive() for t in threads):
+                self.check_time()
+                if self.children:
+                    self.pump(0.1)
+                else:
+                    threads[0].join(0.1)
+                self.show(extra=" published %d" % sum(p.done for p in self.publishers))
         ok = 0
         errors = collections.Counter()
         for r in results:
@@ -1226,6 +1239,7 @@ class Coordinator:
         """Publish to ids in round rnd and wait for `expected` deliveries."""
         self.await_polls(name)
         self.command("round", round=rnd)
+        closed0 = self.agg()[0]["closed"]
         before = self.snapshot()
         self.phase = name
         self.log("%s: publishing %d messages via %s" % (name, len(ids), method))
@@ -1248,6 +1262,10 @@ class Coordinator:
         res.update(method=method, published=ok, publish_errors=errors,
                    publish_per_s=round(ok / max(t1 - t0, 1e-9), 1))
         res.update(self.cost(before, after, max(res["delivered"], 1), "delivery"))
+        res["connections_lost"] = self.agg()[0]["closed"] - closed0
+        if res["connections_lost"]:
+            self.problem("%s: %d subscriber connections closed during the round: %s"
+                         % (name, res["connections_lost"], dict(self.agg()[1])))
         if res["missing"] or res["duplicated"] or res["wrong_id"]:
             self.problem("%s: %d missing, %d duplicated, %d wrong id" % (
                 name, res["missing"], res["duplicated"], res["wrong_id"]))
@@ -1385,13 +1403,16 @@ class Coordinator:
                 batch = [ids[(cursor + k) % n] for k in range(due)]
                 cursor = (cursor + due) % n
                 sent += due
-                good, err = self.publish(method, batch, 1)
+                good, err = self.publish(method, batch, 1, background=False)
                 ok += good
                 errors.update(err)
             self.pump(max(0.0, tick - (time.monotonic() - now)))
             self.show(extra=" published %d" % sent)
         t1 = time.monotonic()
         self.close_publishers()
+        closed = self.agg()[0]["closed"]
+        if closed:
+            self.problem("churn: %d subscriber connections closed: %s" % (closed, dict(self.agg()[1])))
         self.phase = "churn drain"
         self.wait(lambda: self.agg()[0]["delivered"] >= ok, 10, "churn: drain",
                   stall=3, value=lambda: self.agg()[0]["delivered"])
