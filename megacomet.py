@@ -165,7 +165,7 @@ class Supervisor:
         print("megacomet: fd limit %d per worker: up to ~%d connections in all" %
               (fd_limit, (fd_limit - 32) * self.n))
         print("megacomet: shared memory %.1f MiB (ids %d, messages %d MiB, rings %d x %d KiB)" %
-              (lay.total / 2 ** 20, int(lay.slots * self.n * shmqueue.MAX_LOAD),
+              (lay.total / 2 ** 20, lay.slots * self.n,
                lay.log_size * self.n >> 20, self.n * self.n, lay.ring_size >> 10))
         sys.stdout.flush()
 

@@ -36,7 +36,6 @@ import struct
 
 MAX_WORKERS = 64
 EMPTY = 0          # key of a free slot; also the log's wrap marker
-MAX_LOAD = 0.9     # refuse new ids beyond this fill, so every probe ends
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -52,9 +51,11 @@ STAT_FIELDS = ("pid", "started_ms", "connections", "subscribers", "accepted",
                "published", "delivered", "expired", "dropped", "rss_bytes")
 _STAT_BLOCK = 128
 # Partition header (u64 each).  "dirty" is the slot whose fields are being
-# rewritten and "journal" the slot move in progress (src << 32 | dst), or
-# NO_SLOT: together, everything a crash can leave half-done in a partition.
-_H_WRITE, _H_TAIL, _H_IDS, _H_MESSAGES, _H_DIRTY, _H_JOURNAL = range(6)
+# rewritten and "journal" the index move in progress (src << 32 | dst), or
+# NO_SLOT: with the free list, which repair() rebuilds, that is everything a
+# crash can leave half-done in a partition.  "bump" is the first never-used
+# slot, "free" the first free one plus 1 (0: none), linked through heads[].
+_H_WRITE, _H_TAIL, _H_IDS, _H_MESSAGES, _H_DIRTY, _H_JOURNAL, _H_BUMP, _H_FREE = range(8)
 NO_SLOT = 0xFFFFFFFFFFFFFFFF
 _HEADER = 64
 _CACHE_LINE = 64
@@ -76,13 +77,17 @@ class TableFull(Exception):
 class Layout:
     """Where everything lives in the region, computed the same way in every process."""
 
-    SLOT_BYTES = 8 + 8 + 8 + 4 + 4 + 4 + 8   # key, mask, cmask, last, first, compat, head
+    SLOT_BYTES = 8 + 8 + 8 + 8 + 4 + 4 + 4   # key, mask, cmask, head, last, first, compat
+    INDEX_LOAD = 0.7                        # index entries per index cell, at most
 
     def __init__(self, workers, max_ids, log_bytes, ring_bytes):
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be 1..{MAX_WORKERS}")
         self.workers = workers
-        self.slots = max(16, int(max_ids / 0.75 / workers) + 1)
+        # Ids spread over partitions by hash: leave room for the unevenness.
+        per_part = max_ids / workers
+        self.slots = int(per_part + 4 * per_part ** 0.5) + 16
+        self.index_cells = int(self.slots / self.INDEX_LOAD) + 1
         self.log_size = max(4096, _align(log_bytes // workers, 8))
         self.ring_size = max(4096, 1 << (max(ring_bytes, 4096) - 1).bit_length())
         off = _HEADER + _STAT_BLOCK * workers
@@ -90,7 +95,8 @@ class Layout:
         for _ in range(workers):
             off = _align(off, 4096)
             self.part_offsets.append(off)
-            off += _CACHE_LINE + self.slots * self.SLOT_BYTES + self.log_size
+            off += (_CACHE_LINE + _align(self.index_cells * 4, 8) + self.slots * self.SLOT_BYTES
+                    + self.log_size)
         self.ring_offsets = {}
         for src in range(workers):
             for dst in range(workers):
@@ -98,10 +104,6 @@ class Layout:
                 self.ring_offsets[src, dst] = off
                 off += 2 * _CACHE_LINE + self.ring_size
         self.total = _align(off, mmap.PAGESIZE)
-
-    @property
-    def table_bytes(self):
-        return self.slots * self.SLOT_BYTES * self.workers
 
 
 class SharedRegion:
@@ -144,7 +146,7 @@ class SharedRegion:
             messages += header[_H_MESSAGES]
             used += header[_H_WRITE] - header[_H_TAIL]
         lay = self.layout
-        return {"ids_used": ids, "ids_capacity": int(lay.slots * lay.workers * MAX_LOAD),
+        return {"ids_used": ids, "ids_capacity": lay.slots * lay.workers,
                 "messages": messages, "bytes_used": used,
                 "bytes_capacity": lay.log_size * lay.workers,
                 "region_bytes": lay.total}
@@ -236,12 +238,14 @@ class Partition:
     """The id table and message log of one home worker.
 
     Only worker ``w`` may call the methods that write (all but ``find``).
-    The table is open addressing with linear probing and backward-shift
-    deletion, stored as parallel arrays (one field per array) so a field is
-    one indexed load.  The log is a circular FIFO of records in publish
-    order: the oldest live record is at ``tail``, so expiry and making room
-    are both "advance the tail", O(1) per record over its lifetime.  An id's
-    messages are the chain from its newest record back through ``prev``.
+    Slots are dense: allocated from the front (or a free list), one array
+    per field, so a table holding few ids touches few pages.  A separate
+    index of u32 cells (slot + 1, 0 empty) finds a key's slot by open
+    addressing with linear probing and backward-shift deletion.  The log is
+    a circular FIFO of records in publish order: the oldest live record is
+    at ``tail``, so expiry and making room are both "advance the tail", O(1)
+    per record over its lifetime.  An id's messages are the chain from its
+    newest record back through ``prev``.
     """
 
     def __init__(self, region, w):
@@ -249,8 +253,11 @@ class Partition:
         view = region.view
         base = lay.part_offsets[w]
         self.header = view[base:base + _CACHE_LINE].cast("Q")
-        n = self.nslots = lay.slots
         off = base + _CACHE_LINE
+        self.cells = lay.index_cells
+        self.index = view[off:off + self.cells * 4].cast("I")
+        off += _align(self.cells * 4, 8)
+        n = self.nslots = lay.slots
         arrays = []
         for fmt, width in (("q", 8), ("Q", 8), ("Q", 8), ("Q", 8), ("I", 4), ("I", 4), ("I", 4)):
             arrays.append(view[off:off + n * width].cast(fmt))
@@ -260,7 +267,6 @@ class Partition:
         self.log = view[off:off + lay.log_size]
         self.log_size = lay.log_size
         self.workers = lay.workers
-        self.id_limit = int(n * MAX_LOAD)
         self.ttl_ms = region.ttl_ms
         self.max_queued = region.max_queued
         self.expired = 0      # counted by this process since it started
@@ -268,91 +274,96 @@ class Partition:
 
     # -- the table ---------------------------------------------------------
 
-    def _ideal(self, key):
-        return (key // self.workers) % self.nslots
+    def _cell_of(self, key):
+        return (key // self.workers) % self.cells
+
+    def _probe(self, key):
+        """(slot, cell): the key's slot and index cell, or (-1, the empty cell ending its probe)."""
+        index, keys, cells = self.index, self.keys, self.cells
+        c = (key // self.workers) % cells
+        while True:
+            entry = index[c]
+            if entry == 0:
+                return -1, c
+            if keys[entry - 1] == key:
+                return entry - 1, c
+            c += 1
+            if c == cells:
+                c = 0
 
     def find(self, key):
-        """The slot index holding key, or -1."""
-        keys = self.keys
-        n = self.nslots
-        i = (key // self.workers) % n
-        while True:
-            k = keys[i]
-            if k == key:
-                return i
-            if k == EMPTY:
-                return -1
-            i += 1
-            if i == n:
-                i = 0
+        """The slot holding key, or -1."""
+        return self._probe(key)[0]
 
     def _find_or_add(self, key):
-        keys = self.keys
-        n = self.nslots
-        i = (key // self.workers) % n
-        while True:
-            k = keys[i]
-            if k == key:
-                return i
-            if k == EMPTY:
-                break
-            i += 1
-            if i == n:
-                i = 0
+        slot, cell = self._probe(key)
+        if slot >= 0:
+            return slot
         header = self.header
-        if header[_H_IDS] >= self.id_limit:
+        free = header[_H_FREE]
+        if free:
+            slot = free - 1
+            header[_H_FREE] = self.heads[slot]
+        elif header[_H_BUMP] < self.nslots:
+            slot = header[_H_BUMP]
+            header[_H_BUMP] = slot + 1
+        else:
             raise TableFull("id table full")
-        header[_H_DIRTY] = i
-        self.masks[i] = self.cmasks[i] = self.heads[i] = 0
-        self.lasts[i] = self.compats[i] = 0
-        self.firsts[i] = 1
-        keys[i] = key                     # the slot exists from here on
+        header[_H_DIRTY] = slot
+        self.masks[slot] = self.cmasks[slot] = self.heads[slot] = 0
+        self.lasts[slot] = self.compats[slot] = 0
+        self.firsts[slot] = 1
+        self.keys[slot] = key
+        self.index[cell] = slot + 1           # the id exists from here on
         header[_H_DIRTY] = NO_SLOT
         header[_H_IDS] += 1
-        return i
+        return slot
 
-    def _move(self, src, dst):
-        for arr in (self.masks, self.cmasks, self.heads, self.lasts, self.firsts,
-                    self.compats, self.keys):
-            arr[dst] = arr[src]
+    def _delete(self, slot):
+        """Forget the id in ``slot``: take it out of the index, put the slot on the free list.
 
-    def _delete(self, hole):
-        """Remove slot ``hole``, shifting later entries of its cluster back.
-
-        Every step is journaled in one 8-byte store, so ``repair`` can redo
-        the step a crash interrupted and finish the shift.
+        Each index move is journaled in one 8-byte store, so ``repair`` can
+        redo a move a crash interrupted and finish the shift; a slot a crash
+        leaves neither indexed nor free is found by repair's rebuild.
         """
+        _, hole = self._probe(self.keys[slot])
         header = self.header
         header[_H_JOURNAL] = hole << 32 | hole
         self._shift_into(hole)
+        self.keys[slot] = EMPTY
+        self.heads[slot] = header[_H_FREE]
+        header[_H_FREE] = slot + 1
         header[_H_IDS] -= 1
 
     def _shift_into(self, hole):
-        keys = self.keys
-        n = self.nslots
+        index, keys, cells = self.index, self.keys, self.cells
         header = self.header
-        j = hole
+        c = hole
         while True:
-            j += 1
-            if j == n:
-                j = 0
-            k = keys[j]
-            if k == EMPTY:
+            c += 1
+            if c == cells:
+                c = 0
+            entry = index[c]
+            if entry == 0:
                 break
-            ideal = self._ideal(k)
-            # The entry at j may fill the hole unless its ideal slot lies
-            # cyclically in (hole, j]: then it would end before its start.
-            if (hole < j and (ideal <= hole or ideal > j)) or \
-               (hole > j and ideal <= hole and ideal > j):
-                header[_H_JOURNAL] = j << 32 | hole
-                self._move(j, hole)
-                hole = j
-        keys[hole] = EMPTY
+            ideal = self._cell_of(keys[entry - 1])
+            # The entry at c may fill the hole unless its ideal cell lies
+            # cyclically in (hole, c]: then it would sit before its start.
+            if (hole < c and (ideal <= hole or ideal > c)) or \
+               (hole > c and ideal <= hole and ideal > c):
+                header[_H_JOURNAL] = c << 32 | hole
+                index[hole] = entry
+                hole = c
+        index[hole] = 0
         header[_H_JOURNAL] = NO_SLOT
 
-    def _maybe_forget(self, i):
-        if self.lasts[i] < self.firsts[i] and not self.masks[i] and not self.cmasks[i]:
-            self._delete(i)
+    def _maybe_forget(self, slot):
+        if self.lasts[slot] < self.firsts[slot] and not self.masks[slot] and not self.cmasks[slot]:
+            self._delete(slot)
+
+    def used_slots(self):
+        keys = self.keys
+        return [s for s in range(self.header[_H_BUMP]) if keys[s] != EMPTY]
 
     # -- the log -----------------------------------------------------------
 
@@ -515,38 +526,37 @@ class Partition:
     def clear_worker(self, bit):
         """Forget that worker ``bit`` holds anything: it was restarted."""
         masks, cmasks = self.masks, self.cmasks
-        cleared = []
-        for i in range(self.nslots):
-            if (masks[i] | cmasks[i]) & bit:
-                masks[i] &= ~bit
-                cmasks[i] &= ~bit
-                cleared.append(self.keys[i])
-        for key in cleared:               # deleting shifts slots: look each up again
-            i = self.find(key)
-            if i >= 0:
-                self._maybe_forget(i)
+        for slot in self.used_slots():
+            if (masks[slot] | cmasks[slot]) & bit:
+                masks[slot] &= ~bit
+                cmasks[slot] &= ~bit
+                self._maybe_forget(slot)      # slots never move: safe while iterating
 
     def repair(self):
-        """Finish whatever a killed predecessor left half-done; recount the header."""
+        """Finish whatever a killed predecessor left half-done; rebuild the free list and counts."""
         header = self.header
         journal = header[_H_JOURNAL]
         if journal != NO_SLOT:
             src, dst = journal >> 32, journal & 0xFFFFFFFF
             if src != dst:
-                self._move(src, dst)
+                self.index[dst] = self.index[src]
             self._shift_into(src)
-            header[_H_JOURNAL] = NO_SLOT
-        i = header[_H_DIRTY]
-        if i != NO_SLOT:
-            self._repair_slot(i)
-            header[_H_DIRTY] = NO_SLOT
-        ids = messages = 0
-        keys, lasts, firsts = self.keys, self.lasts, self.firsts
-        for i in range(self.nslots):
-            if keys[i] != EMPTY:
-                ids += 1
-                messages += max(0, lasts[i] - firsts[i] + 1)
-        header[_H_IDS] = ids
+        indexed = {entry - 1 for entry in self.index if entry}
+        dirty = header[_H_DIRTY]
+        if dirty in indexed:
+            self._repair_slot(dirty)
+        header[_H_DIRTY] = NO_SLOT
+        keys, heads, lasts, firsts = self.keys, self.heads, self.lasts, self.firsts
+        free = messages = 0
+        for slot in range(header[_H_BUMP] - 1, -1, -1):
+            if slot in indexed:
+                messages += max(0, lasts[slot] - firsts[slot] + 1)
+            else:                             # free, or lost by a crash mid-insert/delete
+                keys[slot] = EMPTY
+                heads[slot] = free
+                free = slot + 1
+        header[_H_FREE] = free
+        header[_H_IDS] = len(indexed)
         header[_H_MESSAGES] = messages
 
     def _repair_slot(self, i):
