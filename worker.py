@@ -143,6 +143,7 @@ class Worker:
         self.log_budget = LOG_LINES_PER_SECOND
         self.log_suppressed = 0
         self.accept_paused_until = 0.0
+        self.accept_failing = False
         self.common = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
                        b"X-Content-Type-Options: nosniff\r\n" % config.cors_origin.encode())
         self.token = b"Bearer " + config.app_token.encode() if config.app_token else None
@@ -316,13 +317,18 @@ class Worker:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    if not self.accept_paused_until:
-                        self.log("accept: %s; pausing accepts for 0.5 s" % os.strerror(e.errno))
+                    if not self.accept_failing:   # once per episode, not per retry
+                        self.log("accept: %s; retrying every 0.5 s until fds are free"
+                                 % os.strerror(e.errno))
+                        self.accept_failing = True
                     self.accept_paused_until = self.now + 0.5
                     for lfd in self.listeners:
                         self.ep.modify(lfd, 0)
                     return
                 continue                          # ECONNABORTED and the like: next one
+            if self.accept_failing:
+                self.accept_failing = False
+                self.log("accept: working again")
             fcntl.fcntl(fd, fcntl.F_SETFL, os.O_RDWR | os.O_NONBLOCK)
             conn = Conn(fd, app)
             self.conns[fd] = conn
