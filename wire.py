@@ -8,11 +8,13 @@ report every malformed input as ``HttpError`` / ``FrameError`` rather than
 any other exception.
 """
 
+import codecs
 import re
 from urllib.parse import unquote_to_bytes
 
 MAX_HEAD = 8192
 ID_PATTERN = re.compile(rb"[A-Za-z0-9_~:@-]{1,128}\Z")
+_ID_CHARS = re.compile(rb"[A-Za-z0-9_~:@-]*\Z")
 CALLBACK_PATTERN = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,63}\Z")
 
 REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
@@ -69,7 +71,7 @@ def parse_head(buf, max_head=MAX_HEAD):
     """
     end = buf.find(b"\r\n\r\n", 0, max_head + 4)
     if end < 0:
-        if len(buf) > max_head:
+        if len(buf) >= max_head + 4:
             raise HttpError(431, "request head over %d bytes" % max_head)
         return None
     head = bytes(buf[:end + 2])
@@ -131,43 +133,41 @@ def parse_body(buf, req, max_body):
     return bytes(buf[start:start + length]), start + length
 
 
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\Z")
+MAX_CHUNK_LINE = 1024
+
+
 def _parse_chunked(buf, pos, max_body):
-    if not buf.startswith(b"0", pos) and buf.find(b"\r\n0", pos) < 0:
-        return None                       # no last-chunk yet: skip re-decoding what came so far
-    chunks = []
+    """Walk the chunk framing without copying; join the data once the last chunk is in."""
+    spans = []
     total = 0
+    n = len(buf)
     while True:
-        line_end = buf.find(b"\r\n", pos, pos + 64)
+        line_end = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE)
         if line_end < 0:
-            if len(buf) - pos >= 64:
-                raise HttpError(400, "malformed chunk size")
+            if n - pos >= MAX_CHUNK_LINE:
+                raise HttpError(400, "chunk size line too long")
             return None
-        size_text = bytes(buf[pos:line_end]).split(b";")[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise HttpError(400, "malformed chunk size") from None
-        if size < 0 or size_text[:1] in (b"+", b"-") or size_text.lower().startswith(b"0x"):
+        size_line = _CHUNK_SIZE.match(bytes(buf[pos:line_end]))
+        if size_line is None:
             raise HttpError(400, "malformed chunk size")
+        size = int(size_line.group(1), 16)
         total += size
         if total > max_body:
             raise HttpError(413, "body over %d bytes" % max_body)
-        data_start = line_end + 2
-        if size == 0:
-            trailer_end = buf.find(b"\r\n", data_start)
-            while trailer_end > data_start:          # skip trailer fields
-                data_start = trailer_end + 2
-                trailer_end = buf.find(b"\r\n", data_start)
-            if trailer_end < 0:
-                if len(buf) - data_start > MAX_HEAD:
-                    raise HttpError(431, "chunked trailer too long")
+        if size == 0:                     # then trailer lines (ignored) up to an empty line
+            end = buf.find(b"\r\n\r\n", line_end, line_end + MAX_HEAD + 4)
+            if end < 0:
+                if n - line_end >= MAX_HEAD + 4:
+                    raise HttpError(431, "chunked trailer over %d bytes" % MAX_HEAD)
                 return None
-            return b"".join(chunks), trailer_end + 2
-        if len(buf) < data_start + size + 2:
+            return b"".join(bytes(buf[a:b]) for a, b in spans), end + 4
+        data_start = line_end + 2
+        if n < data_start + size + 2:
             return None
         if buf[data_start + size:data_start + size + 2] != b"\r\n":
             raise HttpError(400, "chunk not followed by CRLF")
-        chunks.append(bytes(buf[data_start:data_start + size]))
+        spans.append((data_start, data_start + size))
         pos = data_start + size + 2
 
 
@@ -229,8 +229,11 @@ def parse_frames(buf, max_message):
             raise FrameError("unknown frame byte 0x%02x" % kind)
         id_end = buf.find(b"\0", pos + 1, pos + 130)
         if id_end < 0:
-            if n - pos > 129:
+            partial = bytes(buf[pos + 1:pos + 130])
+            if len(partial) > 128:
                 raise FrameError("id over 128 bytes")
+            if not _ID_CHARS.match(partial):
+                raise FrameError("invalid id")
             break
         ident = bytes(buf[pos + 1:id_end])
         if not valid_id(ident):
@@ -239,6 +242,10 @@ def parse_frames(buf, max_message):
         if msg_end < 0:
             if n - id_end - 1 > max_message:
                 raise FrameError("message over %d bytes" % max_message)
+            try:                          # fail now if no continuation could make it UTF-8
+                codecs.getincrementaldecoder("utf-8")().decode(bytes(buf[id_end + 1:]), False)
+            except UnicodeDecodeError:
+                raise FrameError("message is not UTF-8") from None
             break
         message = bytes(buf[id_end + 1:msg_end])
         try:
