@@ -147,45 +147,50 @@ class HttpConn:
         req = ("\r\n".join(h) + "\r\n\r\n").encode()
         return req + body if body is not None else req
 
-    def read_responses(self, count):
-        out = []
-        while len(out) < count:
+    def read_one(self):
+        while True:
             r = parse_response(self.buf, 0)
-            if r is None:
-                chunk = self.sock.recv(1 << 20)
-                if not chunk:
-                    raise ConnectionError("server closed the connection")
-                self.buf += chunk
-                continue
-            out.append(r[:4])
-            self.buf = self.buf[r[4]:]
-        return out
+            if r is not None:
+                self.buf = self.buf[r[4]:]
+                return r[:4]
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            self.buf += chunk
 
     def pipeline(self, requests):
-        """Send requests (bytes) back to back; return their (status, head, low, body)."""
-        if self.sock is None:
-            self.connect()
-        try:
-            self.sock.sendall(b"".join(requests))
-            return self.read_responses(len(requests))
-        except (OSError, ValueError):
-            self.close()
-            raise
+        """Send requests back to back; return their (status, head, low, body).
+
+        When the server closes the connection part-way (Connection: close, or
+        a keep-alive request limit such as nginx's keepalive_requests), the
+        unanswered requests are sent again on a new connection."""
+        out = []
+        todo = list(requests)
+        failures = 0
+        while todo:
+            if self.sock is None:
+                self.connect()
+            got = 0
+            try:
+                self.sock.sendall(b"".join(todo))
+                while got < len(todo):
+                    r = self.read_one()
+                    out.append(r)
+                    got += 1
+                    if b"connection: close" in r[2]:
+                        self.close()
+                        break
+            except (OSError, ValueError):
+                self.close()
+                failures = failures + 1 if not got else 0
+                if failures > 2:
+                    raise
+            todo = todo[got:]
+        return out
 
     def request(self, method, path, body=None, headers=()):
-        """One request; reconnects once if a kept-alive connection went stale."""
-        req = self.build(method, path, body, headers)
-        for attempt in (0, 1):
-            fresh = self.sock is None
-            try:
-                status, head, low, rbody = self.pipeline([req])[0]
-                if b"connection: close" in low:
-                    self.close()
-                return status, rbody
-            except (ConnectionError, BrokenPipeError, ConnectionResetError):
-                if fresh or attempt:
-                    raise
-        raise AssertionError("unreachable")
+        status, head, low, rbody = self.pipeline([self.build(method, path, body, headers)])[0]
+        return status, rbody
 
 
 class Publisher:
@@ -194,8 +199,9 @@ class Publisher:
     Each message is "<round>|<monotonic ns at send>|<id>", so a subscriber can
     check it got its own message and compute publish-to-receive latency."""
 
-    def __init__(self, host, port, batch_size):
+    def __init__(self, host, port, batch_size, pipeline=128):
         self.host, self.port = host, port
+        self.window = max(1, pipeline)
         self.batch_size = min(batch_size, MAX_BATCH)
         self.http = HttpConn(host, port, timeout=60)
         self.bin = None
@@ -258,7 +264,7 @@ class Publisher:
     def single(self, ids, rnd):
         ok = 0
         errors = collections.Counter()
-        window = 128
+        window = self.window
         for i in range(0, len(ids), window):
             t = MONO()
             reqs = [HttpConn.build("POST", "/pub/" + x, ("%d|%d|%s" % (rnd, t, x)).encode())
@@ -299,6 +305,20 @@ def descendants(pid):
     return out
 
 
+def cpu_by_pid(pids):
+    """{pid: utime+stime seconds}; missing pids are skipped."""
+    out = {}
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        out[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def cpu_seconds(pids):
     """Sum of utime+stime over pids (seconds); missing pids are skipped."""
     total = 0
@@ -313,21 +333,40 @@ def cpu_seconds(pids):
     return total / CLK_TCK
 
 
+SMAPS_FIELDS = {"Rss": "rss", "Pss": "pss", "Pss_Anon": "pss_anon", "Pss_Shmem": "pss_shmem",
+                "Private_Clean": "private", "Private_Dirty": "private"}
+
+
 def memory(pids):
-    """{"rss": bytes, "pss": bytes, "pids": n} summed over smaps_rollup of pids."""
-    rss = pss = n = 0
+    """Bytes summed over /proc/<pid>/smaps_rollup of pids.
+
+    rss counts a page shared by k processes k times; pss splits it among them
+    (the honest total); pss_shmem is the shared-memory part of pss (MAP_SHARED
+    regions), pss_anon the private heap part, private = Private_Clean+Dirty."""
+    out = dict.fromkeys(SMAPS_FIELDS.values(), 0)
+    n = 0
     for pid in pids:
         try:
             with open("/proc/%d/smaps_rollup" % pid) as f:
                 for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1]) * 1024
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
+                    k, _, v = line.partition(":")
+                    if k in SMAPS_FIELDS:
+                        out[SMAPS_FIELDS[k]] += int(v.split()[0]) * 1024
             n += 1
         except OSError:
             continue
-    return {"rss": rss, "pss": pss, "pids": n}
+    out["pids"] = n
+    return out
+
+
+def machine_busy_seconds():
+    """CPU seconds all cores spent not idle (from /proc/stat), or 0."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def kernel_memory():
@@ -895,7 +934,11 @@ class Coordinator:
     def snapshot(self):
         st = self.stats()
         pids = self.server_pids(st)
-        snap = {"t": time.monotonic(), "pids": pids, "cpu_s": cpu_seconds(pids),
+        by_pid = cpu_by_pid(pids)
+        snap = {"t": time.monotonic(), "pids": pids, "cpu_s": sum(by_pid.values()),
+                "cpu_by_pid": by_pid, "machine_busy_s": machine_busy_seconds(),
+                "client_cpu_s": cpu_seconds([c["pid"] for c in self.children])
+                + sum(os.times()[:2]),
                 "mem": memory(pids), "kernel": kernel_memory(), "stats": st}
         if st and isinstance(st.get("workers"), list):
             snap["stats_rss"] = sum(int(w.get("rss_bytes", 0) or 0) for w in st["workers"]
@@ -921,13 +964,29 @@ class Coordinator:
             return out
         out["cpu_s"] = round(after["cpu_s"] - before["cpu_s"], 3)
         out["cpu_us_per_" + per] = round((after["cpu_s"] - before["cpu_s"]) * 1e6 / ops, 2)
+        per_pid = {str(p): round(c - before["cpu_by_pid"].get(p, 0.0), 3)
+                   for p, c in after["cpu_by_pid"].items()}
+        out["cpu_s_by_pid"] = per_pid
+        out["cpu_s_busiest_process"] = max(per_pid.values(), default=0.0)
+        # The load generator's own CPU (children and coordinator): when server plus
+        # client approach the core count, wall-clock rates measure the client.
+        dc = after["client_cpu_s"] - before["client_cpu_s"]
+        out["client_cpu_s"] = round(dc, 3)
+        out["client_cpu_us_per_" + per] = round(dc * 1e6 / ops, 2)
+        wall = after["t"] - before["t"]
+        if wall > 0:
+            out["cores_busy"] = round((after["cpu_s"] - before["cpu_s"] + dc) / wall, 2)
+            # Everything else on the machine (other processes, unattributed softirq).
+            other = after["machine_busy_s"] - before["machine_busy_s"] \
+                - (after["cpu_s"] - before["cpu_s"]) - dc
+            out["other_cores_busy"] = round(max(0.0, other) / wall, 2)
         return out
 
     def memory_delta(self, before, after, count, per):
         out = {}
         if not count:
             return out
-        for k in ("rss", "pss"):
+        for k in ("rss", "pss", "pss_anon", "pss_shmem", "private"):
             d = after["mem"][k] - before["mem"][k]
             out[k + "_delta"] = d
             out[k + "_bytes_per_" + per] = round(d / count, 1)
@@ -1196,7 +1255,7 @@ class Coordinator:
         k = max(1, min(self.args.pub_conns, len(items)))
         while len(self.publishers) < k:
             self.publishers.append(Publisher(self.args.host, self.args.app_port,
-                                             self.args.batch_size))
+                                             self.args.batch_size, self.args.pipeline))
         parts = [items[i * len(items) // k:(i + 1) * len(items) // k] for i in range(k)]
         results = [None] * k
 
@@ -1239,6 +1298,7 @@ class Coordinator:
         """Publish to ids in round rnd and wait for `expected` deliveries."""
         self.await_polls(name)
         self.command("round", round=rnd)
+        self.last_print = (self.last_print[0], self.last_print[1], 0)
         closed0 = self.agg()[0]["closed"]
         before = self.snapshot()
         self.phase = name
@@ -1335,7 +1395,7 @@ class Coordinator:
         res.update(self.memory_delta(base, after, max(ok, 1), "message"))
         # Drain a sample.
         sample = sorted(random.sample(range(m), min(self.args.drain_sample, m)))
-        conn = HttpConn(self.args.host, self.args.port, timeout=10)
+        conn = HttpConn(self.args.host, self.args.port, timeout=3)
         good = bad = 0
         lat = []
         bad_examples = []
@@ -1452,6 +1512,8 @@ class Coordinator:
                          % (args.host, args.app_port, args.stats_path))
         self.record["server"] = {"pids": self.server_pids(st), "supervisor": args.server_pid,
                                  "uptime_s": (st or {}).get("uptime_s")}
+        with open("/proc/loadavg") as f:
+            self.record["loadavg_at_start"] = f.read().split()[:3]
         try:
             getattr(self, "mode_" + args.mode)()
         except Stopped as e:
@@ -1524,6 +1586,8 @@ def parse_args(argv=None):
                         "(default: deliver batch,binary; others batch; nchan single)")
     p.add_argument("--batch-size", type=int, default=1000, help="messages per POST /pub")
     p.add_argument("--pub-conns", type=int, default=1, help="parallel publisher connections")
+    p.add_argument("--pipeline", type=int, default=128,
+                   help="single: POST /pub/<id> requests in flight per connection")
     p.add_argument("--procs", type=int, default=0, help="client processes (0: auto)")
     p.add_argument("--per-proc", type=int, default=15000,
                    help="connections per client process when --procs is auto")
