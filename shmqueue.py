@@ -116,7 +116,6 @@ class SharedRegion:
         self.mm = mmap.mmap(-1, self.layout.total, flags=mmap.MAP_SHARED)
         self.view = memoryview(self.mm)
         for w in range(workers):
-            base = self.layout.part_offsets[w]
             header = self._part_header(w)
             header[_H_DIRTY] = header[_H_JOURNAL] = NO_SLOT
 
@@ -496,10 +495,11 @@ class Partition:
         found.reverse()
         return last, found
 
-    def unsubscribe(self, key, bit):
+    def unsubscribe(self, key, bit, compat_only=False):
         i = self.find(key)
         if i >= 0:
-            self.masks[i] &= ~bit
+            if not compat_only:
+                self.masks[i] &= ~bit
             self.cmasks[i] &= ~bit
             self._maybe_forget(i)
 

@@ -79,7 +79,7 @@ def parse_head(buf, max_head=MAX_HEAD):
     line = _REQUEST_LINE.match(head, 0, line_end)
     if line is None:
         version = head[:line_end].rpartition(b" ")[2]
-        if re.match(rb"HTTP/\d", version) and version not in (b"HTTP/1.0", b"HTTP/1.1"):
+        if re.fullmatch(rb"HTTP/\d\.\d", version) and version not in (b"HTTP/1.0", b"HTTP/1.1"):
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
         raise HttpError(400, "malformed request line")
     method, target, minor = line.groups()
@@ -202,7 +202,16 @@ def response(status, body=b"", content_type=b"application/json", keep_alive=True
 
 
 class FrameError(Exception):
-    """A binary-protocol frame we close the connection for."""
+    """A binary-protocol frame we close the connection for.
+
+    ``frames`` holds the complete, valid frames that came before it, which
+    the caller should still publish: how TCP cut the stream must not decide
+    their fate.
+    """
+
+    def __init__(self, reason, frames=()):
+        super().__init__(reason)
+        self.frames = list(frames)
 
 
 FRAME_PUBLISH = 0x02
@@ -226,32 +235,32 @@ def parse_frames(buf, max_message):
             pos += 1
             continue
         if kind != FRAME_PUBLISH:
-            raise FrameError("unknown frame byte 0x%02x" % kind)
+            raise FrameError("unknown frame byte 0x%02x" % kind, frames)
         id_end = buf.find(b"\0", pos + 1, pos + 130)
         if id_end < 0:
             partial = bytes(buf[pos + 1:pos + 130])
             if len(partial) > 128:
-                raise FrameError("id over 128 bytes")
+                raise FrameError("id over 128 bytes", frames)
             if not _ID_CHARS.match(partial):
-                raise FrameError("invalid id")
+                raise FrameError("invalid id", frames)
             break
         ident = bytes(buf[pos + 1:id_end])
         if not valid_id(ident):
-            raise FrameError("invalid id")
+            raise FrameError("invalid id", frames)
         msg_end = buf.find(b"\0", id_end + 1, id_end + 2 + max_message)
         if msg_end < 0:
             if n - id_end - 1 > max_message:
-                raise FrameError("message over %d bytes" % max_message)
+                raise FrameError("message over %d bytes" % max_message, frames)
             try:                          # fail now if no continuation could make it UTF-8
                 codecs.getincrementaldecoder("utf-8")().decode(bytes(buf[id_end + 1:]), False)
             except UnicodeDecodeError:
-                raise FrameError("message is not UTF-8") from None
+                raise FrameError("message is not UTF-8", frames) from None
             break
         message = bytes(buf[id_end + 1:msg_end])
         try:
             message.decode("utf-8")
         except UnicodeDecodeError:
-            raise FrameError("message is not UTF-8") from None
+            raise FrameError("message is not UTF-8", frames) from None
         frames.append((ident, message))
         pos = msg_end + 1
     return frames, pos

@@ -22,11 +22,14 @@ of buckets), never keep a socket object or a header dict per connection,
 and never let one bad connection affect another.
 """
 
+import array
 import collections
 import errno
 import fcntl
+import gc
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -55,40 +58,22 @@ _SUB = struct.Struct("<BIIIB")        # kind, fd, serial, since, id length | id
 _MSGS = struct.Struct("<BIIIB")       # kind, fd, serial, last, flags | (seq, len, data)*
 _MSG = struct.Struct("<II")
 _DELIVER = struct.Struct("<BIBB")     # kind, seq, flags, id length | id, data
-_UNSUB = struct.Struct("<BB")         # kind, id length | id
+_UNSUB = struct.Struct("<BBB")        # kind, which (UNSUB_*), id length | id
 _CPOLL = struct.Struct("<BIIB")       # kind, fd, serial, id length | id
 _CMSG = struct.Struct("<BIII")        # kind, fd, serial, seq (0 = none) | data
 MSGS_FINAL, MSGS_REFUSED = 1, 2
+UNSUB_ALL, UNSUB_COMPAT = 0, 1
 DELIVER_COMPAT = 1
 
-# Connection states.
-READING, PENDING, HELD, BUSY, CLOSING, CLOSED = range(6)
-# Response formats of a held client connection (or a JSONP callback name).
-FMT_JSON, FMT_COMPAT = 0, 1
+JS_TYPE = b"application/javascript; charset=utf-8"
 
-
-class Conn:
-    """One accepted connection; a raw fd, no socket object."""
-
-    __slots__ = ("fd", "app", "state", "buf", "out", "ident", "since", "last",
-                 "fmt", "flags", "deadline", "serial")
-
-    def __init__(self, fd, app):
-        self.fd = fd
-        self.app = app           # None: client port; False: app HTTP; True: app binary
-        self.state = READING
-        self.buf = b""
-        self.out = b""
-        self.ident = b""
-        self.since = 0
-        self.last = 0
-        self.fmt = FMT_JSON
-        self.flags = 0           # KEEP_ALIVE | HEAD_ONLY of the request being answered
-        self.deadline = 0
-        self.serial = 0
-
-
+# Connection states; FREE is also "this fd is not a connection of ours".
+FREE, READING, PENDING, HELD, BUSY, CLOSING = range(6)
+# Connection kinds.
+CLIENT, APP_NEW, APP_HTTP, APP_BINARY = range(4)
+# Per-request flags, and the formats a held client connection answers in.
 KEEP_ALIVE, HEAD_ONLY = 1, 2
+FMT_JSON, FMT_JSONP, FMT_COMPAT = range(3)
 
 
 class Batch:
@@ -96,17 +81,26 @@ class Batch:
 
     __slots__ = ("waiting", "published", "errors", "seq")
 
-    def __init__(self):
-        self.waiting = 0
+    def __init__(self, waiting):
+        self.waiting = waiting
         self.published = 0
         self.errors = []
         self.seq = 0
 
 
 class Worker:
+    """One worker's loop and state.
+
+    A connection is its fd: its state lives in flat arrays indexed by fd
+    (a few bytes each, allocated once for the whole fd limit), plus sparse
+    dicts for what only a few connections have at a time (unread input,
+    unsent output, a JSONP callback, a batch in flight).  An idle held
+    long-poll costs its id bytes, one entry in ``held`` and one in the
+    timeout wheel: no object of its own.
+    """
+
     def __init__(self, index, config, region, eventfds, ready_fd=None):
         self.index = index
-        self.bit = 1 << index
         self.cfg = config
         self.region = region
         self.eventfds = eventfds
@@ -119,15 +113,30 @@ class Worker:
         self.backlogged = 0
         self.local = collections.deque()
         self.wake = set()
-        self.conns = {}
-        self.held = {}           # id -> Conn or set of Conns (pending and held)
-        self.lingering = set()   # ids whose last holder left; UNSUB at the next tick
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd_int = list(range(limit))   # one int object per fd, shared by every table
+        self.state = bytearray(limit)
+        self.kind = bytearray(limit)
+        self.flags = bytearray(limit)
+        self.fmt = bytearray(limit)
+        self.since = array.array("I", bytes(4 * limit))
+        self.last = array.array("I", bytes(4 * limit))
+        self.serial = array.array("I", bytes(4 * limit))
+        self.deadline = array.array("I", bytes(4 * limit))
+        self.ident = [b""] * limit
+        self.inbuf = {}          # fd -> bytes received and not yet parsed
+        self.outbuf = {}         # fd -> bytes the socket did not take yet
+        self.callback = {}       # fd -> JSONP function name
         self.batches = {}        # fd -> Batch
         self.partial = {}        # fd -> messages of a MSGS reply still arriving in parts
-        self.paused = []         # app fds not read while the backlog is over the limit
-        self.wheel = {}          # tick number -> [Conn]
+        self.open = 0
+        self.held = {}           # id -> fd, or set of fds (pending and held)
+        self.compat_held = {}    # id -> how many of its holders are compat polls
+        self.lingering = set()   # ids whose last holder left; UNSUB at the next tick
+        self.paused = []         # binary fds not read while the backlog is over the limit
+        self.wheel = {}          # tick number -> [fd]; an fd counts only if deadline[fd] matches
         self.wheel_at = 0
-        self.serial = int.from_bytes(os.urandom(4), "little") | 1
+        self.next_serial = int.from_bytes(os.urandom(4), "little") | 1
         self.stopping = False
         self.now = time.monotonic()
         self.stats = region.stats(index)
@@ -157,10 +166,10 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.ep = select.epoll()
         self.listeners = {}
-        for host, port, app in ((self.cfg.host, self.cfg.port, None),
-                                (self.cfg.app_host, self.cfg.app_port, False)):
+        for host, port, kind in ((self.cfg.host, self.cfg.port, CLIENT),
+                                 (self.cfg.app_host, self.cfg.app_port, APP_NEW)):
             sock = listen_socket(host, port)
-            self.listeners[sock.fileno()] = (sock, app)
+            self.listeners[sock.fileno()] = (sock, kind)
             self.ep.register(sock.fileno(), select.EPOLLIN)
         self.efd = self.eventfds[self.index]
         self.ep.register(self.efd, select.EPOLLIN)
@@ -171,11 +180,13 @@ class Worker:
                 self._send(dst, bytes((RESET,)))
         self.stats.set("started_ms", int(time.time() * 1000))
         self._flush_stats()
+        gc.freeze()                               # start-up objects: never scanned, never copied
         if self.ready_fd is not None:
             os.write(self.ready_fd, b"%d\n" % self.index)
             os.close(self.ready_fd)
         self.wheel_at = self._tick_of(self.now)
         next_tick = self.now + TICK
+        state = self.state
         busy = False
         while not self.stopping:
             timeout = 0 if busy or self.local else max(0.0, next_tick - time.monotonic())
@@ -183,12 +194,11 @@ class Worker:
             self.now = time.monotonic()
             busy = False
             for fd, ev in events:
-                conn = self.conns.get(fd)
-                if conn is not None:
+                if state[fd]:
                     if ev & OUT:
-                        self._flush_out(conn)
-                    if ev & ~OUT and conn.state != CLOSED:
-                        self._on_readable(conn)
+                        self._flush_out(fd)
+                    if ev & ~OUT and state[fd]:
+                        self._on_readable(fd)
                 elif fd == self.efd:
                     try:
                         os.eventfd_read(self.efd)
@@ -212,59 +222,61 @@ class Worker:
     def _on_sigterm(self, signum, frame):
         self.stopping = True
 
+    def _connections(self):
+        return [fd for fd in range(len(self.state)) if self.state[fd]]
+
     def _shutdown(self):
         """Stop accepting, answer held polls as timed out, flush, exit."""
-        for fd, (sock, _app) in self.listeners.items():
+        for fd, (sock, _kind) in self.listeners.items():
             self.ep.unregister(fd)
             sock.close()
-        for conn in list(self.conns.values()):
-            if conn.app is None and conn.state in (PENDING, HELD):
-                conn.flags &= ~KEEP_ALIVE
-                self._answer_timeout(conn)
-            elif conn.state == READING:
-                self._close(conn)
+        for fd in self._connections():
+            if self.kind[fd] == CLIENT and self.state[fd] in (PENDING, HELD):
+                self._answer_timeout(fd)          # `stopping` makes it close afterwards
+            elif self.state[fd] == READING:
+                self._close(fd)
         deadline = time.monotonic() + 2.0
-        while any(c.out for c in self.conns.values()) and time.monotonic() < deadline:
+        while self.outbuf and time.monotonic() < deadline:
             for fd, ev in self.ep.poll(0.05):
-                conn = self.conns.get(fd)
-                if conn is not None and ev & OUT:
-                    self._flush_out(conn)
+                if self.state[fd] and ev & OUT:
+                    self._flush_out(fd)
         self._flush_backlog()
         self._notify()
         self._flush_stats()
-        for conn in list(self.conns.values()):
-            self._close(conn)
+        for fd in self._connections():
+            self._close(fd)
 
     # -- housekeeping --------------------------------------------------------
 
     def _tick_of(self, t):
         return int(t / TICK) + 1
 
-    def _set_deadline(self, conn, seconds):
+    def _set_deadline(self, fd, seconds):
         tick = self._tick_of(self.now + seconds)
-        conn.deadline = tick
+        self.deadline[fd] = tick
         bucket = self.wheel.get(tick)
         if bucket is None:
-            self.wheel[tick] = [conn]
+            self.wheel[tick] = [self.fd_int[fd]]
         else:
-            bucket.append(conn)
+            bucket.append(self.fd_int[fd])
 
     def _tick(self):
         now_tick = self._tick_of(self.now) - 1
+        state, deadline = self.state, self.deadline
         while self.wheel_at <= now_tick:
-            for conn in self.wheel.pop(self.wheel_at, ()):
-                if conn.deadline != self.wheel_at:
+            for fd in self.wheel.pop(self.wheel_at, ()):
+                if deadline[fd] != self.wheel_at:
                     continue                      # re-armed since: another bucket has it
-                if conn.state == READING:
-                    self._close(conn)             # headers too slow (or idle keep-alive)
-                elif conn.state in (PENDING, HELD):
-                    self._answer_timeout(conn)
+                if state[fd] == READING:
+                    self._close(fd)               # headers too slow (or idle keep-alive)
+                elif state[fd] in (PENDING, HELD):
+                    self._answer_timeout(fd)
             self.wheel_at += 1
         self.part.expire(self._now_ms())
         if self.lingering:
             for ident in self.lingering:
                 if ident not in self.held:
-                    self._send_home(ident, _UNSUB.pack(UNSUB, len(ident)) + ident)
+                    self._send_home(ident, _UNSUB.pack(UNSUB, UNSUB_ALL, len(ident)) + ident)
             self.lingering.clear()
         if self.accept_paused_until and self.now >= self.accept_paused_until:
             self.accept_paused_until = 0.0
@@ -287,7 +299,7 @@ class Worker:
             except OSError:
                 pass
         s = self.stats
-        s.set("connections", len(self.conns))
+        s.set("connections", self.open)
         s.set("subscribers", self.subscribers)
         s.set("accepted", self.accepted)
         s.set("published", self.published)
@@ -309,7 +321,7 @@ class Worker:
 
     # -- sockets -------------------------------------------------------------
 
-    def _accept(self, sock, app):
+    def _accept(self, sock, kind):
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, _addr = sock._accept()
@@ -330,144 +342,176 @@ class Worker:
                 self.accept_failing = False
                 self.log("accept: working again")
             fcntl.fcntl(fd, fcntl.F_SETFL, os.O_RDWR | os.O_NONBLOCK)
-            conn = Conn(fd, app)
-            self.conns[fd] = conn
+            self.state[fd] = READING
+            self.kind[fd] = kind
+            self.flags[fd] = self.fmt[fd] = 0
+            self.serial[fd] = 0                   # replies meant for a former owner of the fd miss
             self.ep.register(fd, IN)
-            self._set_deadline(conn, self.cfg.header_timeout)
+            self.open += 1
+            self._set_deadline(fd, self.cfg.header_timeout)
             self.accepted += 1
 
-    def _on_readable(self, conn):
+    def _on_readable(self, fd):
         try:
-            data = os.read(conn.fd, READ_SIZE)
+            data = os.read(fd, READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
-            self._close(conn)
+            self._close(fd)
             return
-        if not conn.buf:
-            conn.buf = data
+        buf = self.inbuf.get(fd)
+        if buf is None:
+            buf = self.inbuf[fd] = data
         else:
-            if type(conn.buf) is bytes:      # growing: append in place, not by copying
-                conn.buf = bytearray(conn.buf)
-            conn.buf += data
-        if conn.state == READING:
-            if conn.app is True:
-                self._on_frames(conn)
+            if type(buf) is bytes:                # growing: append in place, not by copying
+                buf = self.inbuf[fd] = bytearray(buf)
+            buf += data
+        if self.state[fd] == READING:
+            if self.kind[fd] == APP_BINARY:
+                self._on_frames(fd)
             else:
-                self._on_requests(conn)
-        elif len(conn.buf) > wire.MAX_HEAD + self.cfg.max_body:
-            self._close(conn)                     # pipelining far ahead of our answers
+                self._on_requests(fd)
+        elif len(buf) > wire.MAX_HEAD + self.cfg.max_body:
+            self._close(fd)                       # pipelining far ahead of our answers
 
-    def _write(self, conn, data):
+    def _write(self, fd, data):
         """Send what the socket takes now; keep the rest for EPOLLOUT."""
-        if conn.out:
-            conn.out += data
+        pending = self.outbuf.get(fd)
+        if pending is not None:
+            self.outbuf[fd] = pending + data
             return
         try:
-            n = os.write(conn.fd, data)
+            n = os.write(fd, data)
         except BlockingIOError:
             n = 0
         except OSError:
-            self._close(conn)
+            self._close(fd)
             return
         if n < len(data):
-            conn.out = data[n:]
-            self.ep.modify(conn.fd, IN | OUT)
+            self.outbuf[fd] = data[n:]
+            self.ep.modify(fd, IN | OUT)
 
-    def _flush_out(self, conn):
+    def _flush_out(self, fd):
+        pending = self.outbuf.get(fd)
+        if pending is None:
+            return
         try:
-            n = os.write(conn.fd, conn.out)
+            n = os.write(fd, pending)
         except BlockingIOError:
             return
         except OSError:
-            self._close(conn)
+            self._close(fd)
             return
-        conn.out = conn.out[n:]
-        if not conn.out:
-            if conn.state == CLOSING:
-                self._close(conn)
-            else:
-                self.ep.modify(conn.fd, IN)
-
-    def _close(self, conn):
-        if conn.state == CLOSED:
+        if n < len(pending):
+            self.outbuf[fd] = pending[n:]
             return
-        if conn.state in (PENDING, HELD) and conn.app is None:
-            self._unhold(conn)
-        conn.state = CLOSED
-        self.batches.pop(conn.fd, None)
-        self.partial.pop(conn.fd, None)
-        del self.conns[conn.fd]
-        os.close(conn.fd)                         # also leaves the epoll set
-
-    def _respond(self, conn, status, body=b"", content_type=b"application/json", headers=b""):
-        """Answer the current request; then read the next one or close."""
-        keep = conn.flags & KEEP_ALIVE and not self.stopping
-        self._write(conn, wire.response(status, body, content_type, keep,
-                                        headers, conn.flags & HEAD_ONLY))
-        if conn.state == CLOSED:
-            return
-        if keep:
-            conn.state = READING
-            self._set_deadline(conn, self.cfg.header_timeout)
-        elif conn.out:
-            conn.state = CLOSING
+        del self.outbuf[fd]
+        if self.state[fd] == CLOSING:
+            self._close(fd)
         else:
-            self._close(conn)
+            self.ep.modify(fd, IN)
 
-    def _fail(self, conn, status, reason):
-        self.log("%s: %d %s" % ("app" if conn.app is not None else "client", status, reason))
-        conn.flags &= ~KEEP_ALIVE
-        self._respond(conn, status, reason.encode() + b"\n", b"text/plain; charset=utf-8",
-                      self.common if conn.app is None else b"")
+    def _close(self, fd):
+        state = self.state[fd]
+        if not state:
+            return
+        if state in (PENDING, HELD) and self.kind[fd] == CLIENT:
+            self._unhold(fd)
+        self.state[fd] = FREE
+        self.ident[fd] = b""
+        for table in (self.inbuf, self.outbuf, self.callback, self.batches, self.partial):
+            table.pop(fd, None)
+        self.open -= 1
+        os.close(fd)                              # also leaves the epoll set
+
+    def _respond(self, fd, status, body=b"", content_type=b"application/json", headers=b""):
+        """Answer the current request; then wait for the next one, or close."""
+        flags = self.flags[fd]
+        keep = flags & KEEP_ALIVE and not self.stopping
+        self._write(fd, wire.response(status, body, content_type, keep, headers, flags & HEAD_ONLY))
+        if not self.state[fd]:
+            return                                # the write found the peer gone
+        if keep:
+            self.state[fd] = READING
+            self._set_deadline(fd, self.cfg.header_timeout)
+        elif fd in self.outbuf:
+            self.state[fd] = CLOSING
+        else:
+            self._close(fd)
+
+    def _resume(self, fd):
+        """After an answer given outside the request loop: serve what was pipelined behind it."""
+        if self.state[fd] == READING and fd in self.inbuf:
+            self._on_requests(fd)
+
+    def _fail(self, fd, status, reason):
+        client = self.kind[fd] == CLIENT
+        self.log("%s: %d %s" % ("client" if client else "app", status, reason))
+        self.flags[fd] &= ~KEEP_ALIVE
+        self._respond(fd, status, reason.encode() + b"\n", b"text/plain; charset=utf-8",
+                      self.common if client else b"")
 
     # -- HTTP requests ---------------------------------------------------------
 
-    def _on_requests(self, conn):
+    def _on_requests(self, fd):
         """Parse and route every complete request in the buffer, one at a time."""
-        while conn.state == READING and conn.buf:
-            if conn.app is False and conn.serial == 0:
-                first = conn.buf[0]
-                if first in (wire.FRAME_PUBLISH, wire.FRAME_PING):
-                    if self.token is not None:
-                        self.log("app: binary protocol refused (--app-token is set)")
-                        self._close(conn)
-                        return
-                    conn.app = True
-                    conn.deadline = 0              # a publisher link may idle for ever
-                    self._on_frames(conn)
+        state, inbuf = self.state, self.inbuf
+        while state[fd] == READING:
+            buf = inbuf.get(fd)
+            if buf is None:
+                return
+            kind = self.kind[fd]
+            if kind == APP_NEW:
+                kind = self._decide_app_protocol(fd, buf[0])
+                if kind != APP_HTTP:
                     return
-                if not (0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A):
-                    self.log("app: first byte 0x%02x is neither HTTP nor binary; closed" % first)
-                    self._close(conn)
-                    return
-                conn.serial = 1                    # decided: HTTP from here on
             try:
-                req = wire.parse_head(conn.buf)
+                req = wire.parse_head(buf)
                 if req is None:
                     return
-                limit = self.cfg.max_body if conn.app is False else self.cfg.max_message
-                parsed = wire.parse_body(conn.buf, req, limit)
+                limit = self.cfg.max_message if kind == CLIENT else self.cfg.max_body
+                parsed = wire.parse_body(buf, req, limit)
                 if parsed is None:
                     return
                 body, end = parsed
-                conn.buf = conn.buf[end:]
-                conn.flags = (KEEP_ALIVE if req.keep_alive else 0) | \
-                    (HEAD_ONLY if req.method == b"HEAD" else 0)
-                if conn.app is None:
-                    self._route_client(conn, req)
+                if end < len(buf):
+                    inbuf[fd] = buf[end:]
                 else:
-                    self._route_app(conn, req, body)
+                    del inbuf[fd]
+                self.flags[fd] = (KEEP_ALIVE if req.keep_alive else 0) | \
+                    (HEAD_ONLY if req.method == b"HEAD" else 0)
+                if kind == CLIENT:
+                    self._route_client(fd, req)
+                else:
+                    self._route_app(fd, req, body)
             except wire.HttpError as e:
-                self._fail(conn, e.status, e.reason)
+                self._fail(fd, e.status, e.reason)
                 return
 
-    def _route_client(self, conn, req):
+    def _decide_app_protocol(self, fd, first):
+        """The app port speaks HTTP or the binary protocol: the first byte tells."""
+        if first in (wire.FRAME_PUBLISH, wire.FRAME_PING):
+            if self.token is not None:
+                self.log("app: binary protocol refused (--app-token is set)")
+                self._close(fd)
+                return FREE
+            self.kind[fd] = APP_BINARY
+            self.deadline[fd] = 0                 # a publisher link may idle for ever
+            self._on_frames(fd)
+            return APP_BINARY
+        if not (0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A):
+            self.log("app: first byte 0x%02x is neither HTTP nor binary; closed" % first)
+            self._close(fd)
+            return FREE
+        self.kind[fd] = APP_HTTP
+        return APP_HTTP
+
+    def _route_client(self, fd, req):
         method, path = req.method, req.path
         if method == b"OPTIONS":
-            self._respond(conn, 204, headers=self.common + b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
+            self._respond(fd, 204, headers=self.common + b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
                           b"Access-Control-Allow-Headers: Content-Type, Cache-Control, Last-Event-ID\r\n"
                           b"Access-Control-Max-Age: 86400\r\n")
             return
@@ -481,29 +525,33 @@ class Worker:
             since = _int_param(query, "since", 0, 0, 0xFFFFFFFF)
             timeout = _int_param(query, "timeout", self.cfg.poll_timeout, 1, 120)
             callback = query.get("callback")
-            if callback is not None and not wire.CALLBACK_PATTERN.match(callback):
+            if callback is None:
+                self.fmt[fd] = FMT_JSON
+            elif wire.CALLBACK_PATTERN.match(callback):
+                self.fmt[fd] = FMT_JSONP
+                self.callback[fd] = callback
+            else:
                 raise wire.HttpError(400, "callback must match [A-Za-z_$][A-Za-z0-9_$.]{0,63}")
-            conn.fmt = callback or FMT_JSON
-            conn.since = since
-            self._hold(conn, ident, timeout)
-            self._send_home(ident, _SUB.pack(SUB, conn.fd, conn.serial, since, len(ident)) + ident)
+            self.since[fd] = since
+            self._hold(fd, ident, timeout)
+            self._send_home(ident, _SUB.pack(SUB, fd, self.serial[fd], since, len(ident)) + ident)
             return
         if path.endswith(b".js") and path.count(b"/") == 1 and wire.valid_id(path[1:-3]):
             ident = path[1:-3]
-            conn.fmt = FMT_COMPAT
-            conn.flags &= ~KEEP_ALIVE               # the original closes after each poll
-            self._hold(conn, ident, self.cfg.poll_timeout)
-            self._send_home(ident, _CPOLL.pack(CPOLL, conn.fd, conn.serial, len(ident)) + ident)
+            self.fmt[fd] = FMT_COMPAT
+            self.flags[fd] &= ~KEEP_ALIVE           # the original closes after each poll
+            self._hold(fd, ident, self.cfg.poll_timeout)
+            self._send_home(ident, _CPOLL.pack(CPOLL, fd, self.serial[fd], len(ident)) + ident)
             return
         raise wire.HttpError(404, "no such path")
 
-    def _route_app(self, conn, req, body):
+    def _route_app(self, fd, req, body):
         method, path = req.method, req.path
         if path == b"/health":
             if method not in (b"GET", b"HEAD"):
                 raise wire.HttpError(405, "method not allowed")
             alive = all(self.region.stats(w).get("pid") for w in range(self.region.workers))
-            self._respond(conn, 200 if alive else 503, b"ok\n" if alive else b"worker down\n",
+            self._respond(fd, 200 if alive else 503, b"ok\n" if alive else b"worker down\n",
                           b"text/plain; charset=utf-8")
             return
         if self.token is not None and req.authorization != self.token:
@@ -512,7 +560,7 @@ class Worker:
             if method != b"POST":
                 raise wire.HttpError(405, "publish with POST")
             if path == b"/pub":
-                self._publish_batch(conn, body)
+                self._publish_batch(fd, body)
                 return
             ident = path[5:]
             if not wire.valid_id(ident):
@@ -523,22 +571,23 @@ class Worker:
                 body.decode("utf-8")
             except UnicodeDecodeError:
                 raise wire.HttpError(400, "message is not UTF-8") from None
-            self._begin_app_wait(conn, 1)
-            conn.ident = ident
-            self._publish(ident, body, conn, 0)
+            self._begin_app_wait(fd, 1)
+            self.ident[fd] = ident
+            self._publish(ident, body, fd, 0)
             return
         if method not in (b"GET", b"HEAD"):
             raise wire.HttpError(405, "method not allowed")
         if path == b"/stats":
-            self._respond(conn, 200, json.dumps(self.stats_document()).encode())
+            self._respond(fd, 200, json.dumps(self.stats_document()).encode())
         elif path == b"/metrics":
-            self._respond(conn, 200, self.metrics_text().encode(),
+            self._respond(fd, 200, self.metrics_text().encode(),
                           b"text/plain; version=0.0.4; charset=utf-8")
         else:
             raise wire.HttpError(404, "no such path")
 
-    def _publish_batch(self, conn, body):
-        batch = self._begin_app_wait(conn, 0)
+    def _publish_batch(self, fd, body):
+        batch = self._begin_app_wait(fd, 0)
+        self.ident[fd] = b""
         for number, line in enumerate(body.split(b"\n"), 1):
             if not line.strip():
                 continue
@@ -557,53 +606,54 @@ class Worker:
                 batch.errors.append({"line": number, "error": _error_text(e)})
                 continue
             batch.waiting += 1
-            self._publish(ident, data, conn, number)
-        self._maybe_finish_batch(conn, resume=False)   # the request loop goes on by itself
+            self._publish(ident, data, fd, number)
+        self._maybe_finish_batch(fd, resume=False)   # the request loop goes on by itself
 
-    def _begin_app_wait(self, conn, waiting):
-        self.serial = (self.serial + 1) & 0xFFFFFFFF or 1
-        conn.serial = self.serial
-        conn.state = BUSY
-        batch = self.batches[conn.fd] = Batch()
-        batch.waiting = waiting
+    def _begin_app_wait(self, fd, waiting):
+        self._new_serial(fd)
+        self.state[fd] = BUSY
+        batch = self.batches[fd] = Batch(waiting)
         return batch
 
-    def _maybe_finish_batch(self, conn, resume=True):
-        batch = self.batches.get(conn.fd)
+    def _maybe_finish_batch(self, fd, resume=True):
+        batch = self.batches.get(fd)
         if batch is None or batch.waiting:
             return
-        del self.batches[conn.fd]
-        conn.state = READING
-        if conn.ident:                             # a single POST /pub/<id>
-            ident, conn.ident = conn.ident, b""
+        del self.batches[fd]
+        self.state[fd] = READING
+        ident, self.ident[fd] = self.ident[fd], b""
+        if ident:                                  # a single POST /pub/<id>
             if batch.seq:
-                self._respond(conn, 202, b'{"id": "%s", "seq": %d}' % (ident, batch.seq))
+                self._respond(fd, 202, b'{"id": "%s", "seq": %d}' % (ident, batch.seq))
             else:
-                self._fail(conn, 503, "id table full")
+                self._fail(fd, 503, "id table full")
         else:
-            self._respond(conn, 202, json.dumps({"published": batch.published,
-                                                 "errors": batch.errors}).encode())
+            self._respond(fd, 202, json.dumps({"published": batch.published,
+                                               "errors": batch.errors}).encode())
         if resume:
-            self._resume(conn)
+            self._resume(fd)
 
     # -- binary protocol ---------------------------------------------------------
 
-    def _on_frames(self, conn):
+    def _on_frames(self, fd):
         try:
-            frames, used = wire.parse_frames(conn.buf, self.cfg.max_message)
+            frames, used = wire.parse_frames(self.inbuf[fd], self.cfg.max_message)
         except wire.FrameError as e:
+            for ident, message in e.frames:
+                self._publish(ident, message, 0, 0)
             self.log("app: binary protocol: %s; connection closed" % e)
-            self._close(conn)
+            self._close(fd)
             return
-        conn.buf = conn.buf[used:]
+        buf = self.inbuf[fd]
+        if used == len(buf):
+            del self.inbuf[fd]
+        elif used:
+            self.inbuf[fd] = buf[used:]
         for ident, message in frames:
-            self._publish(ident, message, None, 0)
+            self._publish(ident, message, 0, 0)
         if self.backlogged > BACKLOG_PAUSE:
-            self._pause(conn)
-
-    def _pause(self, conn):
-        self.ep.modify(conn.fd, 0)
-        self.paused.append(conn)
+            self.ep.modify(fd, 0)                 # back-pressure: read it again once rings drain
+            self.paused.append(self.fd_int[fd])
 
     # -- talking to homes ------------------------------------------------------
 
@@ -620,8 +670,9 @@ class Worker:
     def _send_home(self, ident, record):
         self._send(shmqueue.id_key(ident) % self.region.workers, record)
 
-    def _publish(self, ident, data, conn, line):
-        fd, serial = (conn.fd, conn.serial) if conn is not None else (0, 0)
+    def _publish(self, ident, data, fd, line):
+        """Send a message to its home; with fd, the home ACKs it back to that request."""
+        serial = self.serial[fd] if fd else 0
         self._send_home(ident, _PUB.pack(PUB, fd, serial, line, len(ident)) + ident + data)
 
     def _flush_backlog(self):
@@ -635,10 +686,11 @@ class Worker:
                 self.wake.add(dst)
         if self.paused and self.backlogged < BACKLOG_PAUSE // 2:
             paused, self.paused = self.paused, []
-            for conn in paused:
-                if conn.state != CLOSED:
-                    self.ep.modify(conn.fd, IN)
-                    self._on_frames(conn)
+            for fd in paused:
+                if self.state[fd] and self.kind[fd] == APP_BINARY:
+                    self.ep.modify(fd, IN)
+                    if fd in self.inbuf:
+                        self._on_frames(fd)
 
     def _notify(self):
         for dst in self.wake:
@@ -731,40 +783,42 @@ class Worker:
         self._send(src, _CMSG.pack(CMSG, fd, serial, seq) + data)
 
     def _on_unsub(self, src, record):
-        n = record[1]
+        _, which, n = _UNSUB.unpack_from(record)
         ident = record[_UNSUB.size:_UNSUB.size + n]
-        self.part.unsubscribe(shmqueue.id_key(ident), 1 << src)
+        self.part.unsubscribe(shmqueue.id_key(ident), 1 << src, compat_only=which == UNSUB_COMPAT)
 
     def _on_reset(self, src, record):
         self.part.clear_worker(1 << src)
 
     # subscriber side
 
+    def _is_waiting(self, fd, serial, state):
+        """Is the reply for (fd, serial) still wanted: the same request, in ``state``?"""
+        return fd < len(self.state) and self.serial[fd] == serial and self.state[fd] == state
+
     def _on_ack(self, src, record):
         _, fd, serial, line, seq = _ACK.unpack(record)
-        conn = self.conns.get(fd)
-        batch = self.batches.get(fd)
-        if conn is None or batch is None or conn.serial != serial:
+        if not self._is_waiting(fd, serial, BUSY):
             return                                   # the publisher went away meanwhile
+        batch = self.batches[fd]
         batch.waiting -= 1
         if seq:
             batch.published += 1
             batch.seq = seq
         else:
             batch.errors.append({"line": line, "error": "id table full"})
-        self._maybe_finish_batch(conn)
+        self._maybe_finish_batch(fd)
 
     def _on_msgs(self, src, record):
         _, fd, serial, last, flags = _MSGS.unpack_from(record)
-        conn = self.conns.get(fd)
-        if conn is None or conn.serial != serial or conn.state != PENDING:
+        if not self._is_waiting(fd, serial, PENDING):
             return
         if flags & MSGS_REFUSED:
-            self._unhold(conn)
-            self._fail(conn, 503, "id table full")
+            self._unhold(fd)
+            self._fail(fd, 503, "id table full")
             return
         pos = _MSGS.size
-        messages = self.partial.pop(fd, []) if self.partial else []
+        messages = self.partial.pop(fd, [])
         while pos < len(record):
             seq, n = _MSG.unpack_from(record, pos)
             pos += 8
@@ -773,26 +827,21 @@ class Worker:
         if not flags & MSGS_FINAL:
             self.partial[fd] = messages
             return
-        conn.last = last
+        self.last[fd] = last
         if messages:
-            self._answer(conn, messages, last)
+            self._answer(fd, messages, last)
         else:
-            conn.since = last
-            conn.state = HELD
+            self.since[fd] = last
+            self.state[fd] = HELD
 
     def _on_cmsg(self, src, record):
         _, fd, serial, seq = _CMSG.unpack_from(record)
-        conn = self.conns.get(fd)
-        if conn is None or conn.serial != serial or conn.state != PENDING:
+        if not self._is_waiting(fd, serial, PENDING):
             return
         if seq:
-            self._unhold(conn)
-            self._respond(conn, 200, record[_CMSG.size:], b"application/javascript; charset=utf-8",
-                          self.common)
-            self.delivered += 1
-            self._resume(conn)
+            self._answer_compat(fd, record[_CMSG.size:])
         else:
-            conn.state = HELD
+            self.state[fd] = HELD
 
     def _on_deliver(self, src, record):
         _, seq, flags, n = _DELIVER.unpack_from(record)
@@ -800,95 +849,99 @@ class Worker:
         ident = record[start:start + n]
         entry = self.held.get(ident)
         if entry is None:
-            self._send(src, _UNSUB.pack(UNSUB, n) + ident)   # a stale registration heals
+            self._send(src, _UNSUB.pack(UNSUB, UNSUB_ALL, n) + ident)   # a stale registration heals
             return
         data = record[start + n:]
-        holders = (entry,) if type(entry) is Conn else list(entry)
-        bodies = {}
-        for conn in holders:
-            if conn.state != HELD:
+        holders = (entry,) if type(entry) is int else list(entry)
+        state, fmt, since = self.state, self.fmt, self.since
+        json_body = None
+        for fd in holders:
+            if state[fd] != HELD:
                 continue                               # pending: its MSGS reply brings it
-            if conn.fmt == FMT_COMPAT:
+            if fmt[fd] == FMT_COMPAT:
                 if flags & DELIVER_COMPAT:
-                    self._unhold(conn)
-                    self._respond(conn, 200, data, b"application/javascript; charset=utf-8",
-                                  self.common)
-                    self.delivered += 1
-                    self._resume(conn)
-                continue
-            if seq <= conn.since:
-                continue
-            body = bodies.get(conn.fmt)
-            if body is None:
-                body = bodies[conn.fmt] = self._json_body(conn, [(seq, data)], seq)
-            self._unhold(conn)
-            self._respond(conn, 200, body, *self._json_type(conn))
-            self.delivered += 1
-            self._resume(conn)
+                    self._answer_compat(fd, data)
+            elif seq > since[fd]:
+                if fmt[fd] == FMT_JSONP:
+                    self._answer(fd, [(seq, data)], seq)
+                    continue
+                if json_body is None:                  # one encoding for every JSON holder
+                    json_body = json_body_of(ident, [(seq, data)], seq)
+                self._unhold(fd)
+                self._respond(fd, 200, json_body, b"application/json", self.common)
+                self.delivered += 1
+                self._resume(fd)
 
     # -- answering held connections -------------------------------------------
 
-    def _hold(self, conn, ident, timeout):
-        self.serial = (self.serial + 1) & 0xFFFFFFFF or 1
-        conn.serial = self.serial
-        conn.ident = ident
-        conn.state = PENDING
+    def _new_serial(self, fd):
+        serial = self.next_serial = (self.next_serial + 1) & 0xFFFFFFFF or 1
+        self.serial[fd] = serial
+
+    def _hold(self, fd, ident, timeout):
+        self._new_serial(fd)
+        self.ident[fd] = ident
+        self.last[fd] = 0                         # known once the home answers
+        self.state[fd] = PENDING
+        fd = self.fd_int[fd]
         entry = self.held.get(ident)
         if entry is None:
-            self.held[ident] = conn
+            self.held[ident] = fd
         elif type(entry) is set:
-            entry.add(conn)
+            entry.add(fd)
         else:
-            self.held[ident] = {entry, conn}
+            self.held[ident] = {entry, fd}
+        if self.fmt[fd] == FMT_COMPAT:
+            self.compat_held[ident] = self.compat_held.get(ident, 0) + 1
         self.subscribers += 1
-        self._set_deadline(conn, timeout)
+        self._set_deadline(fd, timeout)
 
-    def _unhold(self, conn):
-        ident = conn.ident
+    def _unhold(self, fd):
+        """Take fd out of ``held``; it is READING again (or about to be closed)."""
+        ident = self.ident[fd]
         entry = self.held.get(ident)
-        if entry is conn:
+        if entry == fd:
             del self.held[ident]
-        elif type(entry) is set and conn in entry:
-            entry.discard(conn)
-            if entry:
-                return self._count_unhold(conn)
-            del self.held[ident]
+            self.lingering.add(ident)
+        elif type(entry) is set and fd in entry:
+            entry.discard(fd)
+            if not entry:
+                del self.held[ident]
+                self.lingering.add(ident)
         else:
             return
-        self.lingering.add(ident)
-        self._count_unhold(conn)
-
-    def _count_unhold(self, conn):
+        if self.fmt[fd] == FMT_COMPAT:
+            left = self.compat_held[ident] - 1
+            if left:
+                self.compat_held[ident] = left
+            else:                                 # no compat poll here now: stop taking
+                del self.compat_held[ident]       # messages off the compat cursor for us
+                self._send_home(ident, _UNSUB.pack(UNSUB, UNSUB_COMPAT, len(ident)) + ident)
         self.subscribers -= 1
-        conn.state = READING
+        self.state[fd] = READING
 
-    def _json_type(self, conn):
-        if conn.fmt == FMT_JSON:
-            return b"application/json", self.common
-        return b"application/javascript; charset=utf-8", self.common
-
-    def _json_body(self, conn, messages, last):
-        return json_body(conn.ident, messages, last, None if conn.fmt == FMT_JSON else conn.fmt)
-
-    def _answer(self, conn, messages, last):
-        body = self._json_body(conn, messages, last)
-        self._unhold(conn)
-        self._respond(conn, 200, body, *self._json_type(conn))
+    def _answer(self, fd, messages, last):
+        callback = self.callback.pop(fd, None)
+        body = json_body_of(self.ident[fd], messages, last, callback)
+        content_type = b"application/json" if callback is None else JS_TYPE
+        self._unhold(fd)
+        self._respond(fd, 200, body, content_type, self.common)
         self.delivered += len(messages)
-        self._resume(conn)
+        self._resume(fd)
 
-    def _answer_timeout(self, conn):
-        self._unhold(conn)
-        if conn.fmt == FMT_COMPAT:
-            self._respond(conn, 204, headers=self.common)
+    def _answer_compat(self, fd, data):
+        self._unhold(fd)
+        self._respond(fd, 200, data, JS_TYPE, self.common)
+        self.delivered += 1
+
+    def _answer_timeout(self, fd):
+        if self.fmt[fd] == FMT_COMPAT:
+            self._unhold(fd)
+            self._respond(fd, 204, headers=self.common)
         else:
-            self._respond(conn, 200, self._json_body(conn, [], conn.last), *self._json_type(conn))
-        self._resume(conn)
-
-    def _resume(self, conn):
-        """After an answer given outside the request loop: serve what was pipelined behind it."""
-        if conn.state == READING and conn.buf:
-            self._on_requests(conn)
+            self._answer(fd, [], self.last[fd])
+            return
+        self._resume(fd)
 
     # -- /stats and /metrics ---------------------------------------------------
 
@@ -930,7 +983,7 @@ HANDLERS = {PUB: Worker._on_pub, SUB: Worker._on_sub, CPOLL: Worker._on_cpoll,
             MSGS: Worker._on_msgs, CMSG: Worker._on_cmsg, DELIVER: Worker._on_deliver}
 
 
-def json_body(ident, messages, last, callback=None):
+def json_body_of(ident, messages, last, callback=None):
     """The /sub answer: ``{"id": ..., "messages": [{"seq", "data"}], "last": N}``, maybe JSONP-wrapped."""
     items = ", ".join('{"seq": %d, "data": %s}' % (seq, json.dumps(data.decode("utf-8")))
                       for seq, data in messages)

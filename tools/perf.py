@@ -40,7 +40,7 @@ def build_response():
 
 
 def encode_body():
-    return worker.json_body(b"user:12345", [(42, MESSAGE)], 42)
+    return worker.json_body_of(b"user:12345", [(42, MESSAGE)], 42)
 
 
 def make_region(workers=1):
