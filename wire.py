@@ -71,7 +71,8 @@ def parse_head(buf, max_head=MAX_HEAD):
     """
     end = buf.find(b"\r\n\r\n", 0, max_head + 4)
     if end < 0:
-        if len(buf) >= max_head + 4:
+        # Over the limit, unless what follows it may still be the blank line that ends it.
+        if len(buf) > max_head and not b"\r\n\r\n".startswith(bytes(buf[max_head:max_head + 4])):
             raise HttpError(431, "request head over %d bytes" % max_head)
         return None
     head = bytes(buf[:end + 2])
@@ -85,7 +86,7 @@ def parse_head(buf, max_head=MAX_HEAD):
     method, target, minor = line.groups()
     if not _HEADER_LINES.match(head, line_end + 2):
         raise HttpError(400, "malformed header line")
-    keep_alive = minor == b"1"
+    close = asked_keep_alive = False
     content_length = None
     chunked = False
     authorization = None
@@ -104,14 +105,15 @@ def parse_head(buf, max_head=MAX_HEAD):
             chunked = True
         elif name == b"connection":
             tokens = [t.strip() for t in value.split(b",")]
-            if b"close" in tokens:
-                keep_alive = False
-            elif b"keep-alive" in tokens and minor == b"0":
-                keep_alive = True
+            close = close or b"close" in tokens
+            asked_keep_alive = asked_keep_alive or b"keep-alive" in tokens
         else:
             authorization = head[field.start(2):field.start(2) + len(value)]
     if chunked and content_length is not None:
         raise HttpError(400, "both Content-Length and Transfer-Encoding")
+    # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless
+    # asked to keep it.  "close" wins over everything.
+    keep_alive = not close and (minor == b"1" or asked_keep_alive)
     path, _, query = target.partition(b"?")
     return Request(method, path, query, keep_alive, content_length, chunked,
                    authorization, end + 4)
@@ -161,6 +163,8 @@ def _parse_chunked(buf, pos, max_body):
                 if n - line_end >= MAX_HEAD + 4:
                     raise HttpError(431, "chunked trailer over %d bytes" % MAX_HEAD)
                 return None
+            if not _HEADER_LINES.match(bytes(buf[line_end + 2:end + 2])):
+                raise HttpError(400, "malformed trailer line")
             return b"".join(bytes(buf[a:b]) for a, b in spans), end + 4
         data_start = line_end + 2
         if n < data_start + size + 2:
