@@ -158,7 +158,7 @@ class HttpConn:
                 raise ConnectionError("server closed the connection")
             self.buf += chunk
 
-    def pipeline(self, requests):
+    def pipeline(self, requests, attempts=3):
         """Send requests back to back; return their (status, head, low, body).
 
         When the server closes the connection part-way (Connection: close, or
@@ -183,13 +183,14 @@ class HttpConn:
             except (OSError, ValueError):
                 self.close()
                 failures = failures + 1 if not got else 0
-                if failures > 2:
+                if failures >= attempts:
                     raise
             todo = todo[got:]
         return out
 
-    def request(self, method, path, body=None, headers=()):
-        status, head, low, rbody = self.pipeline([self.build(method, path, body, headers)])[0]
+    def request(self, method, path, body=None, headers=(), attempts=3):
+        req = self.build(method, path, body, headers)
+        status, head, low, rbody = self.pipeline([req], attempts)[0]
         return status, rbody
 
 
@@ -893,7 +894,8 @@ class Coordinator:
         self.next_print = 0
         self.last_print = (time.monotonic(), 0, 0)
         self.tag = "%s%04x-" % (args.id_prefix, random.getrandbits(16))
-        self.stats_conn = HttpConn(args.host, args.app_port, timeout=10)
+        # Short and single-shot: a wedged server must not stall every wait.
+        self.stats_conn = HttpConn(args.host, args.app_port, timeout=2)
         self.publishers = []
 
     # -- logging -----------------------------------------------------------
@@ -912,7 +914,7 @@ class Coordinator:
     # -- server ------------------------------------------------------------
     def stats(self):
         try:
-            status, body = self.stats_conn.request("GET", self.args.stats_path)
+            status, body = self.stats_conn.request("GET", self.args.stats_path, attempts=1)
             if status != 200:
                 return None
             return parse_stats(body)
@@ -1180,9 +1182,13 @@ class Coordinator:
         base_subs = self.totals(self.stats(), "subscribers") or 0
         t0 = time.monotonic()
         self.command("open")
+        # Progress is an open, a retry or a failure; a retried connect may take
+        # --connect-timeout before anything moves.
+        tot_of = self.agg
         ok = self.wait(lambda: all(c["opened"] or not c["alive"] for c in self.children),
-                       max(60.0, n / 500), "open", stall=20,
-                       value=lambda: self.agg()[0]["opened"])
+                       max(60.0, n / 500), "open", stall=self.args.connect_timeout + 10,
+                       value=lambda: (tot_of()[0]["opened"], tot_of()[0]["retries"],
+                                      sum(tot_of()[1].values())))
         t1 = time.monotonic()
         tot, errs = self.agg()
         opened = tot["open"]

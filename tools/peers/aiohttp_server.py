@@ -18,10 +18,12 @@ Benchmark-only dependency: aiohttp (see tools/requirements-bench.txt).
 import argparse
 import asyncio
 import collections
+import faulthandler
 import json
 import os
 import re
 import signal
+import sys
 import time
 
 from aiohttp import web
@@ -237,8 +239,14 @@ async def main(args):
         for fut in ch.waiters:
             if not fut.done():
                 fut.set_result(None)
-    for runner in runners:
-        await runner.cleanup()
+    # Graceful close, but bounded: with tens of thousands of connections aiohttp's
+    # cleanup (and asyncio.run's task teardown) takes many seconds.
+    try:
+        await asyncio.wait_for(asyncio.gather(*(r.cleanup() for r in runners)), 2.0)
+    except asyncio.TimeoutError:
+        pass
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def parse_args(argv=None):
@@ -255,4 +263,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1)   # kill -USR1 <pid>: tracebacks on stderr
     asyncio.run(main(parse_args()))
