@@ -22,7 +22,8 @@ import shmqueue
 import worker
 
 RESTART_BACKOFF_MAX = 30.0     # seconds between restarts of a worker that keeps dying
-CRASH_LOOP_WINDOW = 5.0        # a worker that dies younger than this is crash-looping
+CRASH_LOOP_WINDOW = 1.0        # a worker that dies younger than this is crash-looping
+RESTART_DELAY = 0.05           # before restarting a worker that is not
 STOP_GRACE = 4.0               # seconds workers get to answer held polls on shutdown
 
 
@@ -204,8 +205,7 @@ class Supervisor:
             finally:
                 os._exit(code)
         self.pids[pid] = index
-        self.started[index] = time.monotonic()
-        self.region.stats(index).set("pid", pid)
+        self.started[index] = time.monotonic()   # the worker writes its pid once it listens
 
     def _on_signal(self, signum, frame):
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -236,7 +236,7 @@ class Supervisor:
             if lived < CRASH_LOOP_WINDOW:
                 self.backoff[index] = min(RESTART_BACKOFF_MAX, max(0.1, self.backoff[index] * 2))
             else:
-                self.backoff[index] = 0.0
+                self.backoff[index] = RESTART_DELAY
             print("megacomet: worker %d (pid %d) %s after %.1f s; restarting in %.1f s" %
                   (index, pid, describe_status(status), lived, self.backoff[index]),
                   file=sys.stderr, flush=True)

@@ -31,6 +31,7 @@ except through a ring.  Memory ordering relies on x86-64 (TSO): a store of
 ``tail`` is seen after the stores of the record it publishes.
 """
 
+import array
 import mmap
 import struct
 
@@ -55,7 +56,9 @@ _STAT_BLOCK = 128
 # NO_SLOT: with the free list, which repair() rebuilds, that is everything a
 # crash can leave half-done in a partition.  "bump" is the first never-used
 # slot, "free" the first free one plus 1 (0: none), linked through heads[].
-_H_WRITE, _H_TAIL, _H_IDS, _H_MESSAGES, _H_DIRTY, _H_JOURNAL, _H_BUMP, _H_FREE = range(8)
+# "pending" is where the record of the publish in progress goes (or NO_SLOT).
+_H_WRITE, _H_TAIL, _H_IDS, _H_MESSAGES, _H_DIRTY, _H_JOURNAL, _H_BUMP, _H_FREE, _H_PENDING = range(9)
+_PART_HEADER = 128
 NO_SLOT = 0xFFFFFFFFFFFFFFFF
 _HEADER = 64
 _CACHE_LINE = 64
@@ -95,7 +98,7 @@ class Layout:
         for _ in range(workers):
             off = _align(off, 4096)
             self.part_offsets.append(off)
-            off += (_CACHE_LINE + _align(self.index_cells * 4, 8) + self.slots * self.SLOT_BYTES
+            off += (_PART_HEADER + _align(self.index_cells * 4, 8) + self.slots * self.SLOT_BYTES
                     + self.log_size)
         self.ring_offsets = {}
         for src in range(workers):
@@ -117,7 +120,7 @@ class SharedRegion:
         self.view = memoryview(self.mm)
         for w in range(workers):
             header = self._part_header(w)
-            header[_H_DIRTY] = header[_H_JOURNAL] = NO_SLOT
+            header[_H_DIRTY] = header[_H_JOURNAL] = header[_H_PENDING] = NO_SLOT
 
     @property
     def workers(self):
@@ -152,22 +155,27 @@ class SharedRegion:
 
     def _part_header(self, w):
         base = self.layout.part_offsets[w]
-        return self.view[base:base + _CACHE_LINE].cast("Q")
+        return self.view[base:base + _PART_HEADER].cast("Q")
 
 
 class StatsBlock:
     """One worker's counters in the region, by name."""
 
     __slots__ = ("_words",)
+    _INDEX = {name: i for i, name in enumerate(STAT_FIELDS)}
 
     def __init__(self, words):
         self._words = words
 
     def get(self, name):
-        return self._words[STAT_FIELDS.index(name)]
+        return self._words[self._INDEX[name]]
 
     def set(self, name, value):
-        self._words[STAT_FIELDS.index(name)] = value
+        self._words[self._INDEX[name]] = value
+
+    def set_counters(self, values):
+        """Write every field after pid and started_ms at once, in STAT_FIELDS order."""
+        self._words[2:len(STAT_FIELDS)] = array.array("Q", values)
 
     def as_dict(self):
         return dict(zip(STAT_FIELDS, self._words[:len(STAT_FIELDS)]))
@@ -192,6 +200,8 @@ class Ring:
         """Append one record; False when it does not fit now (back-pressure)."""
         need = 4 + len(payload)
         need += -need % 4
+        if need > self.size // 2:     # else an empty ring might never fit it (padding to the end)
+            raise ValueError("ring record of %d bytes over half the ring" % need)
         tail = self._pos[8]
         phys = tail & self._mask
         room_to_end = self.size - phys
@@ -251,8 +261,8 @@ class Partition:
         lay = region.layout
         view = region.view
         base = lay.part_offsets[w]
-        self.header = view[base:base + _CACHE_LINE].cast("Q")
-        off = base + _CACHE_LINE
+        self.header = view[base:base + _PART_HEADER].cast("Q")
+        off = base + _PART_HEADER
         self.cells = lay.index_cells
         self.index = view[off:off + self.cells * 4].cast("I")
         off += _align(self.cells * 4, 8)
@@ -459,11 +469,12 @@ class Partition:
         i = self._find_or_add(key)
         header = self.header
         seq = self.lasts[i] + 1
+        header[_H_PENDING] = pos               # with dirty: repair() finishes or forgets this
+        header[_H_DIRTY] = i
         phys = pos % self.log_size
         _REC.pack_into(self.log, phys, key, self.heads[i], seq, now_ms & 0xFFFFFFFF, len(data))
         self.log[phys + REC_HEADER:phys + REC_HEADER + len(data)] = data
         header[_H_WRITE] = pos + need          # the record exists from here on
-        header[_H_DIRTY] = i
         self.heads[i] = pos                    # head before last: see repair()
         self.lasts[i] = seq
         overflow = seq - self.firsts[i] + 1 - self.max_queued
@@ -477,7 +488,7 @@ class Partition:
         if compat:                             # held compat polls consume it
             self.compats[i] = seq
             self.cmasks[i] = 0
-        header[_H_DIRTY] = NO_SLOT
+        header[_H_DIRTY] = header[_H_PENDING] = NO_SLOT
         return seq, targets, compat
 
     def subscribe(self, key, bit, since, now_ms):
@@ -538,19 +549,22 @@ class Partition:
         journal = header[_H_JOURNAL]
         if journal != NO_SLOT:
             src, dst = journal >> 32, journal & 0xFFFFFFFF
-            if src != dst:
+            if src != dst and self.index[src]:   # src empty: the move and its shift were done
                 self.index[dst] = self.index[src]
             self._shift_into(src)
         indexed = {entry - 1 for entry in self.index if entry}
         dirty = header[_H_DIRTY]
         if dirty in indexed:
             self._repair_slot(dirty)
-        header[_H_DIRTY] = NO_SLOT
+        header[_H_DIRTY] = header[_H_PENDING] = NO_SLOT
         keys, heads, lasts, firsts = self.keys, self.heads, self.lasts, self.firsts
         free = messages = 0
+        idle = []
         for slot in range(header[_H_BUMP] - 1, -1, -1):
             if slot in indexed:
                 messages += max(0, lasts[slot] - firsts[slot] + 1)
+                if lasts[slot] < firsts[slot] and not self.masks[slot] and not self.cmasks[slot]:
+                    idle.append(slot)         # a crash came between emptying and forgetting
             else:                             # free, or lost by a crash mid-insert/delete
                 keys[slot] = EMPTY
                 heads[slot] = free
@@ -558,16 +572,18 @@ class Partition:
         header[_H_FREE] = free
         header[_H_IDS] = len(indexed)
         header[_H_MESSAGES] = messages
+        for slot in idle:
+            self._delete(slot)
 
     def _repair_slot(self, i):
-        key = self.keys[i]
-        if key == EMPTY:
-            return                        # killed while creating it: never existed
-        head = self.heads[i]
-        if self.header[_H_TAIL] <= head < self.header[_H_WRITE]:
-            rkey, _prev, seq, _stamp, _len = self._record_at(head)
-            if rkey == key and seq == self.lasts[i] + 1:
-                self.lasts[i] = seq       # killed between head and last: finish it
+        """Slot i was being written: complete a publish whose record made it into the log."""
+        header = self.header
+        pos = header[_H_PENDING]
+        if pos != NO_SLOT and header[_H_TAIL] <= pos < header[_H_WRITE]:
+            key, _prev, seq, _stamp, _len = self._record_at(pos)
+            if key == self.keys[i] and seq == self.lasts[i] + 1:
+                self.heads[i] = pos
+                self.lasts[i] = seq
         last = self.lasts[i]
         self.firsts[i] = max(min(self.firsts[i], last + 1), last + 1 - self.max_queued)
         self.compats[i] = min(self.compats[i], last)

@@ -40,6 +40,7 @@ import shmqueue
 import wire
 
 TICK = 0.25                      # seconds between housekeeping passes
+STATS_LAG = 0.01                 # /stats may lag a busy worker's counters by this much
 READ_SIZE = 65536
 ACCEPT_BATCH = 128
 EVENT_BATCH = 1024
@@ -149,6 +150,7 @@ class Worker:
         self.subscribers = 0
         self.rss = 0
         self.rss_at = 0.0
+        self.stats_at = 0.0
         self.log_budget = LOG_LINES_PER_SECOND
         self.log_suppressed = 0
         self.accept_paused_until = 0.0
@@ -179,6 +181,7 @@ class Worker:
             for dst in range(self.region.workers):
                 self._send(dst, bytes((RESET,)))
         self.stats.set("started_ms", int(time.time() * 1000))
+        self.stats.set("pid", os.getpid())        # alive for /health from now: it listens
         self._flush_stats()
         gc.freeze()                               # start-up objects: never scanned, never copied
         if self.ready_fd is not None:
@@ -214,6 +217,8 @@ class Worker:
             self._run_local()
             self._flush_backlog()
             self._notify()
+            if self.now - self.stats_at >= STATS_LAG:
+                self._flush_stats()
             if self.now >= next_tick:
                 self._tick()
                 next_tick = self.now + TICK
@@ -298,15 +303,9 @@ class Worker:
                     self.rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             except OSError:
                 pass
-        s = self.stats
-        s.set("connections", self.open)
-        s.set("subscribers", self.subscribers)
-        s.set("accepted", self.accepted)
-        s.set("published", self.published)
-        s.set("delivered", self.delivered)
-        s.set("expired", self.part.expired)
-        s.set("dropped", self.part.dropped)
-        s.set("rss_bytes", self.rss)
+        self.stats_at = self.now
+        self.stats.set_counters((self.open, self.subscribers, self.accepted, self.published,
+                                 self.delivered, self.part.expired, self.part.dropped, self.rss))
 
     def _now_ms(self):
         return int(self.now * 1000)
@@ -428,9 +427,16 @@ class Worker:
 
     def _respond(self, fd, status, body=b"", content_type=b"application/json", headers=b""):
         """Answer the current request; then wait for the next one, or close."""
-        flags = self.flags[fd]
-        keep = flags & KEEP_ALIVE and not self.stopping
-        self._write(fd, wire.response(status, body, content_type, keep, headers, flags & HEAD_ONLY))
+        flags = self._response_flags(fd)
+        self._send_response(fd, wire.response(status, body, content_type, flags & KEEP_ALIVE,
+                                              headers, flags & HEAD_ONLY), flags & KEEP_ALIVE)
+
+    def _response_flags(self, fd):
+        """KEEP_ALIVE | HEAD_ONLY as this answer honours them (no keep-alive while stopping)."""
+        return self.flags[fd] & ~KEEP_ALIVE if self.stopping else self.flags[fd]
+
+    def _send_response(self, fd, data, keep):
+        self._write(fd, data)
         if not self.state[fd]:
             return                                # the write found the peer gone
         if keep:
@@ -854,7 +860,8 @@ class Worker:
         data = record[start + n:]
         holders = (entry,) if type(entry) is int else list(entry)
         state, fmt, since = self.state, self.fmt, self.since
-        json_body = None
+        body = None
+        responses = {}                                 # one response per flags variant, for all
         for fd in holders:
             if state[fd] != HELD:
                 continue                               # pending: its MSGS reply brings it
@@ -865,10 +872,16 @@ class Worker:
                 if fmt[fd] == FMT_JSONP:
                     self._answer(fd, [(seq, data)], seq)
                     continue
-                if json_body is None:                  # one encoding for every JSON holder
-                    json_body = json_body_of(ident, [(seq, data)], seq)
+                variant = self._response_flags(fd)
+                response = responses.get(variant)
+                if response is None:
+                    if body is None:
+                        body = json_body_of(ident, [(seq, data)], seq)
+                    response = responses[variant] = wire.response(
+                        200, body, b"application/json", variant & KEEP_ALIVE, self.common,
+                        variant & HEAD_ONLY)
                 self._unhold(fd)
-                self._respond(fd, 200, json_body, b"application/json", self.common)
+                self._send_response(fd, response, variant & KEEP_ALIVE)
                 self.delivered += 1
                 self._resume(fd)
 
