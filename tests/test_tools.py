@@ -1,0 +1,57 @@
+"""Short runs of the benchmark tools, so that they keep working.
+
+The long versions live in tools/ (``python tools/bench.py``); here each mode of
+the load generator runs once at a small size against a real server, and the
+side-by-side bench runs its quick deliver mode against MegaComet and the
+aiohttp peer.  Each checks the tools' own correctness verdicts, not speed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+MEGATEST = os.path.join(ROOT, "tools", "megatest.py")
+
+
+def run_tool(args, timeout):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("mode, size", [("hold", ["-n", "400"]), ("deliver", ["-n", "300"]),
+                                        ("fanout", ["-n", "300"]), ("queue", ["-m", "2000"]),
+                                        ("churn", ["-n", "100", "--rate", "200", "--churn-time", "2"])])
+def test_megatest_mode_against_the_server(server_factory, tmp_path, mode, size):
+    server = server_factory(workers=2)
+    record = tmp_path / "record.json"
+    run_tool([MEGATEST, "--mode", mode, *size, "--port", str(server.client),
+              "--app-port", str(server.app), "--server-pid", str(server.proc.pid),
+              "--duration", "60", "--json", str(record)], timeout=120)
+    data = json.loads(record.read_text())
+    # megatest's own verdict: every subscriber got exactly its own messages,
+    # every queued message drained, nothing stalled.
+    assert data["ok"] is True and data["problems"] == [], data["summary"]
+    assert data["summary"].startswith("megatest %s:" % mode)
+
+
+def test_bench_quick_deliver_side_by_side(tmp_path):
+    pytest.importorskip("aiohttp")
+    out = tmp_path / "bench.json"
+    # bench.py exits 1 when it adds notes, e.g. "the machine was busy": judge its table instead.
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--quick",
+                           "--servers", "megacomet,aiohttp", "--modes", "deliver", "--workers", "2",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    table = {row["metric"]: row for row in json.loads(out.read_text())["table"]}
+    for publish in ("batch", "single"):
+        row = table["deliver/%s: not exactly once" % publish]
+        assert row["megacomet"] == "0" and row["aiohttp"] == "0", row
+        assert int(table["deliver/%s: subscribers" % publish]["megacomet"]) > 0
+    assert table["deliver/binary: not exactly once"]["megacomet"] == "0"
