@@ -514,20 +514,25 @@ class Partition:
             self.cmasks[i] &= ~bit
             self._maybe_forget(i)
 
-    def compat_take(self, key, bit, now_ms):
+    def compat_take(self, key, bit, now_ms, consume=True):
         """The oldest message compat readers have not had, advancing the cursor; or None.
 
-        With None, worker bit is registered to receive the next message.
+        With None, worker bit is registered to receive the next message.  With
+        ``consume`` false (a HEAD request) nothing changes: a look, not a read.
         """
-        i = self._find_or_add(key)
+        i = self._find_or_add(key) if consume else self.find(key)
+        if i < 0:
+            return None
         oldest = None
         for oldest in self._walk(i, self.compats[i] + 1, now_ms):
             pass
         if oldest is None:
-            self.cmasks[i] |= bit
+            if consume:
+                self.cmasks[i] |= bit
             return None
         seq, p, n = oldest
-        self.compats[i] = seq
+        if consume:
+            self.compats[i] = seq
         return seq, bytes(self.log[p:p + n])
 
     def last_seq(self, key):

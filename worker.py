@@ -60,7 +60,7 @@ _MSGS = struct.Struct("<BIIIB")       # kind, fd, serial, last, flags | (seq, le
 _MSG = struct.Struct("<II")
 _DELIVER = struct.Struct("<BIBB")     # kind, seq, flags, id length | id, data
 _UNSUB = struct.Struct("<BBB")        # kind, which (UNSUB_*), id length | id
-_CPOLL = struct.Struct("<BIIB")       # kind, fd, serial, id length | id
+_CPOLL = struct.Struct("<BIIBB")      # kind, fd, serial, peek, id length | id
 _CMSG = struct.Struct("<BIII")        # kind, fd, serial, seq (0 = none) | data
 MSGS_FINAL, MSGS_REFUSED = 1, 2
 UNSUB_ALL, UNSUB_COMPAT = 0, 1
@@ -547,7 +547,8 @@ class Worker:
             self.fmt[fd] = FMT_COMPAT
             self.flags[fd] &= ~KEEP_ALIVE           # the original closes after each poll
             self._hold(fd, ident, self.cfg.poll_timeout)
-            self._send_home(ident, _CPOLL.pack(CPOLL, fd, self.serial[fd], len(ident)) + ident)
+            peek = method == b"HEAD"                # a HEAD must not move the cursor
+            self._send_home(ident, _CPOLL.pack(CPOLL, fd, self.serial[fd], peek, len(ident)) + ident)
             return
         raise wire.HttpError(404, "no such path")
 
@@ -779,10 +780,11 @@ class Worker:
         self._send(src, b"".join(parts))
 
     def _on_cpoll(self, src, record):
-        _, fd, serial, n = _CPOLL.unpack_from(record)
+        _, fd, serial, peek, n = _CPOLL.unpack_from(record)
         ident = record[_CPOLL.size:_CPOLL.size + n]
         try:
-            found = self.part.compat_take(shmqueue.id_key(ident), 1 << src, self._now_ms())
+            found = self.part.compat_take(shmqueue.id_key(ident), 1 << src, self._now_ms(),
+                                          consume=not peek)
         except shmqueue.TableFull:
             found = None
         seq, data = found if found else (0, b"")
@@ -846,6 +848,8 @@ class Worker:
             return
         if seq:
             self._answer_compat(fd, record[_CMSG.size:])
+        elif self.flags[fd] & HEAD_ONLY:
+            self._answer_timeout(fd)              # nothing to look at; a HEAD is not held
         else:
             self.state[fd] = HELD
 

@@ -42,8 +42,9 @@ class Server:
         text = b""
         while b"megacomet: ready" not in text:
             if time.monotonic() > deadline or self.proc.poll() is not None:
+                errors = self.stderr()
                 self.stop()
-                raise RuntimeError("server did not start: %r %r" % (text, self.stderr()))
+                raise RuntimeError("server did not start: %r %r" % (text, errors))
             chunk = self.proc.stdout.read()
             if chunk:
                 text += chunk
@@ -85,6 +86,7 @@ class Server:
                 pass
         self.proc.stdout.close()
         self.log.close()
+        os.unlink(self.log_path)
         self.proc = None
 
     # -- HTTP helpers (each request on its own connection unless given one) --
