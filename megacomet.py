@@ -10,6 +10,7 @@ Run it:  python megacomet.py --workers 8
 """
 
 import argparse
+import gc
 import os
 import resource
 import select
@@ -142,6 +143,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         self._banner(fd_limit)
+        gc.freeze()          # what exists now is shared with every worker: never collect (copy) it
         for index in range(self.n):
             self._spawn(index, ready_w)
         os.close(ready_w)
