@@ -539,6 +539,19 @@ class Partition:
         i = self.find(key)
         return self.lasts[i] if i >= 0 else 0
 
+    def peek_last(self, key):
+        """Any worker may call this: key's last seq, or -1 when not found.
+
+        It only reads, while the owner may be writing: a probe can miss a key
+        being moved, and a slot can change hands under the reader, so callers
+        must treat the answer as a hint that the owner may correct.
+        """
+        i = self.find(key)
+        if i < 0:
+            return -1
+        last = self.lasts[i]
+        return last if self.keys[i] == key else -1
+
     def clear_worker(self, bit):
         """Forget that worker ``bit`` holds anything: it was restarted."""
         masks, cmasks = self.masks, self.cmasks

@@ -55,7 +55,7 @@ OUT = select.EPOLLOUT
 PUB, ACK, SUB, MSGS, DELIVER, UNSUB, CPOLL, CMSG, RESET = b"PASMDUCcR"
 _PUB = struct.Struct("<BIIIB")        # kind, fd, serial, line, id length | id, data
 _ACK = struct.Struct("<BIIII")        # kind, fd, serial, line, seq (0 = refused)
-_SUB = struct.Struct("<BIIIB")        # kind, fd, serial, since, id length | id
+_SUB = struct.Struct("<BIIIBB")       # kind, fd, serial, since, flags, id length | id
 _MSGS = struct.Struct("<BIIIB")       # kind, fd, serial, last, flags | (seq, len, data)*
 _MSG = struct.Struct("<II")
 _DELIVER = struct.Struct("<BIBB")     # kind, seq, flags, id length | id, data
@@ -63,6 +63,7 @@ _UNSUB = struct.Struct("<BBB")        # kind, which (UNSUB_*), id length | id
 _CPOLL = struct.Struct("<BIIBB")      # kind, fd, serial, peek, id length | id
 _CMSG = struct.Struct("<BIII")        # kind, fd, serial, seq (0 = none) | data
 MSGS_FINAL, MSGS_REFUSED = 1, 2
+SUB_QUIET = 1                         # answer only with news (or a refusal)
 UNSUB_ALL, UNSUB_COMPAT = 0, 1
 DELIVER_COMPAT = 1
 
@@ -107,6 +108,7 @@ class Worker:
         self.eventfds = eventfds
         self.ready_fd = ready_fd
         self.part = region.partition(index)
+        self.homes = [region.partition(w) for w in range(region.workers)]   # others: read only
         n = region.workers
         self.inbox = [(src, region.ring(src, index)) for src in range(n) if src != index]
         self.outbox = [region.ring(index, dst) for dst in range(n)]
@@ -266,6 +268,7 @@ class Worker:
             bucket.append(self.fd_int[fd])
 
     def _tick(self):
+        self._drain_inbox()        # eventfds are the fast path; this bounds any missed wake-up
         now_tick = self._tick_of(self.now) - 1
         state, deadline = self.state, self.deadline
         while self.wheel_at <= now_tick:
@@ -538,9 +541,7 @@ class Worker:
                 self.callback[fd] = callback
             else:
                 raise wire.HttpError(400, "callback must match [A-Za-z_$][A-Za-z0-9_$.]{0,63}")
-            self.since[fd] = since
-            self._hold(fd, ident, timeout)
-            self._send_home(ident, _SUB.pack(SUB, fd, self.serial[fd], since, len(ident)) + ident)
+            self._subscribe(fd, ident, since, timeout)
             return
         if path.endswith(b".js") and path.count(b"/") == 1 and wire.valid_id(path[1:-3]):
             ident = path[1:-3]
@@ -551,6 +552,32 @@ class Worker:
             self._send_home(ident, _CPOLL.pack(CPOLL, fd, self.serial[fd], peek, len(ident)) + ident)
             return
         raise wire.HttpError(404, "no such path")
+
+    def _subscribe(self, fd, ident, since, timeout):
+        """Hold fd for ident's messages newer than ``since``.
+
+        The fast path: read the id's last seq straight from its home's
+        partition.  If the client already has everything, the poll is held at
+        once, and the home hears of it only if this worker is not registered
+        for the id yet (a quiet SUB: it answers only with news).  Otherwise the
+        poll waits for the home's MSGS answer.  A misread only costs a detour:
+        the home's answer, or a gap in the DELIVERs, corrects it.
+        """
+        registered = ident in self.held or ident in self.lingering
+        key = shmqueue.id_key(ident)
+        home = key % self.region.workers
+        self.since[fd] = since
+        self._hold(fd, ident, timeout)
+        last = self.homes[home].peek_last(key)
+        if since == max(last, 0):
+            self.state[fd] = HELD
+            self.last[fd] = since
+            if registered:
+                return
+            flags = SUB_QUIET
+        else:
+            flags = 0
+        self._send(home, _SUB.pack(SUB, fd, self.serial[fd], since, flags, len(ident)) + ident)
 
     def _route_app(self, fd, req, body):
         method, path = req.method, req.path
@@ -756,7 +783,7 @@ class Worker:
                 dst += 1
 
     def _on_sub(self, src, record):
-        _, fd, serial, since, n = _SUB.unpack_from(record)
+        _, fd, serial, since, flags, n = _SUB.unpack_from(record)
         ident = record[_SUB.size:_SUB.size + n]
         try:
             last, messages = self.part.subscribe(shmqueue.id_key(ident), 1 << src, since,
@@ -764,6 +791,8 @@ class Worker:
         except shmqueue.TableFull:
             self._send(src, _MSGS.pack(MSGS, fd, serial, 0, MSGS_FINAL | MSGS_REFUSED))
             return
+        if flags & SUB_QUIET and not messages:
+            return                                # the poll is held already: no news, no answer
         # Split a long backlog so that no record outgrows a ring.
         limit = self.outbox[src].size // 4
         parts = [_MSGS.pack(MSGS, fd, serial, last, 0)]
@@ -819,10 +848,11 @@ class Worker:
 
     def _on_msgs(self, src, record):
         _, fd, serial, last, flags = _MSGS.unpack_from(record)
-        if not self._is_waiting(fd, serial, PENDING):
+        if not (self._is_waiting(fd, serial, PENDING) or self._is_waiting(fd, serial, HELD)):
             return
         if flags & MSGS_REFUSED:
             self._unhold(fd)
+            self.lingering.discard(self.ident[fd])   # never registered: next time, ask again
             self._fail(fd, 503, "id table full")
             return
         pos = _MSGS.size
@@ -872,6 +902,8 @@ class Worker:
             if fmt[fd] == FMT_COMPAT:
                 if flags & DELIVER_COMPAT:
                     self._answer_compat(fd, data)
+            elif seq > since[fd] + 1:
+                self._resubscribe(fd)                  # a gap: the home's MSGS fills it
             elif seq > since[fd]:
                 if fmt[fd] == FMT_JSONP:
                     self._answer(fd, [(seq, data)], seq)
@@ -890,6 +922,14 @@ class Worker:
                 self._resume(fd)
 
     # -- answering held connections -------------------------------------------
+
+    def _resubscribe(self, fd):
+        """Ask the home for everything after since[fd]; the poll waits for that answer."""
+        ident = self.ident[fd]
+        self._new_serial(fd)
+        self.state[fd] = PENDING
+        self._send_home(ident, _SUB.pack(SUB, fd, self.serial[fd], self.since[fd], 0, len(ident))
+                        + ident)
 
     def _new_serial(self, fd):
         serial = self.next_serial = (self.next_serial + 1) & 0xFFFFFFFF or 1
