@@ -6,6 +6,7 @@ ids whose home it is) and talks to the other workers only through the rings
 of ``shmqueue``.  Everything about an id goes to its home as a small record:
 
     PUB     any worker -> home    store a message, deliver it, maybe ACK back
+    ACK     home -> publisher     how many of a request's messages it stored (one per turn)
     SUB     any worker -> home    register the worker, answer with MSGS (backlog)
     CPOLL   any worker -> home    take the compat cursor's next message (CMSG)
     UNSUB   any worker -> home    the worker holds nobody for the id any more
@@ -54,7 +55,9 @@ OUT = select.EPOLLOUT
 # Record kinds and their fixed headers (little-endian); variable parts follow.
 PUB, ACK, SUB, MSGS, DELIVER, UNSUB, CPOLL, CMSG, RESET = b"PASMDUCcR"
 _PUB = struct.Struct("<BIIIB")        # kind, fd, serial, line, id length | id, data
-_ACK = struct.Struct("<BIIII")        # kind, fd, serial, line, seq (0 = refused)
+_ACK = struct.Struct("<BIIIII")       # kind, fd, serial, stored, last seq, refused | lines
+_LINE = struct.Struct("<I")
+ACK_REFUSED_MAX = 4096                # refused line numbers per ACK record
 _SUB = struct.Struct("<BIIIBB")       # kind, fd, serial, since, flags, id length | id
 _MSGS = struct.Struct("<BIIIB")       # kind, fd, serial, last, flags | (seq, len, data)*
 _MSG = struct.Struct("<II")
@@ -131,6 +134,7 @@ class Worker:
         self.outbuf = {}         # fd -> bytes the socket did not take yet
         self.callback = {}       # fd -> JSONP function name
         self.batches = {}        # fd -> Batch
+        self.acks = {}           # (src, fd, serial) -> [stored, last seq, refused lines]: home side
         self.partial = {}        # fd -> messages of a MSGS reply still arriving in parts
         self.open = 0
         self.held = {}           # id -> fd, or set of fds (pending and held)
@@ -217,6 +221,8 @@ class Worker:
             if busy:
                 busy = self._drain_inbox()
             self._run_local()
+            if self.acks:
+                self._flush_acks()
             self._flush_backlog()
             self._notify()
             if self.now - self.stats_at >= STATS_LAG:
@@ -247,6 +253,7 @@ class Worker:
             for fd, ev in self.ep.poll(0.05):
                 if self.state[fd] and ev & OUT:
                     self._flush_out(fd)
+        self._flush_acks()
         self._flush_backlog()
         self._notify()
         self._flush_stats()
@@ -269,6 +276,7 @@ class Worker:
 
     def _tick(self):
         self._drain_inbox()        # eventfds are the fast path; this bounds any missed wake-up
+        self._flush_acks()
         now_tick = self._tick_of(self.now) - 1
         state, deadline = self.state, self.deadline
         while self.wheel_at <= now_tick:
@@ -662,6 +670,7 @@ class Worker:
             else:
                 self._fail(fd, 503, "id table full")
         else:
+            batch.errors.sort(key=lambda error: error["line"])
             self._respond(fd, 202, json.dumps({"published": batch.published,
                                                "errors": batch.errors}).encode())
         if resume:
@@ -770,8 +779,15 @@ class Worker:
             self.log("publish: id table full, message for %s refused" % ident.decode())
         else:
             self.published += 1
-        if serial:
-            self._send(src, _ACK.pack(ACK, fd, serial, line, seq))
+        if serial:                                 # acknowledged in bulk by _flush_acks
+            tally = self.acks.get((src, fd, serial))
+            if tally is None:
+                tally = self.acks[src, fd, serial] = [0, 0, []]
+            if seq:
+                tally[0] += 1
+                tally[1] = seq
+            else:
+                tally[2].append(line)
         if targets:
             head = _DELIVER.pack(DELIVER, seq, DELIVER_COMPAT if compat else 0, n) + ident
             record = head + data
@@ -781,6 +797,16 @@ class Worker:
                     self._send(dst, record)
                 targets >>= 1
                 dst += 1
+
+    def _flush_acks(self):
+        """One ACK per publishing request and loop turn, not one per message."""
+        for (src, fd, serial), (stored, last, refused) in self.acks.items():
+            for start in range(0, max(len(refused), 1), ACK_REFUSED_MAX):
+                lines = refused[start:start + ACK_REFUSED_MAX]
+                self._send(src, _ACK.pack(ACK, fd, serial, stored, last, len(lines))
+                           + b"".join(_LINE.pack(line) for line in lines))
+                stored = 0
+        self.acks.clear()
 
     def _on_sub(self, src, record):
         _, fd, serial, since, flags, n = _SUB.unpack_from(record)
@@ -834,15 +860,16 @@ class Worker:
         return fd < len(self.state) and self.serial[fd] == serial and self.state[fd] == state
 
     def _on_ack(self, src, record):
-        _, fd, serial, line, seq = _ACK.unpack(record)
+        _, fd, serial, stored, last, refused = _ACK.unpack_from(record)
         if not self._is_waiting(fd, serial, BUSY):
             return                                   # the publisher went away meanwhile
         batch = self.batches[fd]
-        batch.waiting -= 1
-        if seq:
-            batch.published += 1
-            batch.seq = seq
-        else:
+        batch.waiting -= stored + refused
+        batch.published += stored
+        if stored:
+            batch.seq = last
+        for i in range(refused):
+            line = _LINE.unpack_from(record, _ACK.size + 4 * i)[0]
             batch.errors.append({"line": line, "error": "id table full"})
         self._maybe_finish_batch(fd)
 
