@@ -110,8 +110,8 @@ class Worker:
         self.region = region
         self.eventfds = eventfds
         self.ready_fd = ready_fd
-        self.part = region.partition(index)
         self.homes = [region.partition(w) for w in range(region.workers)]   # others: read only
+        self.part = self.homes[index]
         n = region.workers
         self.inbox = [(src, region.ring(src, index)) for src in range(n) if src != index]
         self.outbox = [region.ring(index, dst) for dst in range(n)]

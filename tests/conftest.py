@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -25,7 +26,8 @@ START_TIMEOUT = 20.0
 class Server:
     """One megacomet.py process tree; ``client`` and ``app`` are its ports."""
 
-    def __init__(self, *flags, workers=2):
+    def __init__(self, *flags, workers=2, preexec_fn=None):
+        self.preexec_fn = preexec_fn     # runs in the server process before it starts
         self.flags = ["--workers", str(workers), "--host", "127.0.0.1", "--port", "0",
                       "--app-port", "0", *map(str, flags)]
         self.workers = workers
@@ -36,7 +38,8 @@ class Server:
     def start(self):
         self.log = open(self.log_path, "w+b")
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "megacomet.py"), *self.flags],
-                                     stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
+                                     stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT,
+                                     preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + START_TIMEOUT
         os.set_blocking(self.proc.stdout.fileno(), False)
         text = b""
@@ -146,6 +149,19 @@ def server_factory():
 @pytest.fixture
 def server(server_factory):
     return server_factory(workers=2)
+
+
+def is_closed(sock):
+    """True once the peer has closed (EOF or reset); never blocks."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        return True
+    except BlockingIOError:
+        return False
 
 
 def raw_request(port, data, timeout=5.0, read_until_close=True):

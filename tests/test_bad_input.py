@@ -12,18 +12,15 @@ import os
 import random
 import re
 import resource
-import select
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import uuid
 
 import pytest
 
-from conftest import ROOT, START_TIMEOUT, Server, wait_for
+from conftest import Server, is_closed, wait_for
 
 HEADER_TIMEOUT = 1.0        # --header-timeout of the shared server
 MAX_MESSAGE = 1024          # --max-message of the shared server
@@ -88,19 +85,6 @@ def exchange(port, data, timeout=3.0):
 def status_of(reply):
     m = re.match(rb"HTTP/1\.[01] (\d{3}) ", reply)
     return int(m.group(1)) if m else None
-
-
-def is_closed(sock):
-    """True once the peer has closed (EOF or reset); never blocks."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    if not readable:
-        return False
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-        return True
-    except BlockingIOError:
-        return False
 
 
 def read_response(sock, timeout=5.0):
@@ -709,33 +693,9 @@ def test_compat_message_published_right_after_a_compat_poll_left_is_not_lost(srv
 FD_LIMIT = 80
 
 
-class LowFdServer(Server):
-    """The harness's server, started with RLIMIT_NOFILE soft = hard = FD_LIMIT."""
-
-    def start(self):
-        def limit_fds():
-            resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
-
-        self.log = open(self.log_path, "w+b")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "megacomet.py"), *self.flags],
-                                     stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT,
-                                     preexec_fn=limit_fds)
-        deadline = time.monotonic() + START_TIMEOUT
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        text = b""
-        while b"megacomet: ready" not in text:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("server did not start: %r %r" % (text, self.stderr()))
-            chunk = self.proc.stdout.read()
-            if chunk:
-                text += chunk
-            else:
-                time.sleep(0.02)
-        self.banner = text.decode()
-        self.client = int(re.search(r"client port http://[^:]+:(\d+)", self.banner).group(1))
-        self.app = int(re.search(r"app port +http://[^:]+:(\d+)", self.banner).group(1))
-        return self
+def limit_fds():
+    """Run in the server process: RLIMIT_NOFILE soft = hard = FD_LIMIT."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
 
 
 def cpu_seconds(pid):
@@ -746,8 +706,8 @@ def cpu_seconds(pid):
 
 @pytest.fixture
 def low_fd_server():
-    server = LowFdServer("--header-timeout", 60, "--poll-timeout", 60, "--max-ids", 10000,
-                         "--shm-mb", 16, workers=2)
+    server = Server("--header-timeout", 60, "--poll-timeout", 60, "--max-ids", 10000,
+                    "--shm-mb", 16, workers=2, preexec_fn=limit_fds)
     server.start()
     try:
         yield server

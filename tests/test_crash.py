@@ -13,7 +13,6 @@
 import http.client
 import json
 import os
-import select
 import signal
 import socket
 import threading
@@ -22,7 +21,7 @@ import uuid
 
 import pytest
 
-from conftest import wait_for
+from conftest import is_closed, wait_for
 
 
 def uid(prefix):
@@ -42,19 +41,6 @@ def read_response(sock, timeout=5.0):
     resp.begin()
     body = resp.read()
     return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
-
-
-def is_closed(sock):
-    """True once the peer has closed (EOF or reset); never blocks."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    if not readable:
-        return False
-    try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-        return True
-    except BlockingIOError:
-        return False
 
 
 def try_stats(server):
