@@ -49,7 +49,7 @@ _RING_WRAP = 0xFFFFFFFF
 
 # Per-worker stats block (all u64). Order is the wire order of /stats.
 STAT_FIELDS = ("pid", "started_ms", "connections", "subscribers", "accepted",
-               "published", "delivered", "expired", "dropped", "rss_bytes")
+               "received", "published", "delivered", "expired", "dropped", "rss_bytes")
 _STAT_BLOCK = 128
 # Partition header (u64 each).  "dirty" is the slot whose fields are being
 # rewritten and "journal" the index move in progress (src << 32 | dst), or

@@ -149,6 +149,7 @@ class Worker:
         self.stats = region.stats(index)
         saved = self.stats.as_dict()   # a restarted worker continues the counters
         self.accepted = saved["accepted"]
+        self.received = saved["received"]       # messages taken from publishers, here
         self.published = saved["published"]
         self.delivered = saved["delivered"]
         self.part.expired = saved["expired"]
@@ -315,8 +316,9 @@ class Worker:
             except OSError:
                 pass
         self.stats_at = self.now
-        self.stats.set_counters((self.open, self.subscribers, self.accepted, self.published,
-                                 self.delivered, self.part.expired, self.part.dropped, self.rss))
+        self.stats.set_counters((self.open, self.subscribers, self.accepted, self.received,
+                                 self.published, self.delivered, self.part.expired,
+                                 self.part.dropped, self.rss))
 
     def _now_ms(self):
         return int(self.now * 1000)
@@ -715,6 +717,7 @@ class Worker:
 
     def _publish(self, ident, data, fd, line):
         """Send a message to its home; with fd, the home ACKs it back to that request."""
+        self.received += 1
         serial = self.serial[fd] if fd else 0
         self._send_home(ident, _PUB.pack(PUB, fd, serial, line, len(ident)) + ident + data)
 
