@@ -48,6 +48,7 @@ EVENT_BATCH = 1024
 DRAIN_BATCH = 4096               # records taken from one ring per loop turn
 BACKLOG_PAUSE = 20000            # unsent records at which app reads pause
 LOG_LINES_PER_SECOND = 20
+CONFIRM_TIMEOUT = 3.0            # seconds a publish may wait for its home's ACK without progress
 
 IN = select.EPOLLIN | select.EPOLLRDHUP
 OUT = select.EPOLLOUT
@@ -288,6 +289,8 @@ class Worker:
                     self._close(fd)               # headers too slow (or idle keep-alive)
                 elif state[fd] in (PENDING, HELD):
                     self._answer_timeout(fd)
+                elif state[fd] == BUSY:
+                    self._answer_unconfirmed(fd)
             self.wheel_at += 1
         self.part.expire(self._now_ms())
         if self.lingering:
@@ -657,7 +660,24 @@ class Worker:
         self._new_serial(fd)
         self.state[fd] = BUSY
         batch = self.batches[fd] = Batch(waiting)
+        self._set_deadline(fd, CONFIRM_TIMEOUT)
         return batch
+
+    def _answer_unconfirmed(self, fd):
+        """No ACK came for CONFIRM_TIMEOUT: a home died after storing or before. Say so."""
+        batch = self.batches.pop(fd)
+        ident, self.ident[fd] = self.ident[fd], b""
+        self.state[fd] = READING
+        self.flags[fd] &= ~KEEP_ALIVE             # late ACKs must not meet a next request
+        self.log("publish: %d messages not confirmed in %.0f s" % (batch.waiting, CONFIRM_TIMEOUT))
+        if ident:
+            self._respond(fd, 503, b"not confirmed: a worker restarted; it may or may not have "
+                          b"been stored\n", b"text/plain; charset=utf-8")
+        else:
+            batch.errors.sort(key=lambda error: error["line"])
+            self._respond(fd, 503, json.dumps({"published": batch.published,
+                                               "unconfirmed": batch.waiting,
+                                               "errors": batch.errors}).encode())
 
     def _maybe_finish_batch(self, fd, resume=True):
         batch = self.batches.get(fd)
@@ -867,6 +887,7 @@ class Worker:
         if not self._is_waiting(fd, serial, BUSY):
             return                                   # the publisher went away meanwhile
         batch = self.batches[fd]
+        self._set_deadline(fd, CONFIRM_TIMEOUT)     # progress: the wait starts again
         batch.waiting -= stored + refused
         batch.published += stored
         if stored:

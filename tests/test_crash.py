@@ -375,3 +375,34 @@ def test_sigterm_answers_held_polls_and_exits(server_factory, workers):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", server.client), timeout=2).close()
     assert "Traceback" not in server.stderr()
+
+
+def test_publish_whose_home_stops_answering_gets_503_unconfirmed(server_factory):
+    """A batch waiting on a home that stopped (SIGSTOP: it neither dies nor answers)
+    is answered 503 with what was confirmed, instead of hanging; once the home runs
+    again it stores what was waiting for it, and `received` meets `published`."""
+    server = server_factory(workers=2)
+    stopped = server.worker_pids()[1]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        reply = None
+        for attempt in range(20):                 # connections that land on the stopped worker hang
+            body = "\n".join(json.dumps({"id": "stop%d-%d" % (attempt, i), "data": "x"})
+                             for i in range(60)).encode()
+            started = time.monotonic()
+            try:
+                status, _, raw = server.request("POST", "/pub", body, timeout=6)
+            except OSError:
+                continue
+            reply = status, json.loads(raw), time.monotonic() - started
+            break
+        assert reply is not None, "every connection landed on the stopped worker"
+        status, doc, took = reply
+        assert status == 503, doc
+        assert doc["unconfirmed"] > 0 and doc["published"] > 0, doc      # ids of both homes
+        assert doc["published"] + doc["unconfirmed"] == 60 and doc["errors"] == []
+        assert 2.5 <= took < 6, took
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    wait_for(lambda: server.stats()["totals"]["received"] == server.stats()["totals"]["published"],
+             timeout=5, message="the stopped home catching up")
