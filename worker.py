@@ -227,8 +227,8 @@ class Worker:
                 self._flush_acks()
             self._flush_backlog()
             self._notify()
-            if self.now - self.stats_at >= STATS_LAG:
-                self._flush_stats()
+            if self.now - self.stats_at >= STATS_LAG or not (busy or self.local):
+                self._flush_stats()               # at least before sleeping: /stats is current
             if self.now >= next_tick:
                 self._tick()
                 next_tick = self.now + TICK
