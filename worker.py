@@ -137,6 +137,7 @@ class Worker:
         self.batches = {}        # fd -> Batch
         self.acks = {}           # (src, fd, serial) -> [stored, last seq, refused lines]: home side
         self.partial = {}        # fd -> messages of a MSGS reply still arriving in parts
+        self.frames_in = {}      # binary fd -> frames taken from it (logged when it closes)
         self.open = 0
         self.held = {}           # id -> fd, or set of fds (pending and held)
         self.compat_held = {}    # id -> how many of its holders are compat polls
@@ -436,6 +437,10 @@ class Worker:
             self._unhold(fd)
         self.state[fd] = FREE
         self.ident[fd] = b""
+        if self.kind[fd] == APP_BINARY:
+            self.log("app: binary publisher closed after %d frames%s" % (
+                self.frames_in.pop(fd, 0), " (%d bytes unparsed)" % len(self.inbuf[fd])
+                if fd in self.inbuf else ""))
         for table in (self.inbuf, self.outbuf, self.callback, self.batches, self.partial):
             table.pop(fd, None)
         self.open -= 1
@@ -706,6 +711,7 @@ class Worker:
         except wire.FrameError as e:
             for ident, message in e.frames:
                 self._publish(ident, message, 0, 0)
+            self.frames_in[fd] = self.frames_in.get(fd, 0) + len(e.frames)
             self.log("app: binary protocol: %s; connection closed" % e)
             self._close(fd)
             return
@@ -716,6 +722,7 @@ class Worker:
             self.inbuf[fd] = buf[used:]
         for ident, message in frames:
             self._publish(ident, message, 0, 0)
+        self.frames_in[fd] = self.frames_in.get(fd, 0) + len(frames)
         if self.backlogged > BACKLOG_PAUSE:
             self.ep.modify(fd, 0)                 # back-pressure: read it again once rings drain
             self.paused.append(self.fd_int[fd])
