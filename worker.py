@@ -142,6 +142,7 @@ class Worker:
         self.held = {}           # id -> fd, or set of fds (pending and held)
         self.compat_held = {}    # id -> how many of its holders are compat polls
         self.lingering = set()   # ids whose last holder left; UNSUB at the next tick
+        self.sub_lingering = set()   # those of them whose last holder was a /sub poll
         self.paused = []         # binary fds not read while the backlog is over the limit
         self.wheel = {}          # tick number -> [fd]; an fd counts only if deadline[fd] matches
         self.wheel_at = 0
@@ -299,6 +300,7 @@ class Worker:
                 if ident not in self.held:
                     self._send_home(ident, _UNSUB.pack(UNSUB, UNSUB_ALL, len(ident)) + ident)
             self.lingering.clear()
+            self.sub_lingering.clear()
         if self.accept_paused_until and self.now >= self.accept_paused_until:
             self.accept_paused_until = 0.0
             for fd in self.listeners:
@@ -581,7 +583,7 @@ class Worker:
         poll waits for the home's MSGS answer.  A misread only costs a detour:
         the home's answer, or a gap in the DELIVERs, corrects it.
         """
-        registered = ident in self.held or ident in self.lingering
+        registered = self._has_sub_holder(ident) or ident in self.sub_lingering
         key = shmqueue.id_key(ident)
         home = key % self.region.workers
         self.since[fd] = since
@@ -596,6 +598,16 @@ class Worker:
         else:
             flags = 0
         self._send(home, _SUB.pack(SUB, fd, self.serial[fd], since, flags, len(ident)) + ident)
+
+    def _has_sub_holder(self, ident):
+        """Does a /sub poll hold ident here? Then the home has this worker's bit (or a SUB
+        setting it is on its way): no UNSUB goes out while one does."""
+        entry = self.held.get(ident)
+        if entry is None:
+            return False
+        if type(entry) is int:
+            return self.fmt[entry] != FMT_COMPAT
+        return any(self.fmt[fd] != FMT_COMPAT for fd in entry)
 
     def _route_app(self, fd, req, body):
         method, path = req.method, req.path
@@ -910,7 +922,7 @@ class Worker:
             return
         if flags & MSGS_REFUSED:
             self._unhold(fd)
-            self.lingering.discard(self.ident[fd])   # never registered: next time, ask again
+            self.sub_lingering.discard(self.ident[fd])   # never registered: next time, ask again
             self._fail(fd, 503, "id table full")
             return
         pos = _MSGS.size
@@ -946,8 +958,9 @@ class Worker:
         start = _DELIVER.size
         ident = record[start:start + n]
         entry = self.held.get(ident)
-        if entry is None:
-            self._send(src, _UNSUB.pack(UNSUB, UNSUB_ALL, n) + ident)   # a stale registration heals
+        if entry is None:                              # a stale registration: heal it,
+            self._send(src, _UNSUB.pack(UNSUB, UNSUB_ALL, n) + ident)
+            self.sub_lingering.discard(ident)          # and no longer count as registered
             return
         data = record[start + n:]
         holders = (entry,) if type(entry) is int else list(entry)
@@ -1016,15 +1029,17 @@ class Worker:
         ident = self.ident[fd]
         entry = self.held.get(ident)
         if entry == fd:
-            del self.held[ident]
-            self.lingering.add(ident)
+            last_holder = True
         elif type(entry) is set and fd in entry:
             entry.discard(fd)
-            if not entry:
-                del self.held[ident]
-                self.lingering.add(ident)
+            last_holder = not entry
         else:
             return
+        if last_holder:
+            del self.held[ident]
+            self.lingering.add(ident)
+            if self.fmt[fd] != FMT_COMPAT:
+                self.sub_lingering.add(ident)
         if self.fmt[fd] == FMT_COMPAT:
             left = self.compat_held[ident] - 1
             if left:
