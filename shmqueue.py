@@ -10,13 +10,16 @@ Layout, and the rule that makes it safe without locks:
   message log of the ids whose home is ``w``, and **only worker w writes
   to it**.  A worker killed at any instant leaves at most its own partition
   half-written; its successor (same index) calls ``Partition.repair``.
+  Other workers may read an id's last seq (``peek_last``) as a hint that
+  the owner's answer can correct.
 * ``N * N`` single-producer single-consumer byte rings, ``ring(src, dst)``.
   The producer alone writes ``tail``, the consumer alone writes ``head``.
   A record becomes visible only when ``tail`` moves past it, so a producer
   killed mid-record leaves nothing; a consumer killed mid-batch re-reads
   from its last stored ``head`` (at-least-once, in a window of one record).
-* One stats block per worker: counters the worker flushes periodically and
-  the pid the supervisor writes, so any worker can answer ``/stats``.
+* One stats block per worker: counters and pid the worker writes (the
+  supervisor zeroes the pid when the worker dies), so any worker can answer
+  ``/stats`` and ``/health``.
 
 Keys are CPython's ``hash()`` of the id bytes: SipHash keyed once per
 supervisor run, shared by every forked worker (and by restarted ones), never
@@ -26,8 +29,7 @@ the chance over a million ids is about 3e-8, which we accept for not paying
 for the id bytes in every slot.
 
 This module never blocks, never takes a lock, never allocates per message
-beyond the bytes it returns, and never touches a partition it does not own
-except through a ring.  Memory ordering relies on x86-64 (TSO): a store of
+beyond the bytes it returns, and never writes a partition it does not own.  Memory ordering relies on x86-64 (TSO): a store of
 ``tail`` is seen after the stores of the record it publishes.
 """
 
