@@ -151,6 +151,15 @@ def server(server_factory):
     return server_factory(workers=2)
 
 
+def read_response(sock, timeout=5.0):
+    """One HTTP response from a raw socket: (status, lower-cased headers, body)."""
+    sock.settimeout(timeout)
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    body = resp.read()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+
+
 def is_closed(sock):
     """True once the peer has closed (EOF or reset); never blocks."""
     readable, _, _ = select.select([sock], [], [], 0)

@@ -6,7 +6,6 @@ bad input the test proves that the server still serves: the worker pids in
 publish/subscribe round trips work, both buffered and held.
 """
 
-import http.client
 import json
 import os
 import random
@@ -20,7 +19,7 @@ import uuid
 
 import pytest
 
-from conftest import Server, is_closed, wait_for
+from conftest import Server, is_closed, read_response, wait_for
 
 HEADER_TIMEOUT = 1.0        # --header-timeout of the shared server
 MAX_MESSAGE = 1024          # --max-message of the shared server
@@ -85,15 +84,6 @@ def exchange(port, data, timeout=3.0):
 def status_of(reply):
     m = re.match(rb"HTTP/1\.[01] (\d{3}) ", reply)
     return int(m.group(1)) if m else None
-
-
-def read_response(sock, timeout=5.0):
-    """One HTTP response from a raw socket: (status, lower-cased headers, body)."""
-    sock.settimeout(timeout)
-    resp = http.client.HTTPResponse(sock)
-    resp.begin()
-    body = resp.read()
-    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
 
 
 def open_poll(port, path):

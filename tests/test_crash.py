@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from conftest import is_closed, wait_for
+from conftest import is_closed, read_response, wait_for
 
 
 def uid(prefix):
@@ -32,15 +32,6 @@ def open_poll(port, path):
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n" % path.encode())
     return sock
-
-
-def read_response(sock, timeout=5.0):
-    """One HTTP response from a raw socket: (status, lower-cased headers, body)."""
-    sock.settimeout(timeout)
-    resp = http.client.HTTPResponse(sock)
-    resp.begin()
-    body = resp.read()
-    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
 
 
 def try_stats(server):
