@@ -490,37 +490,33 @@ class Child:
                 + b" HTTP/1.1\r\n" + self.host_hdr + b"\r\n")
 
     def send(self, j, data):
-        s = self.socks[j]
         if j in self.wbuf:
             self.wbuf[j] += data
             return
-        try:
-            n = s.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError as e:
-            self.dead(j, "send:" + errno.errorcode.get(e.errno, str(e.errno)))
-            return
-        if n < len(data):
-            self.wbuf[j] = data[n:]
-            self.ep.modify(s.fileno(), select.EPOLLIN | select.EPOLLOUT)
+        self.write_some(j, data)
 
     def flush(self, j):
         data = self.wbuf.pop(j, None)
-        s = self.socks[j]
-        if data is None or s is None:
+        if data is None or self.socks[j] is None:
             return
+        if self.write_some(j, data):
+            self.ep.modify(self.socks[j].fileno(), select.EPOLLIN)
+
+    def write_some(self, j, data):
+        """Send what the socket takes; keep the rest for EPOLLOUT. True when all of it went."""
+        s = self.socks[j]
         try:
             n = s.send(data)
         except BlockingIOError:
             n = 0
         except OSError as e:
             self.dead(j, "send:" + errno.errorcode.get(e.errno, str(e.errno)))
-            return
+            return False
         if n < len(data):
             self.wbuf[j] = data[n:]
-        else:
-            self.ep.modify(s.fileno(), select.EPOLLIN)
+            self.ep.modify(s.fileno(), select.EPOLLIN | select.EPOLLOUT)
+            return False
+        return True
 
     def poll_next(self, j):
         if not self.waiting[j]:
