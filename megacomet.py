@@ -108,11 +108,7 @@ def reserve_port(host, port):
         except OSError as e:
             raise OSError(e.errno, "cannot listen on %s:%d: %s" % (host, port, e.strerror)) from None
         port = probe.getsockname()[1]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
+    return worker.shared_port_socket(host, port)
 
 
 class Supervisor:

@@ -897,9 +897,9 @@ class Worker:
 
     # subscriber side
 
-    def _is_waiting(self, fd, serial, state):
-        """Is the reply for (fd, serial) still wanted: the same request, in ``state``?"""
-        return fd < len(self.state) and self.serial[fd] == serial and self.state[fd] == state
+    def _is_waiting(self, fd, serial, *states):
+        """Is the reply for (fd, serial) still wanted: the same request, in one of ``states``?"""
+        return fd < len(self.state) and self.serial[fd] == serial and self.state[fd] in states
 
     def _on_ack(self, src, record):
         _, fd, serial, stored, last, refused = _ACK.unpack_from(record)
@@ -918,7 +918,7 @@ class Worker:
 
     def _on_msgs(self, src, record):
         _, fd, serial, last, flags = _MSGS.unpack_from(record)
-        if not (self._is_waiting(fd, serial, PENDING) or self._is_waiting(fd, serial, HELD)):
+        if not self._is_waiting(fd, serial, PENDING, HELD):
             return
         if flags & MSGS_REFUSED:
             self._unhold(fd)
@@ -1067,11 +1067,9 @@ class Worker:
     def _answer_timeout(self, fd):
         if self.fmt[fd] == FMT_COMPAT:
             self._unhold(fd)
-            self._respond(fd, 204, headers=self.common)
+            self._respond(fd, 204, headers=self.common)   # closes: nothing pipelined to serve
         else:
             self._answer(fd, [], self.last[fd])
-            return
-        self._resume(fd)
 
     # -- /stats and /metrics ---------------------------------------------------
 
@@ -1140,14 +1138,20 @@ def _error_text(e):
     return str(e)
 
 
-def listen_socket(host, port):
-    """A non-blocking listening socket on (host, port) that shares the port with its siblings."""
+def shared_port_socket(host, port):
+    """A TCP socket bound to (host, port) with SO_REUSEPORT: every worker binds the same port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
+    return sock
+
+
+def listen_socket(host, port):
+    """A non-blocking listening socket on (host, port) that shares the port with its siblings."""
+    sock = shared_port_socket(host, port)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.listen(socket.SOMAXCONN)
     sock.setblocking(False)
     return sock

@@ -322,16 +322,7 @@ def cpu_by_pid(pids):
 
 def cpu_seconds(pids):
     """Sum of utime+stime over pids (seconds); missing pids are skipped."""
-    total = 0
-    for pid in pids:
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+    return sum(cpu_by_pid(pids).values())
 
 
 SMAPS_FIELDS = {"Rss": "rss", "Pss": "pss", "Pss_Anon": "pss_anon", "Pss_Shmem": "pss_shmem",
