@@ -141,6 +141,11 @@ def wait_held(server, total, every_worker=False, timeout=10.0):
     while True:
         counts = [w["subscribers"] for w in server.stats()["workers"]]
         if sum(counts) >= total and (not every_worker or min(counts) > 0):
+            # `subscribers` counts a poll from the moment it is read, before its home
+            # has registered it; give the registrations a moment so that a publish
+            # right after does not race them (a compat poll that loses that race is
+            # rightly not given a message the other compat readers consumed).
+            time.sleep(0.2)
             return counts
         if time.monotonic() > deadline:
             raise AssertionError("timed out after %.1f s waiting for %d held polls%s; per worker: %r"
