@@ -7,10 +7,12 @@ writes each worker's pid into the region (0 while that worker is down), so
 that /health and /stats can tell who is alive.
 
 Run it:  python megacomet.py --workers 8
+Sign a subscription:  MEGACOMET_SECRET=... python megacomet.py sign alice
 """
 
 import argparse
 import gc
+import ipaddress
 import os
 import resource
 import select
@@ -20,8 +22,12 @@ import sys
 import time
 
 import shmqueue
+import signing
+import wire
 import worker
 
+TOKEN_ENV = "MEGACOMET_APP_TOKEN"
+SECRET_ENV = "MEGACOMET_SECRET"
 RESTART_BACKOFF_MAX = 30.0     # seconds between restarts of a worker that keeps dying
 CRASH_LOOP_WINDOW = 1.0        # a worker that dies younger than this is crash-looping
 RESTART_DELAY = 0.05           # before restarting a worker that is not
@@ -68,8 +74,24 @@ def parse_args(argv=None):
                    help="Access-Control-Allow-Origin sent to subscribers (default %(default)s)")
     p.add_argument("--app-token", default=None,
                    help="require 'Authorization: Bearer TOKEN' on the app port (not for "
-                        "GET /health) and refuse the binary protocol")
+                        "GET /health) and refuse the binary protocol. A command line is "
+                        "visible to every user (ps): prefer --app-token-file or the "
+                        "environment variable " + TOKEN_ENV)
+    p.add_argument("--app-token-file", default=None,
+                   help="read the app token from this file (its first line)")
+    p.add_argument("--insecure-app-port", action="store_true",
+                   help="allow --app-host on a non-loopback address without an app token "
+                        "(anyone who reaches it can publish)")
+    add_secret_arguments(p)
     args = p.parse_args(argv)
+    args.app_token = read_secret(p, "app token", args.app_token, args.app_token_file, TOKEN_ENV)
+    args.secret = read_secret(p, "secret", args.secret, args.secret_file, SECRET_ENV)
+    if args.secret is not None:
+        args.secret = args.secret.encode()
+    if not args.app_token and not args.insecure_app_port and not is_loopback(args.app_host):
+        p.error("--app-host %s is reachable from other machines, and without an app token "
+                "anyone there can publish: set one (--app-token-file or %s), or say "
+                "--insecure-app-port" % (args.app_host, TOKEN_ENV))
     if not 1 <= args.workers <= shmqueue.MAX_WORKERS:
         p.error("--workers must be 1..%d" % shmqueue.MAX_WORKERS)
     for name in ("max_ids", "shm_mb", "ring_kb", "max_queued", "poll_timeout", "max_message",
@@ -84,6 +106,59 @@ def parse_args(argv=None):
         p.error("--max-message must fit twice in each worker's share of --shm-mb")
     args.ring_kb = max(args.ring_kb, (2 * (args.max_message + 256) + 1023) // 1024)
     return args
+
+
+def add_secret_arguments(p):
+    p.add_argument("--secret", default=None,
+                   help="sign subscriptions: each must carry exp and sig (see 'megacomet.py "
+                        "sign'). Visible in ps: prefer --secret-file or " + SECRET_ENV)
+    p.add_argument("--secret-file", default=None,
+                   help="read the subscription secret from this file (its first line)")
+
+
+def read_secret(p, what, value, path, env):
+    """A secret from the command line, else a file, else the environment; None if none is set."""
+    if value is None and path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            p.error("cannot read the %s from %s: %s" % (what, path, e))
+    if value is None:
+        value = os.environ.get(env)
+    if value is not None and not value:
+        p.error("the %s is empty" % what)
+    return value
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def sign_main(argv):
+    """``megacomet.py sign ID... [--ttl S]``: print the query string a subscription carries."""
+    p = argparse.ArgumentParser(
+        prog="megacomet.py sign",
+        description="Print 'exp=...&sig=...' for a subscription to the given ids, signed with "
+                    "the secret from --secret-file, --secret or " + SECRET_ENV + ".")
+    p.add_argument("ids", nargs="+", help="one or more ids (several: one signature over all)")
+    p.add_argument("--ttl", type=int, default=3600,
+                   help="seconds the signature stays valid (default %(default)s)")
+    add_secret_arguments(p)
+    args = p.parse_args(argv)
+    secret = read_secret(p, "secret", args.secret, args.secret_file, SECRET_ENV)
+    if secret is None:
+        p.error("no secret: give --secret-file or set " + SECRET_ENV)
+    for ident in args.ids:
+        if not wire.valid_id(ident.encode()):
+            p.error("%r is not an id (1-128 characters of A-Z a-z 0-9 _ ~ : @ -)" % ident)
+    print(signing.query(secret.encode(), args.ids, args.ttl, time.time()))
+    return 0
 
 
 def raise_fd_limit():
@@ -275,6 +350,9 @@ def describe_status(status):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sign"]:
+        return sign_main(argv[1:])
     args = parse_args(argv)
     try:
         return Supervisor(args).run()

@@ -51,7 +51,7 @@ _RING_WRAP = 0xFFFFFFFF
 
 # Per-worker stats block (all u64). Order is the wire order of /stats.
 STAT_FIELDS = ("pid", "started_ms", "connections", "subscribers", "accepted",
-               "received", "published", "delivered", "expired", "dropped", "rss_bytes")
+               "received", "published", "refused", "delivered", "expired", "dropped", "rss_bytes")
 _STAT_BLOCK = 128
 # Partition header (u64 each).  "dirty" is the slot whose fields are being
 # rewritten and "journal" the index move in progress (src << 32 | dst), or
@@ -282,6 +282,9 @@ class Partition:
         self.max_queued = region.max_queued
         self.expired = 0      # counted by this process since it started
         self.dropped = 0
+        # Ids that only subscribers created may fill this many slots: the rest is kept for
+        # publishers, so that polls on made-up ids cannot lock publishing out.
+        self.sub_limit = n - max(1, n // 4)
 
     # -- the table ---------------------------------------------------------
 
@@ -306,11 +309,14 @@ class Partition:
         """The slot holding key, or -1."""
         return self._probe(key)[0]
 
-    def _find_or_add(self, key):
+    def _find_or_add(self, key, limit=None):
+        """The key's slot, added if new; TableFull if the table holds ``limit`` ids (or is full)."""
         slot, cell = self._probe(key)
         if slot >= 0:
             return slot
         header = self.header
+        if limit is not None and header[_H_IDS] >= limit:
+            raise TableFull("id table full for new subscriptions")
         free = header[_H_FREE]
         if free:
             slot = free - 1
@@ -457,9 +463,11 @@ class Partition:
     # -- what the home worker does ------------------------------------------
 
     def publish(self, key, data, now_ms):
-        """Store one message; returns (seq, workers to deliver to, whether compat polls take it).
+        """Store one message; returns (seq, workers to deliver to, workers whose compat polls take it).
 
-        The workers are a bitmask.
+        Workers are bitmasks.  The compat cursor moves to the message for the
+        compat polls held now; if none of them could be answered after all,
+        their workers give it back (``compat_untake``).
 
         Raises TableFull when the id is new and the table has no room.
         """
@@ -486,7 +494,7 @@ class Partition:
             header[_H_MESSAGES] -= overflow
         header[_H_MESSAGES] += 1
         targets = self.masks[i] | self.cmasks[i]
-        compat = self.cmasks[i] != 0
+        compat = self.cmasks[i]
         if compat:                             # held compat polls consume it
             self.compats[i] = seq
             self.cmasks[i] = 0
@@ -498,7 +506,7 @@ class Partition:
 
         ``since`` beyond the last seq (the server restarted) counts as 0.
         """
-        i = self._find_or_add(key)
+        i = self._find_or_add(key, self.sub_limit)
         self.masks[i] |= bit
         last = self.lasts[i]
         if since > last:
@@ -522,7 +530,7 @@ class Partition:
         With None, worker bit is registered to receive the next message.  With
         ``consume`` false (a HEAD request) nothing changes: a look, not a read.
         """
-        i = self._find_or_add(key) if consume else self.find(key)
+        i = self._find_or_add(key, self.sub_limit) if consume else self.find(key)
         if i < 0:
             return None
         oldest = None
@@ -536,6 +544,20 @@ class Partition:
         if consume:
             self.compats[i] = seq
         return seq, bytes(self.log[p:p + n])
+
+    def compat_untake(self, key, seq):
+        """Give back message ``seq``, taken for compat polls that had left (or died) meanwhile.
+
+        Only if nothing was taken after it.  Returns the workers whose compat
+        polls wait meanwhile (cleared: they should poll again), or 0.
+        """
+        i = self.find(key)
+        if i < 0 or self.compats[i] != seq:
+            return 0
+        self.compats[i] = seq - 1
+        waiting = self.cmasks[i]
+        self.cmasks[i] = 0
+        return waiting
 
     def last_seq(self, key):
         i = self.find(key)

@@ -18,7 +18,7 @@ _ID_CHARS = re.compile(rb"[A-Za-z0-9_~:@-]*\Z")
 CALLBACK_PATTERN = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,63}\Z")
 
 REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
-           401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+           401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            411: "Length Required", 413: "Content Too Large",
            431: "Request Header Fields Too Large", 501: "Not Implemented",
            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
@@ -41,10 +41,10 @@ class Request:
     """The parts of a request head the server acts on; the rest is dropped."""
 
     __slots__ = ("method", "path", "query", "keep_alive", "content_length",
-                 "chunked", "authorization", "head_end")
+                 "chunked", "authorization", "head_end", "browser")
 
     def __init__(self, method, path, query, keep_alive, content_length, chunked,
-                 authorization, head_end):
+                 authorization, head_end, browser=False):
         self.method = method
         self.path = path
         self.query = query
@@ -53,13 +53,15 @@ class Request:
         self.chunked = chunked
         self.authorization = authorization
         self.head_end = head_end
+        self.browser = browser            # an Origin or Sec-Fetch-* header: a browser sent it
 
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/1\.([01])\Z")
 # Every header line, each followed by CRLF: a token, a colon, a value free of CR, LF and NUL.
 _HEADER_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\0]*\r\n)*\Z")
 # The few fields we act on, found in the lower-cased block (same offsets as the original).
-_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|authorization):[ \t]*([^\r]*)")
+_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|authorization|origin|"
+                     rb"sec-fetch-[a-z]+):[ \t]*([^\r]*)")
 
 
 def parse_head(buf, max_head=MAX_HEAD):
@@ -90,6 +92,7 @@ def parse_head(buf, max_head=MAX_HEAD):
     content_length = None
     chunked = False
     authorization = None
+    browser = False
     lower = head.lower()
     for field in _FIELDS.finditer(lower, line_end):
         name = field.group(1)
@@ -107,8 +110,10 @@ def parse_head(buf, max_head=MAX_HEAD):
             tokens = [t.strip() for t in value.split(b",")]
             close = close or b"close" in tokens
             asked_keep_alive = asked_keep_alive or b"keep-alive" in tokens
-        else:
+        elif name == b"authorization":
             authorization = head[field.start(2):field.start(2) + len(value)]
+        else:
+            browser = True
     if chunked and content_length is not None:
         raise HttpError(400, "both Content-Length and Transfer-Encoding")
     # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless
@@ -116,7 +121,7 @@ def parse_head(buf, max_head=MAX_HEAD):
     keep_alive = not close and (minor == b"1" or asked_keep_alive)
     path, _, query = target.partition(b"?")
     return Request(method, path, query, keep_alive, content_length, chunked,
-                   authorization, end + 4)
+                   authorization, end + 4, browser)
 
 
 def parse_body(buf, req, max_body):

@@ -9,6 +9,8 @@ of ``shmqueue``.  Everything about an id goes to its home as a small record:
     ACK     home -> publisher     how many of a request's messages it stored (one per turn)
     SUB     any worker -> home    register the worker, answer with MSGS (backlog)
     CPOLL   any worker -> home    take the compat cursor's next message (CMSG)
+    CGIVE   any worker -> home    give back a message taken for compat polls that had left
+    CWAKE   home -> holders       compat polls: a message was given back, CPOLL again
     UNSUB   any worker -> home    the worker holds nobody for the id any more
     RESET   restarted  -> home    forget every registration of the sender
     DELIVER home -> subscribers   one new message for every holder of the id
@@ -28,6 +30,7 @@ import collections
 import errno
 import fcntl
 import gc
+import hmac
 import json
 import os
 import resource
@@ -38,6 +41,7 @@ import struct
 import time
 
 import shmqueue
+import signing
 import wire
 
 TICK = 0.25                      # seconds between housekeeping passes
@@ -48,13 +52,17 @@ EVENT_BATCH = 1024
 DRAIN_BATCH = 4096               # records taken from one ring per loop turn
 BACKLOG_PAUSE = 20000            # unsent records at which app reads pause
 LOG_LINES_PER_SECOND = 20
+OUT_LIMIT = 1 << 20              # unsent bytes past which a connection's next requests wait
+APP_FD_RESERVE = 64              # fds only the app port may use (fewer under a low fd limit)
+CLIENT_CAP_SLACK = 4             # clients accept again this far below their cap
+CLIENT_INBUF_LIMIT = READ_SIZE + 8192   # unparsed bytes a subscriber may send ahead of our answers
 CONFIRM_TIMEOUT = 3.0            # seconds a publish may wait for its home's ACK without progress
 
 IN = select.EPOLLIN | select.EPOLLRDHUP
 OUT = select.EPOLLOUT
 
 # Record kinds and their fixed headers (little-endian); variable parts follow.
-PUB, ACK, SUB, MSGS, DELIVER, UNSUB, CPOLL, CMSG, RESET = b"PASMDUCcR"
+PUB, ACK, SUB, MSGS, DELIVER, UNSUB, CPOLL, CMSG, RESET, CGIVE, CWAKE = b"PASMDUCcRGW"
 _PUB = struct.Struct("<BIIIB")        # kind, fd, serial, line, id length | id, data
 _ACK = struct.Struct("<BIIIII")       # kind, fd, serial, stored, last seq, refused | lines
 _LINE = struct.Struct("<I")
@@ -65,7 +73,9 @@ _MSG = struct.Struct("<II")
 _DELIVER = struct.Struct("<BIBB")     # kind, seq, flags, id length | id, data
 _UNSUB = struct.Struct("<BBB")        # kind, which (UNSUB_*), id length | id
 _CPOLL = struct.Struct("<BIIBB")      # kind, fd, serial, peek, id length | id
-_CMSG = struct.Struct("<BIII")        # kind, fd, serial, seq (0 = none) | data
+_CMSG = struct.Struct("<BIIIBB")      # kind, fd, serial, seq (0 = none), taken, id length | id, data
+_CGIVE = struct.Struct("<BIB")        # kind, seq, id length | id
+_CWAKE = struct.Struct("<BB")         # kind, id length | id
 MSGS_FINAL, MSGS_REFUSED = 1, 2
 SUB_QUIET = 1                         # answer only with news (or a refusal)
 UNSUB_ALL, UNSUB_COMPAT = 0, 1
@@ -136,6 +146,7 @@ class Worker:
         self.callback = {}       # fd -> JSONP function name
         self.batches = {}        # fd -> Batch
         self.acks = {}           # (src, fd, serial) -> [stored, last seq, refused lines]: home side
+        self.compat_sent = {}    # key -> [seq, workers yet to answer, when]: home side, see CGIVE
         self.partial = {}        # fd -> messages of a MSGS reply still arriving in parts
         self.frames_in = {}      # binary fd -> frames taken from it (logged when it closes)
         self.open = 0
@@ -154,6 +165,7 @@ class Worker:
         self.accepted = saved["accepted"]
         self.received = saved["received"]       # messages taken from publishers, here
         self.published = saved["published"]
+        self.refused = saved["refused"]         # messages the home could not store: table full
         self.delivered = saved["delivered"]
         self.part.expired = saved["expired"]
         self.part.dropped = saved["dropped"]
@@ -167,7 +179,8 @@ class Worker:
         self.accept_failing = False
         self.common = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
                        b"X-Content-Type-Options: nosniff\r\n" % config.cors_origin.encode())
-        self.token = b"Bearer " + config.app_token.encode() if config.app_token else None
+        self.token = config.app_token.encode() if config.app_token else None
+        self.secret = config.secret
 
     # -- start, loop, stop ----------------------------------------------------
 
@@ -178,18 +191,30 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.ep = select.epoll()
         self.listeners = {}
+        self.listening = {}
         for host, port, kind in ((self.cfg.host, self.cfg.port, CLIENT),
                                  (self.cfg.app_host, self.cfg.app_port, APP_NEW)):
             sock = listen_socket(host, port)
             self.listeners[sock.fileno()] = (sock, kind)
+            self.listening[sock.fileno()] = True
             self.ep.register(sock.fileno(), select.EPOLLIN)
         self.efd = self.eventfds[self.index]
         self.ep.register(self.efd, select.EPOLLIN)
         self.ep.register(wake_r, select.EPOLLIN)
+        # Every fd but connections is open now: keep APP_FD_RESERVE of the rest for the app
+        # port, so that subscribers alone can never lock publishers and /health out.
+        fd_limit = len(self.state)
+        reserve = max(4, min(APP_FD_RESERVE, fd_limit // 8))
+        self.client_cap = fd_limit - len(os.listdir("/proc/self/fd")) - reserve
         self.part.repair()
-        if self.stats.get("started_ms"):          # a predecessor ran: forget what it held
+        if self.stats.get("started_ms"):          # a predecessor ran: forget what it held,
+            # in our own partition before any record is handled (a PUB in a ring must not
+            # meet the predecessor's registrations), in the others by a RESET that precedes
+            # anything we send them.
+            self.part.clear_worker(1 << self.index)
             for dst in range(self.region.workers):
-                self._send(dst, bytes((RESET,)))
+                if dst != self.index:
+                    self._send(dst, bytes((RESET,)))
         self.stats.set("started_ms", int(time.time() * 1000))
         self.stats.set("pid", os.getpid())        # alive for /health from now: it listens
         self._flush_stats()
@@ -208,10 +233,13 @@ class Worker:
             busy = False
             for fd, ev in events:
                 if state[fd]:
-                    if ev & OUT:
-                        self._flush_out(fd)
-                    if ev & ~OUT and state[fd]:
-                        self._on_readable(fd)
+                    try:
+                        if ev & OUT:
+                            self._flush_out(fd)
+                        if ev & ~OUT and state[fd]:
+                            self._on_readable(fd)
+                    except Exception as e:          # a bug must cost one connection, not the worker
+                        self._on_internal_error(fd, e)
                 elif fd == self.efd:
                     try:
                         os.eventfd_read(self.efd)
@@ -295,16 +323,17 @@ class Worker:
                     self._answer_unconfirmed(fd)
             self.wheel_at += 1
         self.part.expire(self._now_ms())
+        if self.compat_sent:                      # some worker answered a poll: no word comes
+            stale = self.now - self.cfg.queue_ttl
+            for key in [k for k, sent in self.compat_sent.items() if sent[2] < stale]:
+                del self.compat_sent[key]
         if self.lingering:
             for ident in self.lingering:
                 if ident not in self.held:
                     self._send_home(ident, _UNSUB.pack(UNSUB, UNSUB_ALL, len(ident)) + ident)
             self.lingering.clear()
             self.sub_lingering.clear()
-        if self.accept_paused_until and self.now >= self.accept_paused_until:
-            self.accept_paused_until = 0.0
-            for fd in self.listeners:
-                self.ep.modify(fd, select.EPOLLIN)
+        self._update_listening()
         self.log_budget = LOG_LINES_PER_SECOND * TICK * 4
         if self.log_suppressed:
             self.log("%d log lines suppressed" % self.log_suppressed, force=True)
@@ -323,7 +352,7 @@ class Worker:
                 pass
         self.stats_at = self.now
         self.stats.set_counters((self.open, self.subscribers, self.accepted, self.received,
-                                 self.published, self.delivered, self.part.expired,
+                                 self.published, self.refused, self.delivered, self.part.expired,
                                  self.part.dropped, self.rss))
 
     def _now_ms(self):
@@ -341,6 +370,11 @@ class Worker:
 
     def _accept(self, sock, kind):
         for _ in range(ACCEPT_BATCH):
+            if kind == CLIENT and self.open >= self.client_cap:
+                self.log("client port: %d connections; the fds left are the app port's, "
+                         "accepting again below %d" % (self.open, self.client_cap - CLIENT_CAP_SLACK))
+                self._set_listening(client=False)
+                return
             try:
                 fd, _addr = sock._accept()
             except BlockingIOError:
@@ -352,8 +386,7 @@ class Worker:
                                  % os.strerror(e.errno))
                         self.accept_failing = True
                     self.accept_paused_until = self.now + 0.5
-                    for lfd in self.listeners:
-                        self.ep.modify(lfd, 0)
+                    self._set_listening(client=False, app=False)
                     return
                 continue                          # ECONNABORTED and the like: next one
             if self.accept_failing:
@@ -368,6 +401,22 @@ class Worker:
             self.open += 1
             self._set_deadline(fd, self.cfg.header_timeout)
             self.accepted += 1
+
+    def _set_listening(self, client=True, app=True):
+        """Turn accepting on or off per port (the listeners stay open and keep their queues)."""
+        for fd, (_sock, kind) in self.listeners.items():
+            on = client if kind == CLIENT else app
+            if self.listening.get(fd) != on:
+                self.listening[fd] = on
+                self.ep.modify(fd, select.EPOLLIN if on else 0)
+
+    def _update_listening(self):
+        """Accept again once the EMFILE pause is over and clients are back under their cap."""
+        if self.accept_paused_until:
+            if self.now < self.accept_paused_until:
+                return
+            self.accept_paused_until = 0.0
+        self._set_listening(client=self.open < self.client_cap - CLIENT_CAP_SLACK)
 
     def _on_readable(self, fd):
         try:
@@ -386,19 +435,23 @@ class Worker:
             if type(buf) is bytes:                # growing: append in place, not by copying
                 buf = self.inbuf[fd] = bytearray(buf)
             buf += data
+        kind = self.kind[fd]
+        if kind == APP_BINARY:
+            if self.state[fd] == READING:
+                self._on_frames(fd)               # frames bound themselves (max_message)
+            return
         if self.state[fd] == READING:
-            if self.kind[fd] == APP_BINARY:
-                self._on_frames(fd)
-            else:
-                self._on_requests(fd)
-        elif len(buf) > wire.MAX_HEAD + self.cfg.max_body:
-            self._close(fd)                       # pipelining far ahead of our answers
+            self._on_requests(fd)
+        buf = self.inbuf.get(fd)                  # what is left unparsed: pipelined far ahead
+        if buf is not None and len(buf) > (CLIENT_INBUF_LIMIT if kind == CLIENT else
+                                           wire.MAX_HEAD + self.cfg.max_body):
+            self._close(fd)
 
     def _write(self, fd, data):
         """Send what the socket takes now; keep the rest for EPOLLOUT."""
         pending = self.outbuf.get(fd)
         if pending is not None:
-            self.outbuf[fd] = pending + data
+            pending += data                       # a bytearray: appends do not copy what waits
             return
         try:
             n = os.write(fd, data)
@@ -408,7 +461,7 @@ class Worker:
             self._close(fd)
             return
         if n < len(data):
-            self.outbuf[fd] = data[n:]
+            self.outbuf[fd] = bytearray(memoryview(data)[n:])
             self.ep.modify(fd, IN | OUT)
 
     def _flush_out(self, fd):
@@ -422,14 +475,23 @@ class Worker:
         except OSError:
             self._close(fd)
             return
-        if n < len(pending):
-            self.outbuf[fd] = pending[n:]
+        del pending[:n]                           # O(1) at a bytearray's front
+        if pending:
             return
         del self.outbuf[fd]
         if self.state[fd] == CLOSING:
             self._close(fd)
-        else:
-            self.ep.modify(fd, IN)
+            return
+        self.ep.modify(fd, IN)
+        self._resume(fd)                          # requests parked while the output was full
+
+    def _output_full(self, fd):
+        """Has fd more unsent output than OUT_LIMIT? Then it gets no new answer until it reads."""
+        pending = self.outbuf.get(fd)
+        if pending is None or len(pending) <= OUT_LIMIT:
+            return False
+        self.ep.modify(fd, OUT)                   # and nothing more is read from it meanwhile
+        return True
 
     def _close(self, fd):
         state = self.state[fd]
@@ -489,7 +551,7 @@ class Worker:
         state, inbuf = self.state, self.inbuf
         while state[fd] == READING:
             buf = inbuf.get(fd)
-            if buf is None:
+            if buf is None or self._output_full(fd):
                 return
             kind = self.kind[fd]
             if kind == APP_NEW:
@@ -500,8 +562,14 @@ class Worker:
                 req = wire.parse_head(buf)
                 if req is None:
                     return
-                limit = self.cfg.max_message if kind == CLIENT else self.cfg.max_body
-                parsed = wire.parse_body(buf, req, limit)
+                if kind == CLIENT:                # only GET, HEAD and OPTIONS, none with a body
+                    if req.method not in (b"GET", b"HEAD", b"OPTIONS"):
+                        raise wire.HttpError(405, "method not allowed")
+                    if req.content_length or req.chunked:
+                        raise wire.HttpError(413, "subscriber requests take no body")
+                else:
+                    self._check_app_caller(req)   # on the head: no unauthorized body is read
+                parsed = wire.parse_body(buf, req, self.cfg.max_body)
                 if parsed is None:
                     return
                 body, end = parsed
@@ -544,13 +612,12 @@ class Worker:
                           b"Access-Control-Allow-Headers: Content-Type, Cache-Control, Last-Event-ID\r\n"
                           b"Access-Control-Max-Age: 86400\r\n")
             return
-        if method not in (b"GET", b"HEAD"):
-            raise wire.HttpError(405, "method not allowed")
         if path.startswith(b"/sub/"):
             ident = path[5:]
             if not wire.valid_id(ident):
                 raise wire.HttpError(400, "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -")
             query = wire.parse_query(req.query) if req.query else {}
+            self._check_signature(ident, query)
             since = _int_param(query, "since", 0, 0, 0xFFFFFFFF)
             timeout = _int_param(query, "timeout", self.cfg.poll_timeout, 1, 120)
             callback = query.get("callback")
@@ -565,13 +632,23 @@ class Worker:
             return
         if path.endswith(b".js") and path.count(b"/") == 1 and wire.valid_id(path[1:-3]):
             ident = path[1:-3]
+            if self.secret is not None:
+                self._check_signature(ident, wire.parse_query(req.query) if req.query else {})
             self.fmt[fd] = FMT_COMPAT
             self.flags[fd] &= ~KEEP_ALIVE           # the original closes after each poll
             self._hold(fd, ident, self.cfg.poll_timeout)
-            peek = method == b"HEAD"                # a HEAD must not move the cursor
-            self._send_home(ident, _CPOLL.pack(CPOLL, fd, self.serial[fd], peek, len(ident)) + ident)
+            self._poll_compat(fd, peek=method == b"HEAD")   # a HEAD looks: the cursor stays
             return
         raise wire.HttpError(404, "no such path")
+
+    def _check_signature(self, ident, query):
+        """With --secret, a subscription must carry a valid, unexpired exp and sig: else 403."""
+        if self.secret is None:
+            return
+        reason = signing.refusal(self.secret, [ident.decode()], query.get("exp"), query.get("sig"),
+                                 time.time())
+        if reason is not None:
+            raise wire.HttpError(403, reason)
 
     def _subscribe(self, fd, ident, since, timeout):
         """Hold fd for ident's messages newer than ``since``.
@@ -609,6 +686,16 @@ class Worker:
             return self.fmt[entry] != FMT_COMPAT
         return any(self.fmt[fd] != FMT_COMPAT for fd in entry)
 
+    def _check_app_caller(self, req):
+        """Browsers may not use the app port; with --app-token, callers must show it."""
+        if req.browser:
+            raise wire.HttpError(403, "browser requests (Origin, Sec-Fetch-*) are refused here")
+        if self.token is None or req.path == b"/health":
+            return
+        scheme, _, credentials = (req.authorization or b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self.token):
+            raise wire.HttpError(401, "app token required")
+
     def _route_app(self, fd, req, body):
         method, path = req.method, req.path
         if path == b"/health":
@@ -618,8 +705,6 @@ class Worker:
             self._respond(fd, 200 if alive else 503, b"ok\n" if alive else b"worker down\n",
                           b"text/plain; charset=utf-8")
             return
-        if self.token is not None and req.authorization != self.token:
-            raise wire.HttpError(401, "app token required")
         if path == b"/pub" or path.startswith(b"/pub/"):
             if method != b"POST":
                 raise wire.HttpError(405, "publish with POST")
@@ -666,7 +751,7 @@ class Worker:
                 data = data.encode("utf-8")
                 if len(data) > self.cfg.max_message:
                     raise ValueError("message over %d bytes" % self.cfg.max_message)
-            except (ValueError, KeyError, TypeError, UnicodeError) as e:
+            except (ValueError, KeyError, TypeError, UnicodeError, RecursionError) as e:
                 batch.errors.append({"line": number, "error": _error_text(e)})
                 continue
             batch.waiting += 1
@@ -797,9 +882,23 @@ class Worker:
         return more
 
     def _run_local(self):
+        """Handle the records this worker sent itself, as many as there were on entry.
+
+        Handling one may queue another (an answer lets the next pipelined
+        request ask again): those wait for the next turn, after epoll.
+        """
         local = self.local
-        while local:
+        for _ in range(len(local)):
             self._handle(self.index, local.popleft())
+
+    def _on_internal_error(self, fd, e):
+        self.log("internal error on a %s connection: %r; closed" % (
+            "client" if self.kind[fd] == CLIENT else "app", e))
+        try:
+            self._close(fd)
+        except Exception:                            # half-closed state: at least drop the fd
+            self.state[fd] = FREE
+            os.close(fd)
 
     def _handle(self, src, record):
         try:
@@ -818,6 +917,7 @@ class Worker:
             seq, targets, compat = self.part.publish(shmqueue.id_key(ident), data, self._now_ms())
         except shmqueue.TableFull:
             seq = targets = compat = 0
+            self.refused += 1
             self.log("publish: id table full, message for %s refused" % ident.decode())
         else:
             self.published += 1
@@ -831,12 +931,16 @@ class Worker:
             else:
                 tally[2].append(line)
         if targets:
-            head = _DELIVER.pack(DELIVER, seq, DELIVER_COMPAT if compat else 0, n) + ident
-            record = head + data
+            if compat:                             # the cursor moved: given back if nobody reads it
+                self.compat_sent[shmqueue.id_key(ident)] = [seq, bin(compat).count("1"), self.now]
+            plain = _DELIVER.pack(DELIVER, seq, 0, n) + ident + data
             dst = 0
             while targets:
                 if targets & 1:
-                    self._send(dst, record)
+                    if compat >> dst & 1:
+                        self._send(dst, _DELIVER.pack(DELIVER, seq, DELIVER_COMPAT, n) + ident + data)
+                    else:
+                        self._send(dst, plain)
                 targets >>= 1
                 dst += 1
 
@@ -885,7 +989,30 @@ class Worker:
         except shmqueue.TableFull:
             found = None
         seq, data = found if found else (0, b"")
-        self._send(src, _CMSG.pack(CMSG, fd, serial, seq) + data)
+        self._send(src, _CMSG.pack(CMSG, fd, serial, seq, not peek, n) + ident + data)
+
+    def _on_cgive(self, src, record):
+        """A worker could not hand message seq to a compat poll: undo the cursor's move once
+        every worker it went to has said so (one that did answer a poll says nothing)."""
+        _, seq, n = _CGIVE.unpack_from(record)
+        ident = record[_CGIVE.size:_CGIVE.size + n]
+        key = shmqueue.id_key(ident)
+        sent = self.compat_sent.get(key)
+        if sent is not None and sent[0] == seq:
+            sent[1] -= 1
+            if sent[1]:
+                return
+            del self.compat_sent[key]
+        self._wake_compat_holders(ident, self.part.compat_untake(key, seq))
+
+    def _wake_compat_holders(self, ident, workers):
+        wake = _CWAKE.pack(CWAKE, len(ident)) + ident
+        dst = 0
+        while workers:
+            if workers & 1:
+                self._send(dst, wake)
+            workers >>= 1
+            dst += 1
 
     def _on_unsub(self, src, record):
         _, which, n = _UNSUB.unpack_from(record)
@@ -943,11 +1070,14 @@ class Worker:
             self.state[fd] = HELD
 
     def _on_cmsg(self, src, record):
-        _, fd, serial, seq = _CMSG.unpack_from(record)
+        _, fd, serial, seq, taken, n = _CMSG.unpack_from(record)
         if not self._is_waiting(fd, serial, PENDING):
+            if seq and taken:                     # taken for a poll that left: give it back
+                ident = record[_CMSG.size:_CMSG.size + n]
+                self._send(src, _CGIVE.pack(CGIVE, seq, n) + ident)
             return
         if seq:
-            self._answer_compat(fd, record[_CMSG.size:])
+            self._answer_compat(fd, record[_CMSG.size + n:])
         elif self.flags[fd] & HEAD_ONLY:
             self._answer_timeout(fd)              # nothing to look at; a HEAD is not held
         else:
@@ -961,10 +1091,13 @@ class Worker:
         if entry is None:                              # a stale registration: heal it,
             self._send(src, _UNSUB.pack(UNSUB, UNSUB_ALL, n) + ident)
             self.sub_lingering.discard(ident)          # and no longer count as registered
+            if flags & DELIVER_COMPAT:                 # the compat cursor moved for nobody
+                self._send(src, _CGIVE.pack(CGIVE, seq, n) + ident)
             return
         data = record[start + n:]
         holders = (entry,) if type(entry) is int else list(entry)
         state, fmt, since = self.state, self.fmt, self.since
+        compat_answered = False
         body = None
         responses = {}                                 # one response per flags variant, for all
         for fd in holders:
@@ -973,6 +1106,7 @@ class Worker:
             if fmt[fd] == FMT_COMPAT:
                 if flags & DELIVER_COMPAT:
                     self._answer_compat(fd, data)
+                    compat_answered = True
             elif seq > since[fd] + 1:
                 self._resubscribe(fd)                  # a gap: the home's MSGS fills it
             elif seq > since[fd]:
@@ -991,8 +1125,26 @@ class Worker:
                 self._send_response(fd, response, variant & KEEP_ALIVE)
                 self.delivered += 1
                 self._resume(fd)
+        if flags & DELIVER_COMPAT and not compat_answered:
+            self._send(src, _CGIVE.pack(CGIVE, seq, n) + ident)
+
+    def _on_cwake(self, src, record):
+        _, n = _CWAKE.unpack_from(record)
+        entry = self.held.get(record[_CWAKE.size:_CWAKE.size + n])
+        if entry is None:
+            return
+        for fd in (entry,) if type(entry) is int else list(entry):
+            if self.state[fd] == HELD and self.fmt[fd] == FMT_COMPAT:
+                self._poll_compat(fd, peek=False)
 
     # -- answering held connections -------------------------------------------
+
+    def _poll_compat(self, fd, peek):
+        """Ask the home for the compat cursor's next message; the poll waits for the CMSG."""
+        ident = self.ident[fd]
+        self._new_serial(fd)
+        self.state[fd] = PENDING
+        self._send_home(ident, _CPOLL.pack(CPOLL, fd, self.serial[fd], peek, len(ident)) + ident)
 
     def _resubscribe(self, fd):
         """Ask the home for everything after since[fd]; the poll waits for that answer."""
@@ -1066,8 +1218,10 @@ class Worker:
 
     def _answer_timeout(self, fd):
         if self.fmt[fd] == FMT_COMPAT:
+            # An empty script, not a 204: a <script> tag fires onerror for a 204 sent with
+            # nosniff (no Content-Type), and a page in the original style stops polling.
             self._unhold(fd)
-            self._respond(fd, 204, headers=self.common)   # closes: nothing pipelined to serve
+            self._respond(fd, 200, b"", JS_TYPE, self.common)   # closes: nothing pipelined
         else:
             self._answer(fd, [], self.last[fd])
 
@@ -1108,7 +1262,8 @@ class Worker:
 
 HANDLERS = {PUB: Worker._on_pub, SUB: Worker._on_sub, CPOLL: Worker._on_cpoll,
             UNSUB: Worker._on_unsub, RESET: Worker._on_reset, ACK: Worker._on_ack,
-            MSGS: Worker._on_msgs, CMSG: Worker._on_cmsg, DELIVER: Worker._on_deliver}
+            MSGS: Worker._on_msgs, CMSG: Worker._on_cmsg, DELIVER: Worker._on_deliver,
+            CGIVE: Worker._on_cgive, CWAKE: Worker._on_cwake}
 
 
 def json_body_of(ident, messages, last, callback=None):
@@ -1125,7 +1280,8 @@ def _int_param(query, name, default, low, high):
     text = query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or len(text) > 10:
+    # ASCII digits only: str.isdigit() also accepts "²" or "①", which int() refuses.
+    if not (0 < len(text) <= 10 and text.isascii() and text.isdigit()):
         raise wire.HttpError(400, "%s must be a whole number" % name)
     return min(max(int(text), low), high)
 
@@ -1135,6 +1291,8 @@ def _error_text(e):
         return "missing %s" % e
     if isinstance(e, json.JSONDecodeError):
         return "invalid JSON"
+    if isinstance(e, RecursionError):
+        return "invalid JSON: nested too deeply"
     return str(e)
 
 

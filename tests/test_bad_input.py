@@ -705,16 +705,47 @@ def low_fd_server():
         server.stop()
 
 
-def test_accept_emfile_pauses_logs_once_no_busy_loop_and_recovers(low_fd_server):
+def test_client_flood_leaves_the_app_port_its_fds(low_fd_server):
+    """Subscribers alone cannot take every fd: /health and publishing still answer at once."""
     server = low_fd_server
     assert "fd limit %d" % FD_LIMIT in server.banner
     pids = server.worker_pids()
     log_before = len(server.stderr())
+    ident = uid("reserve")
     extra = []
     try:
         # Far more connections than both workers have fds for; the kernel queues the rest.
         for _ in range(4 * FD_LIMIT):
             extra.append(connect(server.client))
+        wait_for(lambda: reserve_lines(server.stderr()[log_before:]), timeout=5,
+                 message="the workers to stop accepting subscribers")
+        cpu_before = {pid: cpu_seconds(pid) for pid in pids}
+        for _ in range(5):
+            started = time.monotonic()
+            assert _health(server) == 200
+            assert server.pub(ident, "through the reserve") >= 1
+            assert time.monotonic() - started < 1.0
+        time.sleep(1.0)
+        cpu_used = {pid: cpu_seconds(pid) - cpu_before[pid] for pid in pids}
+        assert all(used < 0.5 for used in cpu_used.values()), ("busy loop at the cap", cpu_used)
+        assert not emfile_lines(server.stderr()[log_before:])
+    finally:
+        for sock in extra:
+            sock.close()
+    assert server.worker_pids() == pids, "a worker died and was restarted"
+    assert_serving(server, pids)                  # subscribers are accepted again
+    assert len(reserve_lines(server.stderr()[log_before:])) <= 4 * len(pids)
+
+
+def test_accept_emfile_pauses_logs_once_no_busy_loop_and_recovers(low_fd_server):
+    server = low_fd_server
+    pids = server.worker_pids()
+    log_before = len(server.stderr())
+    extra = []
+    try:
+        # The app port has no cap of its own: flooding it runs the workers out of fds.
+        for _ in range(4 * FD_LIMIT):
+            extra.append(connect(server.app))
         wait_for(lambda: emfile_lines(server.stderr()[log_before:]), timeout=5,
                  message="the workers to report EMFILE")
         time.sleep(0.3)
@@ -739,6 +770,10 @@ def test_accept_emfile_pauses_logs_once_no_busy_loop_and_recovers(low_fd_server)
     new_log = server.stderr()[log_before:]
     assert len(emfile_lines(new_log)) <= 4 * len(pids), new_log[:3000]
     assert len(new_log) < 2000, new_log[:3000]
+
+
+def reserve_lines(text):
+    return [line for line in text.splitlines() if "the fds left are the app port's" in line]
 
 
 def emfile_lines(text):

@@ -233,7 +233,7 @@ class PartModel:
         targets = m.mask | m.cmask
         if targets:
             self.events["targets"] += 1
-        compat = m.cmask != 0
+        compat = m.cmask
         if compat:
             m.compats, m.cmask = m.lasts, 0
         return m.lasts, targets, compat
@@ -378,11 +378,11 @@ def test_since_beyond_last_and_compat_cursor_are_independent():
     assert p.compat_take(k, 4, 3) == (2, b"b")
     assert p.compat_take(k, 4, 3) is None                            # registers bit 4
     assert p.subscribe(k, 2, 0, 3) == (2, [(1, b"a"), (2, b"b")])    # compat did not consume these
-    assert p.publish(k, b"c", 4) == (3, 1 | 2 | 4, True)
+    assert p.publish(k, b"c", 4) == (3, 1 | 2 | 4, 4)
     assert p.compats[p.find(k)] == 3                                 # consumed for compat
     assert p.compat_take(k, 4, 5) is None
-    assert p.publish(k, b"d", 6) == (4, 1 | 2 | 4, True)
-    assert p.publish(k, b"e", 7) == (5, 1 | 2, False)                     # held compat poll was used up
+    assert p.publish(k, b"d", 6) == (4, 1 | 2 | 4, 4)
+    assert p.publish(k, b"e", 7) == (5, 1 | 2, 0)                    # held compat poll was used up
     # TTL: a message is gone from reads at exactly ttl ms, before expire() runs.
     assert p.subscribe(k, 0, 0, 1000) == (5, [(1, b"a"), (2, b"b"), (3, b"c"), (4, b"d"), (5, b"e")])
     assert p.subscribe(k, 0, 0, 1001) == (5, [(2, b"b"), (3, b"c"), (4, b"d"), (5, b"e")])
@@ -508,6 +508,7 @@ def test_table_collisions_deletion_and_full(workers, w):
     ttl = 100
     region = SharedRegion(workers, 1, workers << 16, 4096, ttl, 8)
     p = region.partition(w)
+    p.sub_limit = p.nslots             # the table's own limits, not the subscribers' share
     cells, limit = p.cells, p.nslots
     assert limit < 32 and cells < 40                # tiny: lots of collisions
 
@@ -575,9 +576,46 @@ def test_table_collisions_deletion_and_full(workers, w):
     assert p.header[H_BUMP] == limit                # every slot was used at some point
 
 
+def test_new_ids_from_subscribers_leave_a_quarter_of_the_table_to_publishers():
+    region = SharedRegion(1, 100, 1 << 16, 4096, 1000, 8)
+    p = region.partition(0)
+    assert p.sub_limit == p.nslots - p.nslots // 4
+    for k in range(1, p.sub_limit + 1):
+        if k % 2:
+            p.subscribe(k, 1, 0, 0)
+        else:
+            assert p.compat_take(k, 1, 0) is None
+    for op in (lambda k: p.subscribe(k, 1, 0, 0), lambda k: p.compat_take(k, 1, 0)):
+        with pytest.raises(TableFull):
+            op(10 ** 6)
+    assert p.subscribe(1, 2, 0, 0) == (0, [])                  # known ids still subscribe
+    assert p.compat_take(10 ** 6, 1, 0, consume=False) is None   # a look adds nothing
+    for k in range(p.sub_limit + 1, p.nslots + 1):             # publishers have the rest
+        assert p.publish(k, b"m", 0)[0] == 1
+    with pytest.raises(TableFull):
+        p.publish(10 ** 7, b"m", 0)
+    assert p.subscribe(p.nslots, 1, 0, 0) == (1, [(1, b"m")])  # and their ids can be followed
+
+
+def test_compat_untake_gives_back_only_the_last_message_taken():
+    region = SharedRegion(1, 100, 1 << 16, 4096, 1000, 8)
+    p = region.partition(0)
+    k = id_key(b"give")
+    p.publish(k, b"a", 0)
+    p.publish(k, b"b", 0)
+    assert p.compat_take(k, 1, 0) == (1, b"a")
+    assert p.compat_take(k, 1, 0) == (2, b"b")
+    assert p.compat_untake(k, 1) == 0 and p.compats[p.find(k)] == 2   # b was taken after it
+    assert p.compat_take(k, 2, 0) is None                             # worker 2 waits
+    assert p.compat_untake(k, 2) == 2                                 # b back; wake worker 2
+    assert p.compat_take(k, 2, 0) == (2, b"b")
+    assert p.compat_untake(12345, 1) == 0                             # unknown id: nothing
+
+
 def test_table_full_then_room_again():
     region = SharedRegion(1, 1, 1 << 16, 4096, 100, 8)
     p = region.partition(0)
+    p.sub_limit = p.nslots             # the table's own limits, not the subscribers' share
     n = p.nslots
     keys = [kc(-3, m) for m in range(1, n + 1)]        # one long cluster, wrapping
     for i, k in enumerate(keys):
@@ -663,6 +701,7 @@ def test_clear_worker_random():
     for round_ in range(40):
         region = SharedRegion(1, 1, 1 << 16, 4096, 1000, 8)
         p = region.partition(0)
+        p.sub_limit = p.nslots             # the table's own limits, not the subscribers' share
         model = {}
         pool = [kc(c, m) for c in (-2, -1, 0, 3) for m in range(-4, 5) if kc(c, m)]
         for key in rng.sample(pool, rng.randrange(1, p.nslots + 1)):
