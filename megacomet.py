@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 
+import logs
 import shmqueue
 import signing
 import wire
@@ -82,8 +83,14 @@ def parse_args(argv=None):
     p.add_argument("--insecure-app-port", action="store_true",
                    help="allow --app-host on a non-loopback address without an app token "
                         "(anyone who reaches it can publish)")
+    p.add_argument("--worker-timeout", type=float, default=10.0,
+                   help="seconds a worker may go without turning its loop before it is killed "
+                        "and replaced (default %(default)s)")
+    p.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                   help="log lines on stderr as text or one JSON object each (default %(default)s)")
     add_secret_arguments(p)
     args = p.parse_args(argv)
+    logs.configure(args.log_format)
     args.app_token = read_secret(p, "app token", args.app_token, args.app_token_file, TOKEN_ENV)
     args.secret = read_secret(p, "secret", args.secret, args.secret_file, SECRET_ENV)
     if args.secret is not None:
@@ -102,6 +109,8 @@ def parse_args(argv=None):
         p.error("--queue-ttl must be between 0 and 24 days")
     if not 0 < args.header_timeout:
         p.error("--header-timeout must be positive")
+    if not args.worker_timeout >= 1:
+        p.error("--worker-timeout must be at least 1 second")
     if args.max_message * 2 + 64 > (args.shm_mb << 20) // args.workers:
         p.error("--max-message must fit twice in each worker's share of --shm-mb")
     args.ring_kb = max(args.ring_kb, (2 * (args.max_message + 256) + 1023) // 1024)
@@ -221,6 +230,7 @@ class Supervisor:
         self._wait_ready(ready_r)
         while not self.stopping:
             self._reap()
+            self._kill_hung()
             self._restart_due()
             timeout = 1.0
             if self.restart_at:
@@ -273,7 +283,7 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 worker.Worker(index, self.args, self.region, self.eventfds, ready_w).run()
             except BaseException as e:   # noqa: BLE001 - anything must end in _exit
-                print("megacomet[worker %d]: died: %r" % (index, e), file=sys.stderr, flush=True)
+                logs.write("error", "died: %r" % e, index)
                 code = 1
             finally:
                 os._exit(code)
@@ -302,18 +312,33 @@ class Supervisor:
             index = self.pids.pop(pid, None)
             if index is None:
                 continue
-            self.region.stats(index).set("pid", 0)
+            block = self.region.stats(index)
+            block.set("pid", 0)
             if self.stopping:
                 continue
+            block.set("restarts", block.get("restarts") + 1)
             lived = time.monotonic() - self.started[index]
             if lived < CRASH_LOOP_WINDOW:
                 self.backoff[index] = min(RESTART_BACKOFF_MAX, max(0.1, self.backoff[index] * 2))
             else:
                 self.backoff[index] = RESTART_DELAY
-            print("megacomet: worker %d (pid %d) %s after %.1f s; restarting in %.1f s" %
-                  (index, pid, describe_status(status), lived, self.backoff[index]),
-                  file=sys.stderr, flush=True)
+            logs.write("error", "worker %d (pid %d) %s after %.1f s; restarting in %.1f s" %
+                       (index, pid, describe_status(status), lived, self.backoff[index]))
             self.restart_at[index] = time.monotonic() + self.backoff[index]
+
+    def _kill_hung(self):
+        """SIGKILL a worker whose loop has not turned for --worker-timeout (stuck, or stopped)."""
+        now_ms = time.time() * 1000
+        for pid, index in self.pids.items():
+            block = self.region.stats(index).as_dict()
+            if block["pid"] == pid and not worker.responsive(block, now_ms, self.args.worker_timeout):
+                logs.write("error", "worker %d (pid %d) has not turned its loop for %.1f s; "
+                           "killing it" % (index, pid, (now_ms - block["heartbeat_ms"]) / 1000))
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.region.stats(index).set("pid", 0)   # down from now on; _reap restarts it
 
     def _restart_due(self):
         now = time.monotonic()
@@ -357,7 +382,7 @@ def main(argv=None):
     try:
         return Supervisor(args).run()
     except OSError as e:
-        print("megacomet: %s" % (e.strerror or e), file=sys.stderr)
+        logs.write("error", e.strerror or str(e))
         return 1
 
 

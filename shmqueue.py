@@ -49,9 +49,14 @@ REC_HEADER = _REC.size
 _RING_LEN = _U32
 _RING_WRAP = 0xFFFFFFFF
 
-# Per-worker stats block (all u64). Order is the wire order of /stats.
-STAT_FIELDS = ("pid", "started_ms", "connections", "subscribers", "accepted",
-               "received", "published", "refused", "delivered", "expired", "dropped", "rss_bytes")
+# Per-worker stats block (all u64).  The first fields say who runs the worker: pid (the
+# supervisor zeroes it when the worker dies), when it started, when its loop last turned
+# (ms; the supervisor replaces a worker that stops turning), how often it was restarted
+# (written by the supervisor).  The counters follow, in the order /stats lists them.
+PROCESS_FIELDS = ("pid", "started_ms", "heartbeat_ms", "restarts")
+COUNTER_FIELDS = ("connections", "subscribers", "accepted", "received", "published", "refused",
+                  "delivered", "expired", "dropped", "rss_bytes")
+STAT_FIELDS = PROCESS_FIELDS + COUNTER_FIELDS
 _STAT_BLOCK = 128
 # Partition header (u64 each).  "dirty" is the slot whose fields are being
 # rewritten and "journal" the index move in progress (src << 32 | dst), or
@@ -176,8 +181,8 @@ class StatsBlock:
         self._words[self._INDEX[name]] = value
 
     def set_counters(self, values):
-        """Write every field after pid and started_ms at once, in STAT_FIELDS order."""
-        self._words[2:len(STAT_FIELDS)] = array.array("Q", values)
+        """Write every counter at once, in COUNTER_FIELDS order."""
+        self._words[len(PROCESS_FIELDS):len(STAT_FIELDS)] = array.array("Q", values)
 
     def as_dict(self):
         return dict(zip(STAT_FIELDS, self._words[:len(STAT_FIELDS)]))

@@ -40,6 +40,7 @@ import socket
 import struct
 import time
 
+import logs
 import shmqueue
 import signing
 import wire
@@ -216,6 +217,7 @@ class Worker:
                 if dst != self.index:
                     self._send(dst, bytes((RESET,)))
         self.stats.set("started_ms", int(time.time() * 1000))
+        self.stats.set("heartbeat_ms", int(time.time() * 1000))
         self.stats.set("pid", os.getpid())        # alive for /health from now: it listens
         self._flush_stats()
         gc.freeze()                               # start-up objects: never scanned, never copied
@@ -307,6 +309,7 @@ class Worker:
             bucket.append(self.fd_int[fd])
 
     def _tick(self):
+        self.stats.set("heartbeat_ms", int(time.time() * 1000))   # the loop turns: see Supervisor
         self._drain_inbox()        # eventfds are the fast path; this bounds any missed wake-up
         self._flush_acks()
         now_tick = self._tick_of(self.now) - 1
@@ -358,13 +361,14 @@ class Worker:
     def _now_ms(self):
         return int(self.now * 1000)
 
-    def log(self, message, force=False):
+    def log(self, message, level="warning", force=False):
+        """One log line; at most LOG_LINES_PER_SECOND unless forced, the rest only counted."""
         if not force:
             if self.log_budget <= 0:
                 self.log_suppressed += 1
                 return
             self.log_budget -= 1
-        os.write(2, ("megacomet[worker %d pid %d]: %s\n" % (self.index, os.getpid(), message)).encode())
+        logs.write(level, message, self.index)
 
     # -- sockets -------------------------------------------------------------
 
@@ -391,7 +395,7 @@ class Worker:
                 continue                          # ECONNABORTED and the like: next one
             if self.accept_failing:
                 self.accept_failing = False
-                self.log("accept: working again")
+                self.log("accept: working again", "info")
             fcntl.fcntl(fd, fcntl.F_SETFL, os.O_RDWR | os.O_NONBLOCK)
             self.state[fd] = READING
             self.kind[fd] = kind
@@ -504,7 +508,7 @@ class Worker:
         if self.kind[fd] == APP_BINARY:
             self.log("app: binary publisher closed after %d frames%s" % (
                 self.frames_in.pop(fd, 0), " (%d bytes unparsed)" % len(self.inbuf[fd])
-                if fd in self.inbuf else ""))
+                if fd in self.inbuf else ""), "info")
         for table in (self.inbuf, self.outbuf, self.callback, self.batches, self.partial):
             table.pop(fd, None)
         self.open -= 1
@@ -701,7 +705,9 @@ class Worker:
         if path == b"/health":
             if method not in (b"GET", b"HEAD"):
                 raise wire.HttpError(405, "method not allowed")
-            alive = all(self.region.stats(w).get("pid") for w in range(self.region.workers))
+            now_ms = time.time() * 1000
+            alive = all(responsive(self.region.stats(w).as_dict(), now_ms, self.cfg.worker_timeout)
+                        for w in range(self.region.workers))
             self._respond(fd, 200 if alive else 503, b"ok\n" if alive else b"worker down\n",
                           b"text/plain; charset=utf-8")
             return
@@ -893,7 +899,7 @@ class Worker:
 
     def _on_internal_error(self, fd, e):
         self.log("internal error on a %s connection: %r; closed" % (
-            "client" if self.kind[fd] == CLIENT else "app", e))
+            "client" if self.kind[fd] == CLIENT else "app", e), "error")
         try:
             self._close(fd)
         except Exception:                            # half-closed state: at least drop the fd
@@ -904,7 +910,8 @@ class Worker:
         try:
             HANDLERS[record[0]](self, src, record)
         except Exception as e:                      # a bug must cost one record, not the worker
-            self.log("internal error handling record %r from worker %d: %r" % (record[:1], src, e))
+            self.log("internal error handling record %r from worker %d: %r" % (record[:1], src, e),
+                     "error")
 
     # home side
 
@@ -1230,11 +1237,15 @@ class Worker:
     def stats_document(self):
         self._flush_stats()
         workers = []
-        totals = dict.fromkeys(shmqueue.STAT_FIELDS[2:], 0)
+        totals = dict.fromkeys(shmqueue.COUNTER_FIELDS, 0)
+        now_ms = time.time() * 1000
         for w in range(self.region.workers):
             block = self.region.stats(w).as_dict()
-            row = {"index": w, "pid": block["pid"]}
-            for name in shmqueue.STAT_FIELDS[2:]:
+            row = {"index": w, "pid": block["pid"],
+                   "responsive": responsive(block, now_ms, self.cfg.worker_timeout),
+                   "loop_age_ms": max(0, int(now_ms - block["heartbeat_ms"])) if block["pid"] else None,
+                   "restarts": block["restarts"]}
+            for name in shmqueue.COUNTER_FIELDS:
                 row[name] = block[name]
                 totals[name] += block[name]
             workers.append(row)
@@ -1244,7 +1255,7 @@ class Worker:
     def metrics_text(self):
         doc = self.stats_document()
         lines = []
-        for name in shmqueue.STAT_FIELDS[2:]:
+        for name in shmqueue.COUNTER_FIELDS:
             gauge = name in ("connections", "subscribers", "rss_bytes")
             metric = "megacomet_" + name + ("" if gauge else "_total")
             lines.append("# TYPE %s %s" % (metric, "gauge" if gauge else "counter"))
@@ -1255,6 +1266,11 @@ class Worker:
             lines.append("megacomet_shm_%s %d" % (name, value))
         lines.append("# TYPE megacomet_workers_alive gauge")
         lines.append("megacomet_workers_alive %d" % sum(1 for r in doc["workers"] if r["pid"]))
+        lines.append("# TYPE megacomet_workers_responsive gauge")
+        lines.append("megacomet_workers_responsive %d" % sum(r["responsive"] for r in doc["workers"]))
+        lines.append("# TYPE megacomet_worker_restarts_total counter")
+        for row in doc["workers"]:
+            lines.append('megacomet_worker_restarts_total{worker="%d"} %d' % (row["index"], row["restarts"]))
         lines.append("# TYPE megacomet_uptime_seconds gauge")
         lines.append("megacomet_uptime_seconds %s" % doc["uptime_s"])
         return "\n".join(lines) + "\n"
@@ -1264,6 +1280,11 @@ HANDLERS = {PUB: Worker._on_pub, SUB: Worker._on_sub, CPOLL: Worker._on_cpoll,
             UNSUB: Worker._on_unsub, RESET: Worker._on_reset, ACK: Worker._on_ack,
             MSGS: Worker._on_msgs, CMSG: Worker._on_cmsg, DELIVER: Worker._on_deliver,
             CGIVE: Worker._on_cgive, CWAKE: Worker._on_cwake}
+
+
+def responsive(block, now_ms, timeout_s):
+    """Is the worker of this stats block alive and turning its loop (heartbeat within timeout)?"""
+    return bool(block["pid"]) and now_ms - block["heartbeat_ms"] < timeout_s * 1000
 
 
 def json_body_of(ident, messages, last, callback=None):

@@ -26,8 +26,11 @@ START_TIMEOUT = 20.0
 class Server:
     """One megacomet.py process tree; ``client`` and ``app`` are its ports."""
 
-    def __init__(self, *flags, workers=2, preexec_fn=None):
+    def __init__(self, *flags, workers=2, preexec_fn=None, command=None, cwd=ROOT, env=None):
         self.preexec_fn = preexec_fn     # runs in the server process before it starts
+        self.command = command or [sys.executable, os.path.join(ROOT, "megacomet.py")]
+        self.cwd = cwd
+        self.env = env
         self.flags = ["--workers", str(workers), "--host", "127.0.0.1", "--port", "0",
                       "--app-port", "0", *map(str, flags)]
         self.workers = workers
@@ -37,8 +40,8 @@ class Server:
 
     def start(self):
         self.log = open(self.log_path, "w+b")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "megacomet.py"), *self.flags],
-                                     stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT,
+        self.proc = subprocess.Popen([*self.command, *self.flags], stdout=subprocess.PIPE,
+                                     stderr=self.log, cwd=self.cwd, env=self.env,
                                      preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + START_TIMEOUT
         os.set_blocking(self.proc.stdout.fileno(), False)

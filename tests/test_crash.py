@@ -396,3 +396,34 @@ def test_publish_whose_home_stops_answering_gets_503_unconfirmed(server_factory)
         os.kill(stopped, signal.SIGCONT)
     wait_for(lambda: server.stats()["totals"]["received"] == server.stats()["totals"]["published"],
              timeout=5, message="the stopped home catching up")
+
+
+def test_a_worker_that_stops_turning_its_loop_is_replaced(server_factory):
+    """SIGSTOP stands for an endless loop or a blocking call: the worker looks alive but
+    serves nobody.  /health says so meanwhile; the supervisor replaces it after
+    --worker-timeout, and its clients reconnect and resume with since."""
+    server = server_factory("--worker-timeout", "2", "--poll-timeout", "30", workers=2)
+    ident = uid("frozen")
+    seq = server.pub(ident, "before")
+    pids = server.worker_pids()
+    victim = pids[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        wait_for(lambda: try_health(server) == 503, timeout=5, message="/health to see it")
+        new = wait_for(lambda: (lambda p: p if p and p != victim else None)(pid_at(server, 0)),
+                       timeout=8, message="the frozen worker's replacement")
+        took = time.monotonic() - started
+        assert 2.0 <= took <= 6.0, took
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: try_health(server) == 200, timeout=5, message="/health to recover")
+    assert server.worker_pids()[1] == pids[1]          # the other worker was left alone
+    assert server.stats()["workers"][0]["restarts"] == 1
+    assert "has not turned its loop" in server.stderr()
+    for _ in range(6):                                 # every worker serves; nothing was lost
+        status, _, body = server.sub(ident, since=seq - 1, wait=5)
+        assert status == 200 and json.loads(body)["messages"][0]["data"] == "before"
