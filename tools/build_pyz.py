@@ -19,7 +19,8 @@ import tempfile
 import zipapp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER_MODULES = ("megacomet.py", "worker.py", "shmqueue.py", "wire.py", "signing.py", "logs.py")
+SERVER_MODULES = ("megacomet.py", "worker.py", "shmqueue.py", "wire.py", "signing.py", "logs.py",
+                  "hostcheck.py")
 MAIN = '''import sys
 import megacomet
 sys.exit(megacomet.main())
