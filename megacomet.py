@@ -8,10 +8,13 @@ that /health and /stats can tell who is alive.
 
 Run it:  python megacomet.py --workers 8
 Sign a subscription:  MEGACOMET_SECRET=... python megacomet.py sign alice
+Check the host:  python megacomet.py check --connections 300000
+Reload the workers' code:  kill -HUP <pid>, or python megacomet.py reload --pid-file F
 """
 
 import argparse
 import gc
+import importlib
 import ipaddress
 import os
 import resource
@@ -20,7 +23,9 @@ import signal
 import socket
 import sys
 import time
+import zipimport
 
+import hostcheck
 import logs
 import shmqueue
 import signing
@@ -33,6 +38,9 @@ RESTART_BACKOFF_MAX = 30.0     # seconds between restarts of a worker that keeps
 CRASH_LOOP_WINDOW = 1.0        # a worker that dies younger than this is crash-looping
 RESTART_DELAY = 0.05           # before restarting a worker that is not
 STOP_GRACE = 4.0               # seconds workers get to answer held polls on shutdown
+RELOAD_STEP_TIMEOUT = 10.0     # seconds a reloaded worker may take to listen, then to serve
+# Reloaded with the code on disk; shmqueue (the shared memory's format) and this file are not.
+RELOADABLE_MODULES = ("logs", "wire", "signing", "worker")
 
 
 def parse_args(argv=None):
@@ -86,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--worker-timeout", type=float, default=10.0,
                    help="seconds a worker may go without turning its loop before it is killed "
                         "and replaced (default %(default)s)")
+    p.add_argument("--pid-file", default=None,
+                   help="write the supervisor's pid here (for 'megacomet.py reload --pid-file')")
     p.add_argument("--log-format", choices=logs.FORMATS, default="text",
                    help="log lines on stderr as text or one JSON object each (default %(default)s)")
     add_secret_arguments(p)
@@ -170,6 +180,40 @@ def sign_main(argv):
     return 0
 
 
+def check_main(argv):
+    """``megacomet.py check [--connections N] [--workers W]``: can this host hold them?"""
+    p = argparse.ArgumentParser(
+        prog="megacomet.py check",
+        description="Read this host's limits and say whether it can hold N connections, with "
+                    "the exact fix for each limit that falls short. Exit status 1 if any does.")
+    p.add_argument("--connections", type=int, default=100_000,
+                   help="connections to hold (default %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (default: CPU count, %(default)s here)")
+    args = p.parse_args(argv)
+    if args.connections < 1 or not 1 <= args.workers <= shmqueue.MAX_WORKERS:
+        p.error("--connections must be positive and --workers 1..%d" % shmqueue.MAX_WORKERS)
+    return hostcheck.report(args.connections, args.workers)
+
+
+def reload_main(argv):
+    """``megacomet.py reload --pid-file F``: SIGHUP the running server (a graceful reload)."""
+    p = argparse.ArgumentParser(
+        prog="megacomet.py reload",
+        description="Ask a running server to replace its workers, one at a time, with ones "
+                    "running the worker code now on disk (the same as kill -HUP).")
+    p.add_argument("--pid-file", required=True, help="the file the server wrote (--pid-file)")
+    args = p.parse_args(argv)
+    try:
+        with open(args.pid_file) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as e:
+        p.error("cannot signal the server in %s: %s" % (args.pid_file, e))
+    print("megacomet: reload asked of pid %d (it logs 'reload: done')" % pid)
+    return 0
+
+
 def raise_fd_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -204,6 +248,10 @@ class Supervisor:
         self.backoff = [0.0] * self.n
         self.restart_at = {}             # index -> when to fork it again
         self.stopping = False
+        self.reload_requested = False
+        self.reloaded = False            # from the first reload on, workers import fresh code
+        self.standby = set()             # pids of reload successors not owning their partition yet
+        self.retiring = set()            # pids of workers a reload is replacing
 
     def run(self):
         args = self.args
@@ -219,16 +267,22 @@ class Supervisor:
         self.reserved = reserved
         self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(sig_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         self._banner(fd_limit)
+        if args.pid_file:
+            with open(args.pid_file, "w") as f:
+                f.write("%d\n" % os.getpid())
         gc.freeze()          # what exists now is shared with every worker: never collect (copy) it
         for index in range(self.n):
             self._spawn(index, ready_w)
         os.close(ready_w)
         self._wait_ready(ready_r)
         while not self.stopping:
+            if self.reload_requested:
+                self.reload_requested = False
+                self._reload()
             self._reap()
             self._kill_hung()
             self._restart_due()
@@ -237,6 +291,11 @@ class Supervisor:
                 timeout = max(0.0, min(self.restart_at.values()) - time.monotonic())
             self._wait_signal(timeout)
         self._stop()
+        if args.pid_file:
+            try:
+                os.unlink(args.pid_file)
+            except OSError:
+                pass
         return 0
 
     def _banner(self, fd_limit):
@@ -271,7 +330,7 @@ class Supervisor:
         else:
             print("megacomet: only %d of %d workers started" % (len(seen), self.n), flush=True)
 
-    def _spawn(self, index, ready_w=None):
+    def _spawn(self, index, ready_w=None, standby_r=None):
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -281,7 +340,10 @@ class Supervisor:
                     sock.close()
                 for sig in (signal.SIGTERM, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
-                worker.Worker(index, self.args, self.region, self.eventfds, ready_w).run()
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a reload is the supervisor's
+                module = fresh_worker_module(self.args) if self.reloaded else worker
+                module.Worker(index, self.args, self.region, self.eventfds, ready_w,
+                              standby_r).run()
             except BaseException as e:   # noqa: BLE001 - anything must end in _exit
                 logs.write("error", "died: %r" % e, index)
                 code = 1
@@ -289,10 +351,80 @@ class Supervisor:
                 os._exit(code)
         self.pids[pid] = index
         self.started[index] = time.monotonic()   # the worker writes its pid once it listens
+        return pid
 
     def _on_signal(self, signum, frame):
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
+        elif signum == signal.SIGHUP:
+            self.reload_requested = True
+
+    def _reload(self):
+        """Replace the workers one at a time by fresh ones running the worker code now on disk.
+
+        For each: the new worker listens first (standby: connections queue for it), then the
+        old one stops as on SIGTERM (it serves what waits in its accept queue, answers held
+        polls, delivers what it owes), and only once it has exited does the new one take over
+        the partition.  No two processes ever own one partition.
+        """
+        logs.write("info", "reload: replacing %d workers one at a time" % self.n)
+        self.reloaded = True
+        for index in range(self.n):
+            old = next((pid for pid, i in self.pids.items() if i == index), None)
+            if self.stopping or old is None:
+                continue                          # down: its restart runs the new code anyway
+            ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+            go_r, go_w = os.pipe2(os.O_CLOEXEC)
+            new = self._spawn(index, ready_w, go_r)
+            self.standby.add(new)
+            os.close(ready_w)
+            os.close(go_r)
+            try:
+                if self._read_line(ready_r, RELOAD_STEP_TIMEOUT) != b"listening":
+                    logs.write("error", "reload: the new worker %d did not start; reload stopped"
+                               % index)
+                    self._kill(new)
+                    return
+                self.retiring.add(old)
+                self._kill(old, signal.SIGTERM)
+                deadline = time.monotonic() + STOP_GRACE + 1
+                while old in self.pids and time.monotonic() < deadline:
+                    self._wait_signal(0.05)
+                    self._reap()
+                if old in self.pids:
+                    self._kill(old)
+                    while old in self.pids:
+                        self._wait_signal(0.05)
+                        self._reap()
+                self.standby.discard(new)
+                os.write(go_w, b"g")              # the partition is free: take it over
+                if self._read_line(ready_r, RELOAD_STEP_TIMEOUT) != str(index).encode():
+                    logs.write("error", "reload: worker %d did not come up" % index)
+            finally:
+                os.close(ready_r)
+                os.close(go_w)
+        logs.write("info", "reload: done")
+
+    def _read_line(self, fd, timeout):
+        """One line from a worker's ready pipe, b"" on EOF or timeout; signals and deaths are
+        handled meanwhile."""
+        data = b""
+        deadline = time.monotonic() + timeout
+        while not data.endswith(b"\n") and time.monotonic() < deadline:
+            readable, _, _ = select.select([fd], [], [], 0.05)
+            if readable:
+                chunk = os.read(fd, 1)
+                if not chunk:
+                    break
+                data += chunk
+            self._reap()
+        return data.strip()
+
+    def _kill(self, pid, sig=signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
     def _wait_signal(self, timeout):
         try:
@@ -313,7 +445,16 @@ class Supervisor:
             if index is None:
                 continue
             block = self.region.stats(index)
-            block.set("pid", 0)
+            if pid in self.standby:              # never owned the partition: the old one does
+                self.standby.discard(pid)
+                logs.write("error", "reload: standby worker %d (pid %d) %s" %
+                           (index, pid, describe_status(status)))
+                continue
+            if block.get("pid") == pid:
+                block.set("pid", 0)
+            if pid in self.retiring:             # replaced by a reload, not dead
+                self.retiring.discard(pid)
+                continue
             if self.stopping:
                 continue
             block.set("restarts", block.get("restarts") + 1)
@@ -334,10 +475,7 @@ class Supervisor:
             if block["pid"] == pid and not worker.responsive(block, now_ms, self.args.worker_timeout):
                 logs.write("error", "worker %d (pid %d) has not turned its loop for %.1f s; "
                            "killing it" % (index, pid, (now_ms - block["heartbeat_ms"]) / 1000))
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                self._kill(pid)
                 self.region.stats(index).set("pid", 0)   # down from now on; _reap restarts it
 
     def _restart_due(self):
@@ -368,6 +506,17 @@ class Supervisor:
         print("megacomet: stopped", flush=True)
 
 
+def fresh_worker_module(args):
+    """In a worker just forked: import the worker's modules again from disk (a reload)."""
+    for name in RELOADABLE_MODULES:
+        sys.modules.pop(name, None)
+    zipimport._zip_directory_cache.clear()      # a .pyz replaced on disk: read its index again
+    sys.path_importer_cache.clear()
+    importlib.invalidate_caches()
+    importlib.import_module("logs").configure(args.log_format)
+    return importlib.import_module("worker")
+
+
 def describe_status(status):
     if os.WIFSIGNALED(status):
         return "killed by %s" % signal.Signals(os.WTERMSIG(status)).name
@@ -378,6 +527,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sign"]:
         return sign_main(argv[1:])
+    if argv[:1] == ["check"]:
+        return check_main(argv[1:])
+    if argv[:1] == ["reload"]:
+        return reload_main(argv[1:])
     args = parse_args(argv)
     try:
         return Supervisor(args).run()

@@ -57,6 +57,8 @@ OUT_LIMIT = 1 << 20              # unsent bytes past which a connection's next r
 APP_FD_RESERVE = 64              # fds only the app port may use (fewer under a low fd limit)
 CLIENT_CAP_SLACK = 4             # clients accept again this far below their cap
 CLIENT_INBUF_LIMIT = READ_SIZE + 8192   # unparsed bytes a subscriber may send ahead of our answers
+SHUTDOWN_DRAIN = 3.0             # seconds a stopping worker may take to deliver what it owes
+SHUTDOWN_REQUEST_GRACE = 0.3     # ... and gives a connection it accepted to send its request
 CONFIRM_TIMEOUT = 3.0            # seconds a publish may wait for its home's ACK without progress
 
 IN = select.EPOLLIN | select.EPOLLRDHUP
@@ -116,12 +118,13 @@ class Worker:
     timeout wheel: no object of its own.
     """
 
-    def __init__(self, index, config, region, eventfds, ready_fd=None):
+    def __init__(self, index, config, region, eventfds, ready_fd=None, standby_fd=None):
         self.index = index
         self.cfg = config
         self.region = region
         self.eventfds = eventfds
-        self.ready_fd = ready_fd
+        self.ready_fd = ready_fd       # written once listening (standby) and once serving
+        self.standby_fd = standby_fd   # a reload: read before taking over the partition
         self.homes = [region.partition(w) for w in range(region.workers)]   # others: read only
         self.part = self.homes[index]
         n = region.workers
@@ -162,14 +165,7 @@ class Worker:
         self.stopping = False
         self.now = time.monotonic()
         self.stats = region.stats(index)
-        saved = self.stats.as_dict()   # a restarted worker continues the counters
-        self.accepted = saved["accepted"]
-        self.received = saved["received"]       # messages taken from publishers, here
-        self.published = saved["published"]
-        self.refused = saved["refused"]         # messages the home could not store: table full
-        self.delivered = saved["delivered"]
-        self.part.expired = saved["expired"]
-        self.part.dropped = saved["dropped"]
+        self._continue_counters()
         self.subscribers = 0
         self.rss = 0
         self.rss_at = 0.0
@@ -187,7 +183,7 @@ class Worker:
 
     def run(self):
         signal.signal(signal.SIGINT, signal.SIG_IGN)     # the supervisor handles Ctrl-C
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.ep = select.epoll()
@@ -195,13 +191,24 @@ class Worker:
         self.listening = {}
         for host, port, kind in ((self.cfg.host, self.cfg.port, CLIENT),
                                  (self.cfg.app_host, self.cfg.app_port, APP_NEW)):
-            sock = listen_socket(host, port)
+            sock = listen_socket(host, port)      # connections queue from here on
             self.listeners[sock.fileno()] = (sock, kind)
             self.listening[sock.fileno()] = True
-            self.ep.register(sock.fileno(), select.EPOLLIN)
+        if self.standby_fd is not None:
+            # A reload: the predecessor still owns the partition. Say we listen, and wait for
+            # the supervisor's word that it has exited (EOF: the supervisor died, so do we).
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)   # stopped before it began: just go
+            os.write(self.ready_fd, b"listening\n")
+            if not os.read(self.standby_fd, 1):
+                return
+            os.close(self.standby_fd)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._continue_counters()
+        for fd in self.listeners:
+            self.ep.register(fd, select.EPOLLIN)
         self.efd = self.eventfds[self.index]
         self.ep.register(self.efd, select.EPOLLIN)
-        self.ep.register(wake_r, select.EPOLLIN)
+        self.ep.register(self.wake_r, select.EPOLLIN)
         # Every fd but connections is open now: keep APP_FD_RESERVE of the rest for the app
         # port, so that subscribers alone can never lock publishers and /health out.
         fd_limit = len(self.state)
@@ -221,50 +228,72 @@ class Worker:
         self.stats.set("pid", os.getpid())        # alive for /health from now: it listens
         self._flush_stats()
         gc.freeze()                               # start-up objects: never scanned, never copied
+        self._tell_ready()
+        self.wheel_at = self._tick_of(self.now)
+        self.next_tick = self.now + TICK
+        self.busy = False
+        while not self.stopping:
+            self._turn()
+        self._shutdown()
+
+    def _continue_counters(self):
+        """A restarted worker continues its predecessor's counters (read once it has exited)."""
+        saved = self.stats.as_dict()
+        self.accepted = saved["accepted"]
+        self.received = saved["received"]       # messages taken from publishers, here
+        self.published = saved["published"]
+        self.refused = saved["refused"]         # messages the home could not store: table full
+        self.delivered = saved["delivered"]
+        self.part.expired = saved["expired"]
+        self.part.dropped = saved["dropped"]
+
+    def _tell_ready(self):
         if self.ready_fd is not None:
             os.write(self.ready_fd, b"%d\n" % self.index)
             os.close(self.ready_fd)
-        self.wheel_at = self._tick_of(self.now)
-        next_tick = self.now + TICK
+            self.ready_fd = None
+
+    def _turn(self):
+        """One loop turn: wait for events (not at all while work is left), handle them, then
+        the before-sleep step: records, ACKs, ring back-pressure, wake-ups, stats, the tick."""
         state = self.state
+        busy = self.busy
+        timeout = 0 if busy or self.local else max(0.0, self.next_tick - time.monotonic())
+        events = self.ep.poll(timeout, EVENT_BATCH)
+        self.now = time.monotonic()
         busy = False
-        while not self.stopping:
-            timeout = 0 if busy or self.local else max(0.0, next_tick - time.monotonic())
-            events = self.ep.poll(timeout, EVENT_BATCH)
-            self.now = time.monotonic()
-            busy = False
-            for fd, ev in events:
-                if state[fd]:
-                    try:
-                        if ev & OUT:
-                            self._flush_out(fd)
-                        if ev & ~OUT and state[fd]:
-                            self._on_readable(fd)
-                    except Exception as e:          # a bug must cost one connection, not the worker
-                        self._on_internal_error(fd, e)
-                elif fd == self.efd:
-                    try:
-                        os.eventfd_read(self.efd)
-                    except BlockingIOError:
-                        pass
-                    busy = self._drain_inbox()
-                elif fd in self.listeners:
-                    self._accept(*self.listeners[fd])
-                elif fd == wake_r:
-                    os.read(wake_r, 64)
-            if busy:
+        for fd, ev in events:
+            if state[fd]:
+                try:
+                    if ev & OUT:
+                        self._flush_out(fd)
+                    if ev & ~OUT and state[fd]:
+                        self._on_readable(fd)
+                except Exception as e:          # a bug must cost one connection, not the worker
+                    self._on_internal_error(fd, e)
+            elif fd == self.efd:
+                try:
+                    os.eventfd_read(self.efd)
+                except BlockingIOError:
+                    pass
                 busy = self._drain_inbox()
-            self._run_local()
-            if self.acks:
-                self._flush_acks()
-            self._flush_backlog()
-            self._notify()
-            if self.now - self.stats_at >= STATS_LAG or not (busy or self.local):
-                self._flush_stats()               # at least before sleeping: /stats is current
-            if self.now >= next_tick:
-                self._tick()
-                next_tick = self.now + TICK
-        self._shutdown()
+            elif fd in self.listeners:
+                self._accept(*self.listeners[fd])
+            elif fd == self.wake_r:
+                os.read(self.wake_r, 64)
+        if busy:
+            busy = self._drain_inbox()
+        self.busy = busy
+        self._run_local()
+        if self.acks:
+            self._flush_acks()
+        self._flush_backlog()
+        self._notify()
+        if self.now - self.stats_at >= STATS_LAG or not (busy or self.local):
+            self._flush_stats()               # at least before sleeping: /stats is current
+        if self.now >= self.next_tick:
+            self._tick()
+            self.next_tick = self.now + TICK
 
     def _on_sigterm(self, signum, frame):
         self.stopping = True
@@ -273,20 +302,42 @@ class Worker:
         return [fd for fd in range(len(self.state)) if self.state[fd]]
 
     def _shutdown(self):
-        """Stop accepting, answer held polls as timed out, flush, exit."""
-        for fd, (sock, _kind) in self.listeners.items():
+        """Stop accepting (serving what waited in the accept queues, not resetting it), answer
+        held polls as timed out, finish publishes in flight and send what is queued, exit.
+
+        Used for SIGTERM and for a reload alike: what this worker owes others (ACKs, records
+        in its backlog, answers not yet written) is delivered, for at most SHUTDOWN_DRAIN s.
+        """
+        for fd, (sock, kind) in self.listeners.items():
+            self.listening[fd] = True
+            self.client_cap = len(self.state)
+            self._accept(sock, kind)
             self.ep.unregister(fd)
             sock.close()
+        self.listeners = {}
         for fd in self._connections():
-            if self.kind[fd] == CLIENT and self.state[fd] in (PENDING, HELD):
-                self._answer_timeout(fd)          # `stopping` makes it close afterwards
-            elif self.state[fd] == READING:
-                self._close(fd)
-        deadline = time.monotonic() + 2.0
-        while self.outbuf and time.monotonic() < deadline:
-            for fd, ev in self.ep.poll(0.05):
-                if self.state[fd] and ev & OUT:
-                    self._flush_out(fd)
+            if self.kind[fd] == APP_BINARY:       # EOF tells the publisher to go elsewhere; what
+                half_close(fd)                    # it sent before closing is still read
+        started = time.monotonic()
+        deadline = started + SHUTDOWN_DRAIN
+        while True:
+            # Idle connections are closed, but those just accepted get a moment to send a request.
+            idle_closes = time.monotonic() > started + SHUTDOWN_REQUEST_GRACE
+            publishers = 0
+            for fd in self._connections():
+                if self.kind[fd] == CLIENT and self.state[fd] in (PENDING, HELD):
+                    self._answer_timeout(fd)      # `stopping` makes it close afterwards
+                elif self.kind[fd] == APP_BINARY:
+                    publishers += 1
+                elif (idle_closes and self.state[fd] == READING and fd not in self.inbuf
+                      and fd not in self.outbuf):
+                    self._close(fd)
+            if idle_closes and not (self.outbuf or self.batches or self.backlogged or self.local
+                                    or self.inbuf or self.acks or publishers) \
+                    or time.monotonic() > deadline:
+                break
+            self.next_tick = time.monotonic() + 0.02
+            self._turn()
         self._flush_acks()
         self._flush_backlog()
         self._notify()
@@ -1315,6 +1366,17 @@ def _error_text(e):
     if isinstance(e, RecursionError):
         return "invalid JSON: nested too deeply"
     return str(e)
+
+
+def half_close(fd):
+    """Send FIN on a connection we only know by its fd; keep reading it."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 def shared_port_socket(host, port):
