@@ -25,8 +25,10 @@ import sys
 import time
 import zipimport
 
+import config
 import hostcheck
 import logs
+import server
 import shmqueue
 import signing
 import wire
@@ -39,8 +41,11 @@ CRASH_LOOP_WINDOW = 1.0        # a worker that dies younger than this is crash-l
 RESTART_DELAY = 0.05           # before restarting a worker that is not
 STOP_GRACE = 4.0               # seconds workers get to answer held polls on shutdown
 RELOAD_STEP_TIMEOUT = 10.0     # seconds a reloaded worker may take to listen, then to serve
-# Reloaded with the code on disk; shmqueue (the shared memory's format) and this file are not.
-RELOADABLE_MODULES = ("logs", "wire", "signing", "worker")
+# Reloaded with the code on disk.  Not reloaded: what old and new workers must agree on while
+# both run (shmqueue: the shared memory's layout; records: what they send each other; config:
+# what the supervisor hands them), and this file.
+RELOADABLE_MODULES = ("logs", "wire", "signing", "protocols", "worker", "routing", "httpconn",
+                      "front", "longpoll", "appport", "server")
 
 
 def parse_args(argv=None):
@@ -259,7 +264,7 @@ class Supervisor:
         reserved = [reserve_port(args.host, args.port), reserve_port(args.app_host, args.app_port)]
         args.port = reserved[0].getsockname()[1]
         args.app_port = reserved[1].getsockname()[1]
-        args.started_at = time.time()
+        self.config = config.Config.from_args(args, started_at=time.time())
         self.region = shmqueue.SharedRegion(
             self.n, args.max_ids, args.shm_mb << 20, args.ring_kb << 10,
             ttl_ms=int(args.queue_ttl * 1000), max_queued=args.max_queued)
@@ -341,9 +346,9 @@ class Supervisor:
                 for sig in (signal.SIGTERM, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a reload is the supervisor's
-                module = fresh_worker_module(self.args) if self.reloaded else worker
-                module.Worker(index, self.args, self.region, self.eventfds, ready_w,
-                              standby_r).run()
+                module = fresh_worker_module(self.args) if self.reloaded else server
+                module.assemble(index, self.config, self.region, self.eventfds, ready_w,
+                                standby_r).run()
             except BaseException as e:   # noqa: BLE001 - anything must end in _exit
                 logs.write("error", "died: %r" % e, index)
                 code = 1
@@ -514,7 +519,7 @@ def fresh_worker_module(args):
     sys.path_importer_cache.clear()
     importlib.invalidate_caches()
     importlib.import_module("logs").configure(args.log_format)
-    return importlib.import_module("worker")
+    return importlib.import_module("server")
 
 
 def describe_status(status):

@@ -109,8 +109,8 @@ def test_check_passes_for_what_this_host_holds_and_names_the_fix_otherwise():
 
 # -- graceful reload -----------------------------------------------------------------
 
-SERVER_FILES = ("megacomet.py", "worker.py", "shmqueue.py", "wire.py", "signing.py", "logs.py",
-                "hostcheck.py")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from build_pyz import server_modules  # noqa: E402  (setup.cfg's list of the server's files)
 
 
 class Load:
@@ -200,7 +200,7 @@ class Load:
 
 
 def test_sighup_reload_replaces_workers_with_new_code_losing_and_refusing_nothing(tmp_path):
-    for name in SERVER_FILES:
+    for name in server_modules():
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     pid_file = tmp_path / "megacomet.pid"
     server = Server("--poll-timeout", 30, "--pid-file", pid_file, workers=2,
@@ -210,9 +210,9 @@ def test_sighup_reload_replaces_workers_with_new_code_losing_and_refusing_nothin
         old_pids = server.worker_pids()
         load = Load(server)
         time.sleep(1.0)
-        source = (tmp_path / "worker.py").read_text()
+        source = (tmp_path / "appport.py").read_text()
         assert source.count('b"ok\\n"') == 1
-        (tmp_path / "worker.py").write_text(source.replace('b"ok\\n"', 'b"ok, reloaded\\n"'))
+        (tmp_path / "appport.py").write_text(source.replace('b"ok\\n"', 'b"ok, reloaded\\n"'))
         assert pid_file.read_text().strip() == str(server.proc.pid)
         asked = subprocess.run([sys.executable, str(tmp_path / "megacomet.py"), "reload",
                                 "--pid-file", str(pid_file)], capture_output=True, text=True,

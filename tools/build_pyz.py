@@ -8,10 +8,11 @@ any) and a __main__ that runs the command line, behind a
 ``#!/usr/bin/env python3`` line.  Workers are forked from the supervisor, so
 they run from the archive too: nothing else is needed on the host but
 Python 3.11+.  It must never pack tests, tools or anything outside
-SERVER_MODULES, and never depend on the build machine's site-packages.
+setup.cfg's py_modules, and never depend on the build machine's site-packages.
 """
 
 import argparse
+import configparser
 import os
 import shutil
 import sys
@@ -19,8 +20,15 @@ import tempfile
 import zipapp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER_MODULES = ("megacomet.py", "worker.py", "shmqueue.py", "wire.py", "signing.py", "logs.py",
-                  "hostcheck.py")
+
+
+def server_modules():
+    """The server's module files: setup.cfg's py_modules, the one list of them."""
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    return [name + ".py" for name in parser["options"]["py_modules"].split()]
+
+
 MAIN = '''import sys
 import megacomet
 sys.exit(megacomet.main())
@@ -29,7 +37,7 @@ sys.exit(megacomet.main())
 
 def build(output):
     with tempfile.TemporaryDirectory() as staging:
-        for name in SERVER_MODULES:
+        for name in server_modules():
             shutil.copy2(os.path.join(ROOT, name), staging)
         with open(os.path.join(staging, "__main__.py"), "w") as f:
             f.write(MAIN)

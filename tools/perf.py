@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import shmqueue  # noqa: E402
 import wire  # noqa: E402
-import worker  # noqa: E402
+import longpoll  # noqa: E402
 
 REQUEST = (b"GET /sub/user:12345?since=41&timeout=30 HTTP/1.1\r\nHost: push.example.com\r\n"
            b"User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\nAccept: */*\r\n"
@@ -40,7 +40,7 @@ def build_response():
 
 
 def encode_body():
-    return worker.json_body_of(b"user:12345", [(42, MESSAGE)], 42)
+    return longpoll.json_body_of(b"user:12345", [(42, MESSAGE)], 42)
 
 
 def make_region(workers=1):

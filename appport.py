@@ -1,0 +1,327 @@
+"""The app port: where the application publishes, and where operators look.
+
+HTTP (``POST /pub/<id>``, ``POST /pub`` batches, ``/stats``, ``/metrics``,
+``/health``) and the original's binary protocol share the port; the first
+byte of a connection tells them apart.  A publish is answered once its
+messages' homes have stored them (their ACKs), or with 503 after
+CONFIRM_TIMEOUT without progress.  Browsers are refused here, and with an app
+token so is every caller that does not show it, on the request head.
+It never stores a message itself: ``routing`` sends each to its home.
+"""
+
+import hmac
+import json
+import time
+
+import protocols
+import records
+import shmqueue
+import wire
+import worker
+from httpconn import KEEP_ALIVE, TEXT
+from worker import BUSY, READING
+
+CONFIRM_TIMEOUT = 3.0            # seconds a publish may wait for its home's ACK without progress
+ID_RULE = "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -"
+
+
+class Batch:
+    """An app request waiting for the ACKs of the messages it published."""
+
+    __slots__ = ("ident", "waiting", "published", "errors", "seq")
+
+    def __init__(self, ident, waiting):
+        self.ident = ident       # a single POST /pub/<id>'s id; None for a batch
+        self.waiting = waiting
+        self.published = 0
+        self.errors = []
+        self.seq = 0
+
+
+class AppPort:
+    """One per worker: the APP_NEW, APP_HTTP and APP_BINARY protocols."""
+
+    def __init__(self, w, http, router):
+        self.w = w
+        self.http = http
+        self.router = router
+        self.token = w.cfg.app_token.encode() if w.cfg.app_token else None
+        self.batches = {}        # fd -> Batch
+        self.frames_in = {}      # binary fd -> frames taken from it (logged when it closes)
+        self.half_closed = set()  # binary fds told (EOF) that this worker is stopping
+
+    def handlers(self):
+        return {records.ACK: self.on_ack}
+
+    def owes(self):
+        return bool(self.batches)
+
+    # -- a new connection: which protocol ----------------------------------------------
+
+    def readable_new(self, fd):
+        """The app port speaks HTTP or the binary protocol: the first byte tells."""
+        w = self.w
+        first = w.inbuf[fd][0]
+        if first in (wire.FRAME_PUBLISH, wire.FRAME_PING):
+            if self.token is not None:
+                w.log("app: binary protocol refused (--app-token is set)")
+                w.close(fd)
+                return
+            w.proto[fd] = protocols.APP_BINARY
+            w.clear_deadline(fd)                  # a publisher link may idle for ever
+            self.readable_binary(fd)
+        elif 0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A:
+            w.proto[fd] = protocols.APP_HTTP
+            self.readable_http(fd)
+        else:
+            w.log("app: first byte 0x%02x is neither HTTP nor binary; closed" % first)
+            w.close(fd)
+
+    def timeout_reading(self, fd):
+        self.w.close(fd)                          # headers too slow (or idle keep-alive)
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def readable_http(self, fd):
+        w = self.w
+        if w.state[fd] == READING:
+            self.http.serve(fd, self.check_caller, self.route, w.cfg.max_body)
+        buf = w.inbuf.get(fd)                     # what is left unparsed: pipelined far ahead
+        if buf is not None and len(buf) > wire.MAX_HEAD + w.cfg.max_body:
+            w.close(fd)
+
+    def timeout_http(self, fd):
+        if self.w.state[fd] == BUSY:
+            self.answer_unconfirmed(fd)
+        else:
+            self.w.close(fd)
+
+    def closed_http(self, fd):
+        self.batches.pop(fd, None)
+
+    def drained(self, fd):
+        self.http.resume(fd)
+
+    def check_caller(self, req):
+        """Browsers may not use the app port; with --app-token, callers must show it."""
+        if req.browser:
+            raise wire.HttpError(403, "browser requests (Origin, Sec-Fetch-*) are refused here")
+        if self.token is None or req.path == b"/health":
+            return
+        scheme, _, credentials = (req.authorization or b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self.token):
+            raise wire.HttpError(401, "app token required")
+
+    def route(self, fd, req, body):
+        method, path = req.method, req.path
+        if path == b"/health":
+            if method not in (b"GET", b"HEAD"):
+                raise wire.HttpError(405, "method not allowed")
+            alive = self.all_responsive()
+            self.http.respond(fd, 200 if alive else 503, b"ok\n" if alive else b"worker down\n",
+                              TEXT)
+            return
+        if path == b"/pub" or path.startswith(b"/pub/"):
+            if method != b"POST":
+                raise wire.HttpError(405, "publish with POST")
+            if path == b"/pub":
+                self.publish_batch(fd, body)
+                return
+            ident = path[5:]
+            if not wire.valid_id(ident):
+                raise wire.HttpError(400, ID_RULE)
+            if len(body) > self.w.cfg.max_message:
+                raise wire.HttpError(413, "message over %d bytes" % self.w.cfg.max_message)
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise wire.HttpError(400, "message is not UTF-8") from None
+            self.begin_wait(fd, ident, 1)
+            self.router.publish(ident, body, fd, 0)
+            return
+        if method not in (b"GET", b"HEAD"):
+            raise wire.HttpError(405, "method not allowed")
+        if path == b"/stats":
+            self.http.respond(fd, 200, json.dumps(self.stats_document()).encode())
+        elif path == b"/metrics":
+            self.http.respond(fd, 200, self.metrics_text().encode(),
+                              b"text/plain; version=0.0.4; charset=utf-8")
+        else:
+            raise wire.HttpError(404, "no such path")
+
+    def publish_batch(self, fd, body):
+        batch = self.begin_wait(fd, None, 0)
+        max_message = self.w.cfg.max_message
+        for number, line in enumerate(body.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                ident, data = item["id"], item["data"]
+                if not isinstance(ident, str) or not isinstance(data, str):
+                    raise ValueError("id and data must be strings")
+                ident = ident.encode()
+                if not wire.valid_id(ident):
+                    raise ValueError("invalid id")
+                data = data.encode("utf-8")
+                if len(data) > max_message:
+                    raise ValueError("message over %d bytes" % max_message)
+            except (ValueError, KeyError, TypeError, UnicodeError, RecursionError) as e:
+                batch.errors.append({"line": number, "error": error_text(e)})
+                continue
+            batch.waiting += 1
+            self.router.publish(ident, data, fd, number)
+        self.maybe_finish(fd, resume=False)       # the request loop goes on by itself
+
+    def begin_wait(self, fd, ident, waiting):
+        w = self.w
+        w.new_serial(fd)
+        w.state[fd] = BUSY
+        batch = self.batches[fd] = Batch(ident, waiting)
+        w.set_deadline(fd, CONFIRM_TIMEOUT)
+        return batch
+
+    def on_ack(self, src, record):
+        fd, serial, stored, last, refused = records.read_ack(record)
+        if not self.router.is_waiting(fd, serial, BUSY):
+            return                                   # the publisher went away meanwhile
+        batch = self.batches[fd]
+        self.w.set_deadline(fd, CONFIRM_TIMEOUT)     # progress: the wait starts again
+        batch.waiting -= stored + len(refused)
+        batch.published += stored
+        if stored:
+            batch.seq = last
+        for line in refused:
+            batch.errors.append({"line": line, "error": "id table full"})
+        self.maybe_finish(fd)
+
+    def maybe_finish(self, fd, resume=True):
+        batch = self.batches.get(fd)
+        if batch is None or batch.waiting:
+            return
+        del self.batches[fd]
+        self.w.state[fd] = READING
+        if batch.ident is not None:                # a single POST /pub/<id>
+            if batch.seq:
+                self.http.respond(fd, 202, b'{"id": "%s", "seq": %d}' % (batch.ident, batch.seq))
+            else:
+                self.http.fail(fd, 503, "id table full")
+        else:
+            batch.errors.sort(key=lambda error: error["line"])
+            self.http.respond(fd, 202, json.dumps({"published": batch.published,
+                                                   "errors": batch.errors}).encode())
+        if resume:
+            self.http.resume(fd)
+
+    def answer_unconfirmed(self, fd):
+        """No ACK came for CONFIRM_TIMEOUT: a home died after storing or before. Say so."""
+        batch = self.batches.pop(fd)
+        self.w.state[fd] = READING
+        self.http.flags[fd] &= ~KEEP_ALIVE         # late ACKs must not meet a next request
+        self.w.log("publish: %d messages not confirmed in %.0f s"
+                   % (batch.waiting, CONFIRM_TIMEOUT))
+        if batch.ident is not None:
+            self.http.respond(fd, 503, b"not confirmed: a worker restarted; it may or may not "
+                              b"have been stored\n", TEXT)
+        else:
+            batch.errors.sort(key=lambda error: error["line"])
+            self.http.respond(fd, 503, json.dumps({"published": batch.published,
+                                                   "unconfirmed": batch.waiting,
+                                                   "errors": batch.errors}).encode())
+
+    # -- the binary protocol -------------------------------------------------------------
+
+    def readable_binary(self, fd):
+        w = self.w
+        if w.state[fd] != READING:
+            return
+        try:
+            frames, used = wire.parse_frames(w.inbuf[fd], w.cfg.max_message)
+        except wire.FrameError as e:
+            for ident, message in e.frames:
+                self.router.publish(ident, message)
+            self.frames_in[fd] = self.frames_in.get(fd, 0) + len(e.frames)
+            w.log("app: binary protocol: %s; connection closed" % e)
+            w.close(fd)
+            return
+        w.consumed(fd, used)
+        for ident, message in frames:
+            self.router.publish(ident, message)
+        self.frames_in[fd] = self.frames_in.get(fd, 0) + len(frames)
+        if w.backlogged > worker.BACKLOG_PAUSE:
+            w.pause_reading(fd)                   # back-pressure: read again once rings drain
+
+    def closed_binary(self, fd):
+        w = self.w
+        self.half_closed.discard(fd)
+        w.log("app: binary publisher closed after %d frames%s" % (
+            self.frames_in.pop(fd, 0), " (%d bytes unparsed)" % len(w.inbuf[fd])
+            if fd in w.inbuf else ""), "info")
+
+    def stop_binary(self, fd):
+        """EOF tells the publisher to go elsewhere; what it sent before closing is still read."""
+        if fd not in self.half_closed:
+            self.half_closed.add(fd)
+            worker.half_close(fd)
+        return True
+
+    # -- /health, /stats and /metrics --------------------------------------------------
+
+    def all_responsive(self):
+        w = self.w
+        now_ms = time.time() * 1000
+        return all(worker.responsive(w.region.stats(i).as_dict(), now_ms, w.cfg.worker_timeout)
+                   for i in range(w.region.workers))
+
+    def stats_document(self):
+        w = self.w
+        w.flush_stats()
+        workers = []
+        totals = dict.fromkeys(shmqueue.COUNTER_FIELDS, 0)
+        now_ms = time.time() * 1000
+        for i in range(w.region.workers):
+            block = w.region.stats(i).as_dict()
+            row = {"index": i, "pid": block["pid"],
+                   "responsive": worker.responsive(block, now_ms, w.cfg.worker_timeout),
+                   "loop_age_ms": max(0, int(now_ms - block["heartbeat_ms"])) if block["pid"] else None,
+                   "restarts": block["restarts"]}
+            for name in shmqueue.COUNTER_FIELDS:
+                row[name] = block[name]
+                totals[name] += block[name]
+            workers.append(row)
+        return {"workers": workers, "totals": totals, "shm": w.region.totals(),
+                "uptime_s": round(time.time() - w.cfg.started_at, 3)}
+
+    def metrics_text(self):
+        doc = self.stats_document()
+        lines = []
+        for name in shmqueue.COUNTER_FIELDS:
+            gauge = name in ("connections", "subscribers", "rss_bytes")
+            metric = "megacomet_" + name + ("" if gauge else "_total")
+            lines.append("# TYPE %s %s" % (metric, "gauge" if gauge else "counter"))
+            for row in doc["workers"]:
+                lines.append('%s{worker="%d"} %d' % (metric, row["index"], row[name]))
+        for name, value in doc["shm"].items():
+            lines.append("# TYPE megacomet_shm_%s gauge" % name)
+            lines.append("megacomet_shm_%s %d" % (name, value))
+        lines.append("# TYPE megacomet_workers_alive gauge")
+        lines.append("megacomet_workers_alive %d" % sum(1 for r in doc["workers"] if r["pid"]))
+        lines.append("# TYPE megacomet_workers_responsive gauge")
+        lines.append("megacomet_workers_responsive %d" % sum(r["responsive"] for r in doc["workers"]))
+        lines.append("# TYPE megacomet_worker_restarts_total counter")
+        for row in doc["workers"]:
+            lines.append('megacomet_worker_restarts_total{worker="%d"} %d'
+                         % (row["index"], row["restarts"]))
+        lines.append("# TYPE megacomet_uptime_seconds gauge")
+        lines.append("megacomet_uptime_seconds %s" % doc["uptime_s"])
+        return "\n".join(lines) + "\n"
+
+
+def error_text(e):
+    if isinstance(e, KeyError):
+        return "missing %s" % e
+    if isinstance(e, json.JSONDecodeError):
+        return "invalid JSON"
+    if isinstance(e, RecursionError):
+        return "invalid JSON: nested too deeply"
+    return str(e)

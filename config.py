@@ -1,0 +1,33 @@
+"""What a worker is told at start: a frozen copy of the settings, built once by the supervisor.
+
+Workers never see the argparse namespace (which the supervisor fills in and
+changes); they read only this, and nothing here changes after start.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str
+    port: int                   # the real port (0 on the command line is resolved first)
+    app_host: str
+    app_port: int
+    max_message: int
+    max_body: int
+    header_timeout: float
+    poll_timeout: int
+    queue_ttl: float
+    cors_origin: str
+    app_token: str | None
+    secret: bytes | None
+    worker_timeout: float
+    log_format: str
+    started_at: float           # unix time, for /stats uptime
+
+    @classmethod
+    def from_args(cls, args, **resolved):
+        """The settings in ``args``, with ``resolved`` ones (real ports, start time) over them."""
+        values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+        values.update(resolved)
+        return cls(**values)

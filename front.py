@@ -1,0 +1,97 @@
+"""The client port's front door: what a subscriber's HTTP request asks for, and who answers.
+
+``GET /sub/<id>`` goes to the long-poll, ``GET /<id>.js`` to the original's
+compat poll, ``OPTIONS`` is a CORS preflight; anything else is refused with
+a status code.  Subscribers send no bodies, and may not run far ahead of
+our answers.  With a secret, every subscription must be signed (``signing``).
+It never answers a subscription itself: ``longpoll`` holds and answers.
+"""
+
+import time
+
+import signing
+import wire
+from worker import READING
+
+INBUF_LIMIT = 65536 + 8192       # unparsed bytes a subscriber may send ahead of our answers
+ID_RULE = "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -"
+PREFLIGHT = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
+             b"Access-Control-Allow-Headers: Content-Type, Cache-Control, Last-Event-ID\r\n"
+             b"Access-Control-Max-Age: 86400\r\n")
+
+
+class FrontDoor:
+    """One per worker: the CLIENT_HTTP protocol."""
+
+    def __init__(self, w, http, longpoll):
+        self.w = w
+        self.http = http
+        self.longpoll = longpoll
+        self.common = longpoll.common
+        self.secret = w.cfg.secret
+
+    def readable(self, fd):
+        w = self.w
+        if w.state[fd] == READING:
+            self.http.serve(fd, self.check_head, self.route, 0, self.common)
+        buf = w.inbuf.get(fd)                     # what is left unparsed: pipelined far ahead
+        if buf is not None and len(buf) > INBUF_LIMIT:
+            w.close(fd)
+
+    def timeout(self, fd):
+        self.w.close(fd)                          # headers too slow (or idle keep-alive)
+
+    def drained(self, fd):
+        self.http.resume(fd)                      # requests parked while the output was full
+
+    def check_head(self, req):
+        """Only GET, HEAD and OPTIONS, none with a body: refused on the head."""
+        if req.method not in (b"GET", b"HEAD", b"OPTIONS"):
+            raise wire.HttpError(405, "method not allowed")
+        if req.content_length or req.chunked:
+            raise wire.HttpError(413, "subscriber requests take no body")
+
+    def route(self, fd, req, _body):
+        method, path = req.method, req.path
+        if method == b"OPTIONS":
+            self.http.respond(fd, 204, headers=self.common + PREFLIGHT)
+            return
+        if path.startswith(b"/sub/"):
+            ident = path[5:]
+            if not wire.valid_id(ident):
+                raise wire.HttpError(400, ID_RULE)
+            query = wire.parse_query(req.query) if req.query else {}
+            self.check_signature(ident, query)
+            since = int_param(query, "since", 0, 0, 0xFFFFFFFF)
+            timeout = int_param(query, "timeout", self.w.cfg.poll_timeout, 1, 120)
+            callback = query.get("callback")
+            if callback is not None and not wire.CALLBACK_PATTERN.match(callback):
+                raise wire.HttpError(400, "callback must match [A-Za-z_$][A-Za-z0-9_$.]{0,63}")
+            self.longpoll.subscribe(fd, ident, since, timeout, callback)
+            return
+        if path.endswith(b".js") and path.count(b"/") == 1 and wire.valid_id(path[1:-3]):
+            ident = path[1:-3]
+            if self.secret is not None:
+                self.check_signature(ident, wire.parse_query(req.query) if req.query else {})
+            self.longpoll.compat_poll(fd, ident, peek=method == b"HEAD")
+            return
+        raise wire.HttpError(404, "no such path")
+
+    def check_signature(self, ident, query):
+        """With --secret, a subscription must carry a valid, unexpired exp and sig: else 403."""
+        if self.secret is None:
+            return
+        reason = signing.refusal(self.secret, [ident.decode()], query.get("exp"), query.get("sig"),
+                                 time.time())
+        if reason is not None:
+            raise wire.HttpError(403, reason)
+
+
+def int_param(query, name, default, low, high):
+    text = query.get(name)
+    if text is None:
+        return default
+    # ASCII digits only: str.isdigit() also accepts "²" or "①", which int() refuses.
+    if not (0 < len(text) <= 10 and text.isascii() and text.isdigit()):
+        raise wire.HttpError(400, "%s must be a whole number" % name)
+    return min(max(int(text), low), high)

@@ -1,0 +1,230 @@
+"""Long-poll answers: hold a subscriber's request until its id has news, then answer it.
+
+Three formats, one protocol byte each: JSON (``/sub/<id>``), JSONP (the same
+with ``callback``) and the original's compat poll (``/<id>.js``: the oldest
+message compat readers have not had, exactly as published, then close).
+A held poll costs its id in ``routing``'s table and one entry in the timeout
+wheel: no object of its own.  It never parses a request (``front`` does)
+and never decides where a message goes (``routing`` does).
+"""
+
+import array
+import json
+
+import protocols
+import records
+import shmqueue
+import wire
+from httpconn import HEAD_ONLY, KEEP_ALIVE
+from records import DELIVER_COMPAT, MSGS_FINAL, MSGS_REFUSED, SUB_QUIET
+from worker import HELD, PENDING
+
+JSON_TYPE = b"application/json"
+JS_TYPE = b"application/javascript; charset=utf-8"
+
+
+class LongPoll:
+    """One per worker: the POLL_JSON, POLL_JSONP and POLL_COMPAT protocols."""
+
+    def __init__(self, w, http, router):
+        self.w = w
+        self.http = http
+        self.router = router
+        limit = len(w.state)
+        self.since = array.array("I", bytes(4 * limit))   # the newest seq the client has
+        self.last = array.array("I", bytes(4 * limit))    # the id's last seq, as last heard
+        self.callback = {}       # fd -> JSONP function name
+        self.partial = {}        # fd -> messages of a MSGS reply still arriving in parts
+        self.common = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
+                       b"X-Content-Type-Options: nosniff\r\n" % w.cfg.cors_origin.encode())
+
+    def handlers(self):
+        return {records.MSGS: self.on_msgs, records.CMSG: self.on_cmsg,
+                records.CWAKE: self.on_cwake}
+
+    # -- the protocol: what happens to a held connection ----------------------------
+
+    def readable(self, fd):
+        """Bytes from a held poll's client: requests pipelined behind it, kept for later."""
+        buf = self.w.inbuf.get(fd)
+        if buf is not None and len(buf) > 65536 + 8192:
+            self.w.close(fd)
+
+    def timeout(self, fd):
+        self.answer_timeout(fd)
+
+    def closed(self, fd):
+        self.router.unhold(fd)
+        self.callback.pop(fd, None)
+        self.partial.pop(fd, None)
+
+    def stop(self, fd):
+        if self.w.state[fd] in (PENDING, HELD):
+            self.answer_timeout(fd)               # `stopping` makes it close afterwards
+
+    # -- subscribing -------------------------------------------------------------------
+
+    def subscribe(self, fd, ident, since, timeout, callback=None):
+        """Hold fd for ident's messages newer than ``since``.
+
+        The fast path: read the id's last seq straight from its home's
+        partition.  If the client already has everything, the poll is held at
+        once, and the home hears of it only if this worker is not registered
+        for the id yet (a quiet SUB: it answers only with news).  Otherwise the
+        poll waits for the home's MSGS answer.  A misread only costs a detour:
+        the home's answer, or a gap in the DELIVERs, corrects it.
+        """
+        w = self.w
+        registered = self.router.registered(ident)
+        key = shmqueue.id_key(ident)
+        home = key % w.region.workers
+        self.since[fd] = since
+        self.last[fd] = 0                         # known once the home answers
+        if callback is None:
+            self.router.hold(fd, ident, protocols.POLL_JSON, timeout)
+        else:
+            self.callback[fd] = callback
+            self.router.hold(fd, ident, protocols.POLL_JSONP, timeout)
+        last = w.homes[home].peek_last(key)
+        if since == max(last, 0):
+            w.state[fd] = HELD
+            self.last[fd] = since
+            if registered:
+                return
+            flags = SUB_QUIET
+        else:
+            flags = 0
+        w.send(home, records.sub(fd, w.serial[fd], since, flags, ident))
+
+    def resubscribe(self, fd):
+        """Ask the home for everything after since[fd]; the poll waits for that answer."""
+        w = self.w
+        ident = self.router.held_id[fd]
+        w.new_serial(fd)
+        w.state[fd] = PENDING
+        w.send_home(ident, records.sub(fd, w.serial[fd], self.since[fd], 0, ident))
+
+    def compat_poll(self, fd, ident, peek):
+        self.http.flags[fd] &= ~KEEP_ALIVE        # the original closes after each poll
+        self.router.hold(fd, ident, protocols.POLL_COMPAT, self.w.cfg.poll_timeout, compat=True)
+        self.take_compat(fd, peek)                # a HEAD looks: the cursor stays
+
+    def take_compat(self, fd, peek=False):
+        """Ask the home for the compat cursor's next message; the poll waits for the CMSG."""
+        w = self.w
+        ident = self.router.held_id[fd]
+        w.new_serial(fd)
+        w.state[fd] = PENDING
+        w.send_home(ident, records.cpoll(fd, w.serial[fd], peek, ident))
+
+    # -- the home's answers ------------------------------------------------------------
+
+    def on_msgs(self, src, record):
+        fd, serial, last, flags, messages = records.read_msgs(record)
+        if not self.router.is_waiting(fd, serial, PENDING, HELD):
+            return
+        if flags & MSGS_REFUSED:
+            ident = self.router.held_id[fd]
+            self.router.unhold(fd)
+            self.router.sub_lingering.discard(ident)   # never registered: next time, ask again
+            self.http.fail(fd, 503, "id table full", self.common)
+            return
+        if fd in self.partial:
+            messages = self.partial.pop(fd) + messages
+        if not flags & MSGS_FINAL:
+            self.partial[fd] = messages
+            return
+        self.last[fd] = last
+        if messages:
+            self.answer(fd, messages, last)
+        else:
+            self.since[fd] = last
+            self.w.state[fd] = HELD
+
+    def on_cmsg(self, src, record):
+        fd, serial, seq, taken, ident, data = records.read_cmsg(record)
+        if not self.router.is_waiting(fd, serial, PENDING):
+            if seq and taken:                     # taken for a poll that left: give it back
+                self.w.send(src, records.cgive(seq, ident))
+            return
+        if seq:
+            self.answer_compat(fd, data)
+        elif self.http.flags[fd] & HEAD_ONLY:
+            self.answer_timeout(fd)               # nothing to look at; a HEAD is not held
+        else:
+            self.w.state[fd] = HELD
+
+    def on_cwake(self, src, record):
+        for fd in self.router.holders(records.read_cwake(record)):
+            if self.w.state[fd] == HELD and self.w.proto[fd] == protocols.POLL_COMPAT:
+                self.take_compat(fd)
+
+    # -- deliveries (routing calls these for each holder in HELD) -----------------------
+
+    def deliver_json(self, fd, ident, seq, flags, data, cache):
+        since = self.since[fd]
+        if seq > since + 1:
+            self.resubscribe(fd)                  # a gap: the home's MSGS fills it
+        elif seq > since:
+            http = self.http
+            variant = http.response_flags(fd)
+            response = cache.get(variant)         # one response per flags variant, for all
+            if response is None:
+                body = cache.get("body")
+                if body is None:
+                    body = cache["body"] = json_body_of(ident, [(seq, data)], seq)
+                response = cache[variant] = wire.response(200, body, JSON_TYPE, variant & KEEP_ALIVE,
+                                                          self.common, variant & HEAD_ONLY)
+            self.router.unhold(fd)
+            http.send_response(fd, response, variant & KEEP_ALIVE)
+            self.w.counters["delivered"] += 1
+            http.resume(fd)
+        return False
+
+    def deliver_jsonp(self, fd, ident, seq, flags, data, cache):
+        since = self.since[fd]
+        if seq > since + 1:
+            self.resubscribe(fd)
+        elif seq > since:
+            self.answer(fd, [(seq, data)], seq)
+        return False
+
+    def deliver_compat(self, fd, ident, seq, flags, data, cache):
+        if flags & DELIVER_COMPAT:
+            self.answer_compat(fd, data)
+            return True
+        return False
+
+    # -- answering ---------------------------------------------------------------------
+
+    def answer(self, fd, messages, last):
+        callback = self.callback.pop(fd, None)
+        body = json_body_of(self.router.held_id[fd], messages, last, callback)
+        self.router.unhold(fd)
+        self.http.respond(fd, 200, body, JSON_TYPE if callback is None else JS_TYPE, self.common)
+        self.w.counters["delivered"] += len(messages)
+        self.http.resume(fd)
+
+    def answer_compat(self, fd, data):
+        self.router.unhold(fd)
+        self.http.respond(fd, 200, data, JS_TYPE, self.common)
+        self.w.counters["delivered"] += 1
+
+    def answer_timeout(self, fd):
+        if self.w.proto[fd] == protocols.POLL_COMPAT:
+            # An empty script, not a 204: a <script> tag fires onerror for a 204 sent with
+            # nosniff (no Content-Type), and a page in the original style stops polling.
+            self.router.unhold(fd)
+            self.http.respond(fd, 200, b"", JS_TYPE, self.common)   # closes: nothing pipelined
+        else:
+            self.answer(fd, [], self.last[fd])
+
+
+def json_body_of(ident, messages, last, callback=None):
+    """The /sub answer: ``{"id": ..., "messages": [{"seq", "data"}], "last": N}``, maybe JSONP-wrapped."""
+    items = ", ".join('{"seq": %d, "data": %s}' % (seq, json.dumps(data.decode("utf-8")))
+                      for seq, data in messages)
+    body = '{"id": "%s", "messages": [%s], "last": %d}' % (ident.decode(), items, last)
+    if callback is not None:
+        body = "/**/%s(%s);" % (callback, body)
+    return body.encode()

@@ -1,0 +1,162 @@
+"""The records workers send each other through the rings: their layouts, packed and read.
+
+Every record starts with its kind (one byte); fixed fields follow
+(little-endian), then the variable parts (an id, message bytes).  Who sends
+what, and why, is in ``routing``; this module only knows the bytes.  It
+never keeps state and never allocates beyond the record it builds.
+
+    PUB     any worker -> home    store a message, deliver it, maybe ACK back
+    ACK     home -> publisher     how many of a request's messages it stored (one per turn)
+    SUB     any worker -> home    register the worker, answer with MSGS (backlog)
+    MSGS    home -> subscriber    the backlog newer than a SUB's since, maybe in parts
+    CPOLL   any worker -> home    take (or look at) the compat cursor's next message
+    CMSG    home -> subscriber    CPOLL's answer
+    CGIVE   any worker -> home    give back a message taken for compat polls that had left
+    CWAKE   home -> holders       compat polls: a message was given back, CPOLL again
+    UNSUB   any worker -> home    the worker holds nobody (or no compat poll) for the id now
+    RESET   restarted  -> home    forget every registration of the sender
+    DELIVER home -> subscribers   one new message for every holder of the id
+"""
+
+import struct
+
+PUB, ACK, SUB, MSGS, DELIVER, UNSUB, CPOLL, CMSG, RESET, CGIVE, CWAKE = b"PASMDUCcRGW"
+
+_PUB = struct.Struct("<BIIIB")        # kind, fd, serial, line, id length | id, data
+_ACK = struct.Struct("<BIIIII")       # kind, fd, serial, stored, last seq, refused | lines
+_LINE = struct.Struct("<I")
+_SUB = struct.Struct("<BIIIBB")       # kind, fd, serial, since, flags, id length | id
+_MSGS = struct.Struct("<BIIIB")       # kind, fd, serial, last, flags | (seq, len, data)*
+_MSG = struct.Struct("<II")
+_DELIVER = struct.Struct("<BIBB")     # kind, seq, flags, id length | id, data
+_UNSUB = struct.Struct("<BBB")        # kind, which (UNSUB_*), id length | id
+_CPOLL = struct.Struct("<BIIBB")      # kind, fd, serial, peek, id length | id
+_CMSG = struct.Struct("<BIIIBB")      # kind, fd, serial, seq (0 = none), taken, id length | id, data
+_CGIVE = struct.Struct("<BIB")        # kind, seq, id length | id
+_CWAKE = struct.Struct("<BB")         # kind, id length | id
+
+ACK_REFUSED_MAX = 4096                # refused line numbers per ACK record
+MSGS_FINAL, MSGS_REFUSED = 1, 2
+MSGS_HEADER = _MSGS.size
+MSG_HEADER = _MSG.size
+SUB_QUIET = 1                         # answer only with news (or a refusal)
+UNSUB_ALL, UNSUB_COMPAT = 0, 1
+DELIVER_COMPAT = 1                    # the compat cursor moved for this worker's compat polls
+RESET_RECORD = bytes((RESET,))
+
+
+def pub(fd, serial, line, ident, data):
+    return _PUB.pack(PUB, fd, serial, line, len(ident)) + ident + data
+
+
+def read_pub(record):
+    """(fd, serial, line, id, data)"""
+    _, fd, serial, line, n = _PUB.unpack_from(record)
+    start = _PUB.size
+    return fd, serial, line, record[start:start + n], record[start + n:]
+
+
+def ack(fd, serial, stored, last, refused_lines):
+    return (_ACK.pack(ACK, fd, serial, stored, last, len(refused_lines))
+            + b"".join(_LINE.pack(line) for line in refused_lines))
+
+
+def read_ack(record):
+    """(fd, serial, stored, last seq, [refused line numbers])"""
+    _, fd, serial, stored, last, refused = _ACK.unpack_from(record)
+    lines = [_LINE.unpack_from(record, _ACK.size + 4 * i)[0] for i in range(refused)]
+    return fd, serial, stored, last, lines
+
+
+def sub(fd, serial, since, flags, ident):
+    return _SUB.pack(SUB, fd, serial, since, flags, len(ident)) + ident
+
+
+def read_sub(record):
+    """(fd, serial, since, flags, id)"""
+    _, fd, serial, since, flags, n = _SUB.unpack_from(record)
+    return fd, serial, since, flags, record[_SUB.size:_SUB.size + n]
+
+
+def msgs_header(fd, serial, last, flags):
+    """A MSGS record's start; each message follows as msg_header(seq, len) + data."""
+    return _MSGS.pack(MSGS, fd, serial, last, flags)
+
+
+def msg_header(seq, length):
+    return _MSG.pack(seq, length)
+
+
+def read_msgs(record):
+    """(fd, serial, last, flags, [(seq, data)])"""
+    _, fd, serial, last, flags = _MSGS.unpack_from(record)
+    messages = []
+    pos = _MSGS.size
+    while pos < len(record):
+        seq, n = _MSG.unpack_from(record, pos)
+        pos += _MSG.size
+        messages.append((seq, record[pos:pos + n]))
+        pos += n
+    return fd, serial, last, flags, messages
+
+
+def deliver(seq, flags, ident, data):
+    return _DELIVER.pack(DELIVER, seq, flags, len(ident)) + ident + data
+
+
+def read_deliver(record):
+    """(seq, flags, id, data)"""
+    _, seq, flags, n = _DELIVER.unpack_from(record)
+    start = _DELIVER.size
+    return seq, flags, record[start:start + n], record[start + n:]
+
+
+def unsub(which, ident):
+    return _UNSUB.pack(UNSUB, which, len(ident)) + ident
+
+
+def read_unsub(record):
+    """(which, id)"""
+    _, which, n = _UNSUB.unpack_from(record)
+    return which, record[_UNSUB.size:_UNSUB.size + n]
+
+
+def cpoll(fd, serial, peek, ident):
+    return _CPOLL.pack(CPOLL, fd, serial, peek, len(ident)) + ident
+
+
+def read_cpoll(record):
+    """(fd, serial, peek, id)"""
+    _, fd, serial, peek, n = _CPOLL.unpack_from(record)
+    return fd, serial, peek, record[_CPOLL.size:_CPOLL.size + n]
+
+
+def cmsg(fd, serial, seq, taken, ident, data):
+    return _CMSG.pack(CMSG, fd, serial, seq, taken, len(ident)) + ident + data
+
+
+def read_cmsg(record):
+    """(fd, serial, seq, taken, id, data)"""
+    _, fd, serial, seq, taken, n = _CMSG.unpack_from(record)
+    start = _CMSG.size
+    return fd, serial, seq, taken, record[start:start + n], record[start + n:]
+
+
+def cgive(seq, ident):
+    return _CGIVE.pack(CGIVE, seq, len(ident)) + ident
+
+
+def read_cgive(record):
+    """(seq, id)"""
+    _, seq, n = _CGIVE.unpack_from(record)
+    return seq, record[_CGIVE.size:_CGIVE.size + n]
+
+
+def cwake(ident):
+    return _CWAKE.pack(CWAKE, len(ident)) + ident
+
+
+def read_cwake(record):
+    """id"""
+    _, n = _CWAKE.unpack_from(record)
+    return record[_CWAKE.size:_CWAKE.size + n]

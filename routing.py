@@ -1,0 +1,276 @@
+"""Who holds which id, and what an id's home does with the records about it.
+
+Every id has a home worker (``id_key(id) % N``).  The home side stores
+PUBs in its partition, registers SUB/CPOLL senders, and sends DELIVERs to
+the workers registered for the id; acknowledgements go back once per loop
+turn.  The holder side keeps ``held`` (id -> the fds held for it) and hands
+each DELIVER to the protocol of each holder.  Records a worker sends itself
+go through its local FIFO, never a direct call, so that a SUB's MSGS reply
+always precedes the DELIVERs of messages published after it.
+
+It never touches a socket: answering is the protocols' job.
+"""
+
+import shmqueue
+from records import (ACK_REFUSED_MAX, CGIVE, CPOLL, DELIVER, DELIVER_COMPAT, MSG_HEADER,
+                     MSGS_FINAL, MSGS_HEADER, MSGS_REFUSED, PUB, RESET, RESET_RECORD, SUB,
+                     SUB_QUIET, UNSUB, UNSUB_ALL, UNSUB_COMPAT)
+import records
+from worker import HELD, PENDING, READING
+
+
+class Router:
+    """One per worker: the home side of its partition and the registry of its holders."""
+
+    def __init__(self, w, client_proto):
+        self.w = w
+        self.client_proto = client_proto    # what a held connection reads again when let go
+        limit = len(w.state)
+        self.held_id = [b""] * limit        # fd -> the id it is held for
+        self.compat = bytearray(limit)      # fd -> 1 if held as a compat poll
+        self.held = {}           # id -> fd, or set of fds (pending and held)
+        self.compat_held = {}    # id -> how many of its holders are compat polls
+        self.lingering = set()   # ids whose last holder left; UNSUB at the next tick
+        self.sub_lingering = set()   # those of them whose last holder was a /sub poll
+        self.acks = {}           # (src, fd, serial) -> [stored, last seq, refused lines]
+        self.compat_sent = {}    # key -> [seq, workers yet to answer, when]: see on_cgive
+        self.deliver_to = {}     # protocol byte -> deliver(fd, id, seq, flags, data, cache)
+
+    def handlers(self):
+        return {PUB: self.on_pub, SUB: self.on_sub, CPOLL: self.on_cpoll, UNSUB: self.on_unsub,
+                RESET: self.on_reset, CGIVE: self.on_cgive, DELIVER: self.on_deliver}
+
+    def start(self):
+        """A predecessor ran: forget what it held, in our own partition before any record is
+        handled (a PUB in a ring must not meet its registrations), in the others by a RESET
+        that precedes anything we send them."""
+        w = self.w
+        if not w.stats.get("started_ms"):
+            return
+        w.part.clear_worker(1 << w.index)
+        for dst in range(w.region.workers):
+            if dst != w.index:
+                w.send(dst, RESET_RECORD)
+
+    def tick(self):
+        w = self.w
+        if self.compat_sent:                      # some worker answered a poll: no word comes
+            stale = w.now - w.cfg.queue_ttl
+            for key in [k for k, sent in self.compat_sent.items() if sent[2] < stale]:
+                del self.compat_sent[key]
+        if self.lingering:
+            for ident in self.lingering:
+                if ident not in self.held:
+                    w.send_home(ident, records.unsub(UNSUB_ALL, ident))
+            self.lingering.clear()
+            self.sub_lingering.clear()
+
+    # -- publishing --------------------------------------------------------------
+
+    def publish(self, ident, data, fd=0, line=0):
+        """Send a message to its home; with fd, the home ACKs it back to that request."""
+        w = self.w
+        w.counters["received"] += 1
+        w.send_home(ident, records.pub(fd, w.serial[fd] if fd else 0, line, ident, data))
+
+    # -- home side -----------------------------------------------------------------
+
+    def on_pub(self, src, record):
+        w = self.w
+        fd, serial, line, ident, data = records.read_pub(record)
+        try:
+            seq, targets, compat = w.part.publish(shmqueue.id_key(ident), data, w.now_ms())
+        except shmqueue.TableFull:
+            seq = targets = compat = 0
+            w.counters["refused"] += 1
+            w.log("publish: id table full, message for %s refused" % ident.decode())
+        else:
+            w.counters["published"] += 1
+        if serial:                                 # acknowledged in bulk by flush_acks
+            tally = self.acks.get((src, fd, serial))
+            if tally is None:
+                tally = self.acks[src, fd, serial] = [0, 0, []]
+            if seq:
+                tally[0] += 1
+                tally[1] = seq
+            else:
+                tally[2].append(line)
+        if targets:
+            if compat:                             # the cursor moved: given back if nobody reads it
+                self.compat_sent[shmqueue.id_key(ident)] = [seq, bin(compat).count("1"), w.now]
+            plain = records.deliver(seq, 0, ident, data)
+            dst = 0
+            while targets:
+                if targets & 1:
+                    w.send(dst, records.deliver(seq, DELIVER_COMPAT, ident, data)
+                           if compat >> dst & 1 else plain)
+                targets >>= 1
+                dst += 1
+
+    def flush_acks(self):
+        """One ACK per publishing request and loop turn, not one per message."""
+        if not self.acks:
+            return
+        for (src, fd, serial), (stored, last, refused) in self.acks.items():
+            for start in range(0, max(len(refused), 1), ACK_REFUSED_MAX):
+                self.w.send(src, records.ack(fd, serial, stored, last,
+                                             refused[start:start + ACK_REFUSED_MAX]))
+                stored = 0
+        self.acks.clear()
+
+    def on_sub(self, src, record):
+        w = self.w
+        fd, serial, since, flags, ident = records.read_sub(record)
+        try:
+            last, messages = w.part.subscribe(shmqueue.id_key(ident), 1 << src, since, w.now_ms())
+        except shmqueue.TableFull:
+            w.send(src, records.msgs_header(fd, serial, 0, MSGS_FINAL | MSGS_REFUSED))
+            return
+        if flags & SUB_QUIET and not messages:
+            return                                # the poll is held already: no news, no answer
+        # Split a long backlog so that no record outgrows a ring.
+        limit = w.outbox[src].size // 4
+        parts = [records.msgs_header(fd, serial, last, 0)]
+        size = MSGS_HEADER
+        for seq, data in messages:
+            if size + MSG_HEADER + len(data) > limit:
+                w.send(src, b"".join(parts))
+                parts = [records.msgs_header(fd, serial, last, 0)]
+                size = MSGS_HEADER
+            parts.append(records.msg_header(seq, len(data)))
+            parts.append(data)
+            size += MSG_HEADER + len(data)
+        parts[0] = records.msgs_header(fd, serial, last, MSGS_FINAL)
+        w.send(src, b"".join(parts))
+
+    def on_cpoll(self, src, record):
+        w = self.w
+        fd, serial, peek, ident = records.read_cpoll(record)
+        try:
+            found = w.part.compat_take(shmqueue.id_key(ident), 1 << src, w.now_ms(),
+                                       consume=not peek)
+        except shmqueue.TableFull:
+            found = None
+        seq, data = found if found else (0, b"")
+        w.send(src, records.cmsg(fd, serial, seq, not peek, ident, data))
+
+    def on_cgive(self, src, record):
+        """A worker could not hand message seq to a compat poll: undo the cursor's move once
+        every worker it went to has said so (one that did answer a poll says nothing)."""
+        seq, ident = records.read_cgive(record)
+        key = shmqueue.id_key(ident)
+        sent = self.compat_sent.get(key)
+        if sent is not None and sent[0] == seq:
+            sent[1] -= 1
+            if sent[1]:
+                return
+            del self.compat_sent[key]
+        waiting = self.w.part.compat_untake(key, seq)
+        dst = 0
+        while waiting:
+            if waiting & 1:
+                self.w.send(dst, records.cwake(ident))
+            waiting >>= 1
+            dst += 1
+
+    def on_unsub(self, src, record):
+        which, ident = records.read_unsub(record)
+        self.w.part.unsubscribe(shmqueue.id_key(ident), 1 << src, compat_only=which == UNSUB_COMPAT)
+
+    def on_reset(self, src, record):
+        self.w.part.clear_worker(1 << src)
+
+    # -- holder side -----------------------------------------------------------------
+
+    def hold(self, fd, ident, proto, timeout, compat=False):
+        """fd waits for ident's messages, answered as protocol ``proto``."""
+        w = self.w
+        w.new_serial(fd)
+        w.proto[fd] = proto
+        w.state[fd] = PENDING
+        self.held_id[fd] = ident
+        self.compat[fd] = compat
+        fd = w.fd_int[fd]
+        entry = self.held.get(ident)
+        if entry is None:
+            self.held[ident] = fd
+        elif type(entry) is set:
+            entry.add(fd)
+        else:
+            self.held[ident] = {entry, fd}
+        if compat:
+            self.compat_held[ident] = self.compat_held.get(ident, 0) + 1
+        w.counters["subscribers"] += 1
+        w.set_deadline(fd, timeout)
+
+    def unhold(self, fd):
+        """Take fd out of ``held``; it reads requests again (or is about to be closed)."""
+        w = self.w
+        ident = self.held_id[fd]
+        entry = self.held.get(ident)
+        if entry == fd:
+            last_holder = True
+        elif type(entry) is set and fd in entry:
+            entry.discard(fd)
+            last_holder = not entry
+        else:
+            return
+        compat = self.compat[fd]
+        if last_holder:
+            del self.held[ident]
+            self.lingering.add(ident)
+            if not compat:
+                self.sub_lingering.add(ident)
+        if compat:
+            left = self.compat_held[ident] - 1
+            if left:
+                self.compat_held[ident] = left
+            else:                                 # no compat poll here now: stop taking
+                del self.compat_held[ident]       # messages off the compat cursor for us
+                w.send_home(ident, records.unsub(UNSUB_COMPAT, ident))
+        w.counters["subscribers"] -= 1
+        w.state[fd] = READING
+        w.proto[fd] = self.client_proto
+        self.held_id[fd] = b""
+
+    def registered(self, ident):
+        """Is this worker registered at ident's home for /sub deliveries (or about to be)?
+        True while a /sub poll holds ident here, or one just left (UNSUB waits for the tick)."""
+        if ident in self.sub_lingering:
+            return True
+        entry = self.held.get(ident)
+        if entry is None:
+            return False
+        if type(entry) is int:
+            return not self.compat[entry]
+        return any(not self.compat[fd] for fd in entry)
+
+    def holders(self, ident):
+        entry = self.held.get(ident)
+        if entry is None:
+            return ()
+        return (entry,) if type(entry) is int else list(entry)
+
+    def is_waiting(self, fd, serial, *states):
+        """Is the reply for (fd, serial) still wanted: the same request, in one of ``states``?"""
+        w = self.w
+        return fd < len(w.state) and w.serial[fd] == serial and w.state[fd] in states
+
+    def on_deliver(self, src, record):
+        w = self.w
+        seq, flags, ident, data = records.read_deliver(record)
+        entry = self.held.get(ident)
+        if entry is None:                              # a stale registration: heal it,
+            w.send(src, records.unsub(UNSUB_ALL, ident))
+            self.sub_lingering.discard(ident)          # and no longer count as registered
+            if flags & DELIVER_COMPAT:                 # the compat cursor moved for nobody
+                w.send(src, records.cgive(seq, ident))
+            return
+        state, proto, deliver_to = w.state, w.proto, self.deliver_to
+        cache = {}                                     # what holders of one format can share
+        compat_answered = False
+        for fd in (entry,) if type(entry) is int else list(entry):
+            if state[fd] == HELD:                      # pending: its own answer brings it
+                compat_answered |= deliver_to[proto[fd]](fd, ident, seq, flags, data, cache)
+        if flags & DELIVER_COMPAT and not compat_answered:
+            w.send(src, records.cgive(seq, ident))

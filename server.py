@@ -1,0 +1,50 @@
+"""A worker process, assembled: the loop, the routing, and a protocol for each byte.
+
+This is the one place that knows every part: it builds the per-worker
+objects (``routing.Router``, ``httpconn.Http``, ``front.FrontDoor``,
+``longpoll.LongPoll``, ``appport.AppPort``), fills the loop's protocol table
+(indexed by ``protocols``), its record handlers and its hooks.  Adding a
+transport means adding its module and a line here, not growing the loop.
+"""
+
+import appport
+import front
+import httpconn
+import longpoll
+import protocols
+import routing
+import worker
+from worker import Protocol
+
+
+def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
+    w = worker.Worker(index, config, region, eventfds, ready_fd, standby_fd)
+    router = routing.Router(w, protocols.CLIENT_HTTP)
+    http = httpconn.Http(w)
+    poll = longpoll.LongPoll(w, http, router)
+    door = front.FrontDoor(w, http, poll)
+    app = appport.AppPort(w, http, router)
+
+    table = [None] * protocols.COUNT
+    table[protocols.CLIENT_HTTP] = Protocol("client", door.readable, door.timeout, door.drained)
+    for proto in (protocols.POLL_JSON, protocols.POLL_JSONP, protocols.POLL_COMPAT):
+        table[proto] = Protocol("client", poll.readable, poll.timeout, closed=poll.closed,
+                                stop=poll.stop)
+    table[protocols.APP_NEW] = Protocol("app", app.readable_new, app.timeout_reading)
+    table[protocols.APP_HTTP] = Protocol("app", app.readable_http, app.timeout_http, app.drained,
+                                         closed=app.closed_http)
+    table[protocols.APP_BINARY] = Protocol("app", app.readable_binary, app.timeout_reading,
+                                           closed=app.closed_binary, stop=app.stop_binary)
+    w.protocols = table
+    router.deliver_to = {protocols.POLL_JSON: poll.deliver_json,
+                         protocols.POLL_JSONP: poll.deliver_jsonp,
+                         protocols.POLL_COMPAT: poll.deliver_compat}
+
+    w.record_handlers = {**router.handlers(), **poll.handlers(), **app.handlers()}
+    w.listen_on = [(config.host, config.port, protocols.CLIENT_HTTP, True),
+                   (config.app_host, config.app_port, protocols.APP_NEW, False)]
+    w.on_start = [router.start]
+    w.before_sleep = [router.flush_acks]
+    w.on_tick = [router.flush_acks, router.tick]
+    w.owes = lambda: bool(router.acks) or app.owes()
+    return w
