@@ -17,6 +17,7 @@ class Config:
     max_body: int
     header_timeout: float
     poll_timeout: int
+    heartbeat: float            # seconds between keep-alive pings on streams
     queue_ttl: float
     cors_origin: str
     app_token: str | None

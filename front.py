@@ -1,10 +1,11 @@
 """The client port's front door: what a subscriber's HTTP request asks for, and who answers.
 
-``GET /sub/<id>`` goes to the long-poll, ``GET /<id>.js`` to the original's
-compat poll, ``OPTIONS`` is a CORS preflight; anything else is refused with
-a status code.  Subscribers send no bodies, and may not run far ahead of
+``GET /sub/<id>`` goes to the long-poll, ``GET /sse/<id>`` (or ``/sub/<id>``
+with ``Accept: text/event-stream``) to an EventSource stream, ``GET
+/<id>.js`` to the original's compat poll, ``OPTIONS`` is a CORS preflight;
+anything else is refused with a status code.  Subscribers send no bodies, and may not run far ahead of
 our answers.  With a secret, every subscription must be signed (``signing``).
-It never answers a subscription itself: ``longpoll`` holds and answers.
+It never answers a subscription itself: ``longpoll`` and ``streams`` do.
 """
 
 import time
@@ -23,10 +24,11 @@ PREFLIGHT = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
 class FrontDoor:
     """One per worker: the CLIENT_HTTP protocol."""
 
-    def __init__(self, w, http, longpoll):
+    def __init__(self, w, http, longpoll, streams):
         self.w = w
         self.http = http
         self.longpoll = longpoll
+        self.streams = streams
         self.common = longpoll.common
         self.secret = w.cfg.secret
 
@@ -56,13 +58,19 @@ class FrontDoor:
         if method == b"OPTIONS":
             self.http.respond(fd, 204, headers=self.common + PREFLIGHT)
             return
-        if path.startswith(b"/sub/"):
+        if path.startswith(b"/sub/") or path.startswith(b"/sse/"):
             ident = path[5:]
             if not wire.valid_id(ident):
                 raise wire.HttpError(400, ID_RULE)
             query = wire.parse_query(req.query) if req.query else {}
             self.check_signature(ident, query)
             since = int_param(query, "since", 0, 0, 0xFFFFFFFF)
+            if path.startswith(b"/sse/") or (req.accept and b"text/event-stream" in req.accept):
+                if req.last_event_id is not None:      # a reconnecting EventSource says where
+                    since = int_param({"Last-Event-ID": req.last_event_id.decode("latin-1")},
+                                      "Last-Event-ID", 0, 0, 0xFFFFFFFF)
+                self.streams.subscribe_sse(fd, ident, since, head_only=method == b"HEAD")
+                return
             timeout = int_param(query, "timeout", self.w.cfg.poll_timeout, 1, 120)
             callback = query.get("callback")
             if callback is not None and not wire.CALLBACK_PATTERN.match(callback):

@@ -16,7 +16,7 @@ import records
 import shmqueue
 import wire
 from httpconn import HEAD_ONLY, KEEP_ALIVE
-from records import DELIVER_COMPAT, MSGS_FINAL, MSGS_REFUSED, SUB_QUIET
+from records import DELIVER_COMPAT, SUB_QUIET
 from worker import HELD, PENDING
 
 JSON_TYPE = b"application/json"
@@ -34,13 +34,11 @@ class LongPoll:
         self.since = array.array("I", bytes(4 * limit))   # the newest seq the client has
         self.last = array.array("I", bytes(4 * limit))    # the id's last seq, as last heard
         self.callback = {}       # fd -> JSONP function name
-        self.partial = {}        # fd -> messages of a MSGS reply still arriving in parts
         self.common = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
                        b"X-Content-Type-Options: nosniff\r\n" % w.cfg.cors_origin.encode())
 
     def handlers(self):
-        return {records.MSGS: self.on_msgs, records.CMSG: self.on_cmsg,
-                records.CWAKE: self.on_cwake}
+        return {records.CMSG: self.on_cmsg, records.CWAKE: self.on_cwake}
 
     # -- the protocol: what happens to a held connection ----------------------------
 
@@ -56,7 +54,6 @@ class LongPoll:
     def closed(self, fd):
         self.router.unhold(fd)
         self.callback.pop(fd, None)
-        self.partial.pop(fd, None)
 
     def stop(self, fd):
         if self.w.state[fd] in (PENDING, HELD):
@@ -119,27 +116,19 @@ class LongPoll:
 
     # -- the home's answers ------------------------------------------------------------
 
-    def on_msgs(self, src, record):
-        fd, serial, last, flags, messages = records.read_msgs(record)
-        if not self.router.is_waiting(fd, serial, PENDING, HELD):
-            return
-        if flags & MSGS_REFUSED:
-            ident = self.router.held_id[fd]
-            self.router.unhold(fd)
-            self.router.sub_lingering.discard(ident)   # never registered: next time, ask again
-            self.http.fail(fd, 503, "id table full", self.common)
-            return
-        if fd in self.partial:
-            messages = self.partial.pop(fd) + messages
-        if not flags & MSGS_FINAL:
-            self.partial[fd] = messages
-            return
+    def backlog(self, fd, last, messages):
+        """The home's answer to this poll's SUB: what it had after since (maybe nothing)."""
         self.last[fd] = last
         if messages:
             self.answer(fd, messages, last)
         else:
             self.since[fd] = last
             self.w.state[fd] = HELD
+
+    def refused(self, fd):
+        """The home's table had no room for the id."""
+        self.router.unhold(fd)
+        self.http.fail(fd, 503, "id table full", self.common)
 
     def on_cmsg(self, src, record):
         fd, serial, seq, taken, ident, data = records.read_cmsg(record)

@@ -45,7 +45,7 @@ RELOAD_STEP_TIMEOUT = 10.0     # seconds a reloaded worker may take to listen, t
 # both run (shmqueue: the shared memory's layout; records: what they send each other; config:
 # what the supervisor hands them), and this file.
 RELOADABLE_MODULES = ("logs", "wire", "signing", "protocols", "worker", "routing", "httpconn",
-                      "front", "longpoll", "appport", "server")
+                      "front", "longpoll", "streams", "appport", "server")
 
 
 def parse_args(argv=None):
@@ -77,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--poll-timeout", type=int, default=30,
                    help="seconds a long-poll is held without news (default %(default)s; "
                         "?timeout= may ask for 1..120)")
+    p.add_argument("--heartbeat", type=float, default=15.0,
+                   help="seconds between keep-alive pings on EventSource and WebSocket streams "
+                        "(default %(default)s)")
     p.add_argument("--max-message", type=int, default=65536,
                    help="largest message in bytes (default %(default)s)")
     p.add_argument("--max-body", type=int, default=16 << 20,
@@ -124,6 +127,8 @@ def parse_args(argv=None):
         p.error("--queue-ttl must be between 0 and 24 days")
     if not 0 < args.header_timeout:
         p.error("--header-timeout must be positive")
+    if not 0.5 <= args.heartbeat <= 3600:
+        p.error("--heartbeat must be 0.5..3600 seconds")
     if not args.worker_timeout >= 1:
         p.error("--worker-timeout must be at least 1 second")
     if args.max_message * 2 + 64 > (args.shm_mb << 20) // args.workers:

@@ -13,7 +13,7 @@ It never touches a socket: answering is the protocols' job.
 
 import shmqueue
 from records import (ACK_REFUSED_MAX, CGIVE, CPOLL, DELIVER, DELIVER_COMPAT, MSG_HEADER,
-                     MSGS_FINAL, MSGS_HEADER, MSGS_REFUSED, PUB, RESET, RESET_RECORD, SUB,
+                     MSGS, MSGS_FINAL, MSGS_HEADER, MSGS_REFUSED, PUB, RESET, RESET_RECORD, SUB,
                      SUB_QUIET, UNSUB, UNSUB_ALL, UNSUB_COMPAT)
 import records
 from worker import HELD, PENDING, READING
@@ -34,11 +34,17 @@ class Router:
         self.sub_lingering = set()   # those of them whose last holder was a /sub poll
         self.acks = {}           # (src, fd, serial) -> [stored, last seq, refused lines]
         self.compat_sent = {}    # key -> [seq, workers yet to answer, when]: see on_cgive
-        self.deliver_to = {}     # protocol byte -> deliver(fd, id, seq, flags, data, cache)
+        self.partial = {}        # fd -> messages of a MSGS reply still arriving in parts
+        # Per protocol byte of a holder: deliver(fd, id, seq, flags, data, cache) -> whether it
+        # answered a compat poll; backlog(fd, last, messages), a SUB's answer; refused(fd).
+        self.deliver_to = {}
+        self.backlog_to = {}
+        self.refused_to = {}
 
     def handlers(self):
         return {PUB: self.on_pub, SUB: self.on_sub, CPOLL: self.on_cpoll, UNSUB: self.on_unsub,
-                RESET: self.on_reset, CGIVE: self.on_cgive, DELIVER: self.on_deliver}
+                RESET: self.on_reset, CGIVE: self.on_cgive, DELIVER: self.on_deliver,
+                MSGS: self.on_msgs}
 
     def start(self):
         """A predecessor ran: forget what it held, in our own partition before any record is
@@ -232,6 +238,7 @@ class Router:
         w.state[fd] = READING
         w.proto[fd] = self.client_proto
         self.held_id[fd] = b""
+        self.partial.pop(fd, None)
 
     def registered(self, ident):
         """Is this worker registered at ident's home for /sub deliveries (or about to be)?
@@ -255,6 +262,24 @@ class Router:
         """Is the reply for (fd, serial) still wanted: the same request, in one of ``states``?"""
         w = self.w
         return fd < len(w.state) and w.serial[fd] == serial and w.state[fd] in states
+
+    def on_msgs(self, src, record):
+        """A SUB's answer: the backlog after its since, in parts if long, or a refusal."""
+        fd, serial, last, flags, messages = records.read_msgs(record)
+        if not self.is_waiting(fd, serial, PENDING, HELD):
+            return
+        proto = self.w.proto[fd]
+        if flags & MSGS_REFUSED:
+            ident = self.held_id[fd]
+            self.refused_to[proto](fd)
+            self.sub_lingering.discard(ident)     # never registered: next time, ask again
+            return
+        if fd in self.partial:
+            messages = self.partial.pop(fd) + messages
+        if not flags & MSGS_FINAL:
+            self.partial[fd] = messages
+            return
+        self.backlog_to[proto](fd, last, messages)
 
     def on_deliver(self, src, record):
         w = self.w

@@ -2,7 +2,7 @@
 
 This is the one place that knows every part: it builds the per-worker
 objects (``routing.Router``, ``httpconn.Http``, ``front.FrontDoor``,
-``longpoll.LongPoll``, ``appport.AppPort``), fills the loop's protocol table
+``longpoll.LongPoll``, ``streams.Streams``, ``appport.AppPort``), fills the loop's protocol table
 (indexed by ``protocols``), its record handlers and its hooks.  Adding a
 transport means adding its module and a line here, not growing the loop.
 """
@@ -13,6 +13,7 @@ import httpconn
 import longpoll
 import protocols
 import routing
+import streams
 import worker
 from worker import Protocol
 
@@ -22,7 +23,8 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
     router = routing.Router(w, protocols.CLIENT_HTTP)
     http = httpconn.Http(w)
     poll = longpoll.LongPoll(w, http, router)
-    door = front.FrontDoor(w, http, poll)
+    stream = streams.Streams(w, router, poll.common)
+    door = front.FrontDoor(w, http, poll, stream)
     app = appport.AppPort(w, http, router)
 
     table = [None] * protocols.COUNT
@@ -30,6 +32,8 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
     for proto in (protocols.POLL_JSON, protocols.POLL_JSONP, protocols.POLL_COMPAT):
         table[proto] = Protocol("client", poll.readable, poll.timeout, closed=poll.closed,
                                 stop=poll.stop)
+    table[protocols.SSE] = Protocol("client", stream.readable, stream.timeout,
+                                    closed=stream.closed, stop=stream.stop)
     table[protocols.APP_NEW] = Protocol("app", app.readable_new, app.timeout_reading)
     table[protocols.APP_HTTP] = Protocol("app", app.readable_http, app.timeout_http, app.drained,
                                          closed=app.closed_http)
@@ -39,6 +43,12 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
     router.deliver_to = {protocols.POLL_JSON: poll.deliver_json,
                          protocols.POLL_JSONP: poll.deliver_jsonp,
                          protocols.POLL_COMPAT: poll.deliver_compat}
+    for proto in (protocols.POLL_JSON, protocols.POLL_JSONP):
+        router.backlog_to[proto] = poll.backlog
+        router.refused_to[proto] = poll.refused
+    router.deliver_to[protocols.SSE] = stream.deliver
+    router.backlog_to[protocols.SSE] = stream.backlog
+    router.refused_to[protocols.SSE] = stream.refused
 
     w.record_handlers = {**router.handlers(), **poll.handlers(), **app.handlers()}
     w.listen_on = [(config.host, config.port, protocols.CLIENT_HTTP, True),

@@ -55,7 +55,7 @@ _RING_WRAP = 0xFFFFFFFF
 # (written by the supervisor).  The counters follow, in the order /stats lists them.
 PROCESS_FIELDS = ("pid", "started_ms", "heartbeat_ms", "restarts")
 COUNTER_FIELDS = ("connections", "subscribers", "accepted", "received", "published", "refused",
-                  "delivered", "expired", "dropped", "rss_bytes")
+                  "delivered", "slow_closed", "expired", "dropped", "rss_bytes")
 STAT_FIELDS = PROCESS_FIELDS + COUNTER_FIELDS
 _STAT_BLOCK = 128
 # Partition header (u64 each).  "dirty" is the slot whose fields are being

@@ -41,10 +41,10 @@ class Request:
     """The parts of a request head the server acts on; the rest is dropped."""
 
     __slots__ = ("method", "path", "query", "keep_alive", "content_length",
-                 "chunked", "authorization", "head_end", "browser")
+                 "chunked", "authorization", "head_end", "browser", "accept", "last_event_id")
 
     def __init__(self, method, path, query, keep_alive, content_length, chunked,
-                 authorization, head_end, browser=False):
+                 authorization, head_end, browser=False, accept=None, last_event_id=None):
         self.method = method
         self.path = path
         self.query = query
@@ -54,6 +54,8 @@ class Request:
         self.authorization = authorization
         self.head_end = head_end
         self.browser = browser            # an Origin or Sec-Fetch-* header: a browser sent it
+        self.accept = accept              # lower-cased
+        self.last_event_id = last_event_id
 
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/1\.([01])\Z")
@@ -61,7 +63,7 @@ _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/
 _HEADER_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\0]*\r\n)*\Z")
 # The few fields we act on, found in the lower-cased block (same offsets as the original).
 _FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|authorization|origin|"
-                     rb"sec-fetch-[a-z]+):[ \t]*([^\r]*)")
+                     rb"sec-fetch-[a-z]+|accept|last-event-id):[ \t]*([^\r]*)")
 
 
 def parse_head(buf, max_head=MAX_HEAD):
@@ -91,7 +93,7 @@ def parse_head(buf, max_head=MAX_HEAD):
     close = asked_keep_alive = False
     content_length = None
     chunked = False
-    authorization = None
+    authorization = accept = last_event_id = None
     browser = False
     lower = head.lower()
     for field in _FIELDS.finditer(lower, line_end):
@@ -112,6 +114,10 @@ def parse_head(buf, max_head=MAX_HEAD):
             asked_keep_alive = asked_keep_alive or b"keep-alive" in tokens
         elif name == b"authorization":
             authorization = head[field.start(2):field.start(2) + len(value)]
+        elif name == b"accept":
+            accept = value
+        elif name == b"last-event-id":
+            last_event_id = value
         else:
             browser = True
     if chunked and content_length is not None:
@@ -121,7 +127,7 @@ def parse_head(buf, max_head=MAX_HEAD):
     keep_alive = not close and (minor == b"1" or asked_keep_alive)
     path, _, query = target.partition(b"?")
     return Request(method, path, query, keep_alive, content_length, chunked,
-                   authorization, end + 4, browser)
+                   authorization, end + 4, browser, accept, last_event_id)
 
 
 def parse_body(buf, req, max_body):

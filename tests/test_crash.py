@@ -371,7 +371,7 @@ def test_publish_whose_home_stops_answering_gets_503_unconfirmed(server_factory)
     """A batch waiting on a home that stopped (SIGSTOP: it neither dies nor answers)
     is answered 503 with what was confirmed, instead of hanging; once the home runs
     again it stores what was waiting for it, and `received` meets `published`."""
-    server = server_factory(workers=2)
+    server = server_factory("--worker-timeout", 120, workers=2)   # stopped, not replaced
     stopped = server.worker_pids()[1]
     os.kill(stopped, signal.SIGSTOP)
     try:
