@@ -2,7 +2,8 @@
 
 ``GET /sub/<id>`` goes to the long-poll, ``GET /sse/<id>`` (or ``/sub/<id>``
 with ``Accept: text/event-stream``) to an EventSource stream, ``GET
-/<id>.js`` to the original's compat poll, ``OPTIONS`` is a CORS preflight;
+/ws/<id>`` (or ``/sub/<id>`` with ``Upgrade: websocket``) to a WebSocket,
+``GET /<id>.js`` to the original's compat poll, ``OPTIONS`` is a CORS preflight;
 anything else is refused with a status code.  Subscribers send no bodies, and may not run far ahead of
 our answers.  With a secret, every subscription must be signed (``signing``).
 It never answers a subscription itself: ``longpoll`` and ``streams`` do.
@@ -12,6 +13,7 @@ import time
 
 import signing
 import wire
+import wsframe
 from worker import READING
 
 INBUF_LIMIT = 65536 + 8192       # unparsed bytes a subscriber may send ahead of our answers
@@ -58,6 +60,10 @@ class FrontDoor:
         if method == b"OPTIONS":
             self.http.respond(fd, 204, headers=self.common + PREFLIGHT)
             return
+        if path.startswith(b"/ws/"):
+            path = b"/sub/" + path[4:]
+            if req.websocket_key is None:
+                raise wire.HttpError(426, "a WebSocket upgrade is required here")
         if path.startswith(b"/sub/") or path.startswith(b"/sse/"):
             ident = path[5:]
             if not wire.valid_id(ident):
@@ -65,6 +71,10 @@ class FrontDoor:
             query = wire.parse_query(req.query) if req.query else {}
             self.check_signature(ident, query)
             since = int_param(query, "since", 0, 0, 0xFFFFFFFF)
+            if req.websocket_key is not None:
+                check_websocket(req)
+                self.streams.subscribe_ws(fd, ident, since, req.websocket_key)
+                return
             if path.startswith(b"/sse/") or (req.accept and b"text/event-stream" in req.accept):
                 if req.last_event_id is not None:      # a reconnecting EventSource says where
                     since = int_param({"Last-Event-ID": req.last_event_id.decode("latin-1")},
@@ -93,6 +103,16 @@ class FrontDoor:
                                  time.time())
         if reason is not None:
             raise wire.HttpError(403, reason)
+
+
+def check_websocket(req):
+    """An upgrade we can answer: RFC 6455's version 13 (426 otherwise) and a valid key."""
+    if req.method != b"GET":
+        raise wire.HttpError(400, "a WebSocket upgrade is a GET")
+    if req.websocket_version != b"13":
+        raise wire.HttpError(426, "only WebSocket version 13 is spoken here")
+    if not wsframe.valid_key(req.websocket_key):
+        raise wire.HttpError(400, "Sec-WebSocket-Key must be 16 bytes in base64")
 
 
 def int_param(query, name, default, low, high):

@@ -45,7 +45,7 @@ RELOAD_STEP_TIMEOUT = 10.0     # seconds a reloaded worker may take to listen, t
 # both run (shmqueue: the shared memory's layout; records: what they send each other; config:
 # what the supervisor hands them), and this file.
 RELOADABLE_MODULES = ("logs", "wire", "signing", "protocols", "worker", "routing", "httpconn",
-                      "front", "longpoll", "streams", "appport", "server")
+                      "front", "longpoll", "wsframe", "streams", "appport", "server")
 
 
 def parse_args(argv=None):

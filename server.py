@@ -32,8 +32,10 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
     for proto in (protocols.POLL_JSON, protocols.POLL_JSONP, protocols.POLL_COMPAT):
         table[proto] = Protocol("client", poll.readable, poll.timeout, closed=poll.closed,
                                 stop=poll.stop)
-    table[protocols.SSE] = Protocol("client", stream.readable, stream.timeout,
-                                    closed=stream.closed, stop=stream.stop)
+    table[protocols.SSE] = Protocol("client", stream.readable_sse, stream.timeout,
+                                    closed=stream.closed, stop=stream.stop_sse)
+    table[protocols.WS] = Protocol("client", stream.readable_ws, stream.timeout,
+                                   closed=stream.closed, stop=stream.stop_ws)
     table[protocols.APP_NEW] = Protocol("app", app.readable_new, app.timeout_reading)
     table[protocols.APP_HTTP] = Protocol("app", app.readable_http, app.timeout_http, app.drained,
                                          closed=app.closed_http)
@@ -46,9 +48,10 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
     for proto in (protocols.POLL_JSON, protocols.POLL_JSONP):
         router.backlog_to[proto] = poll.backlog
         router.refused_to[proto] = poll.refused
-    router.deliver_to[protocols.SSE] = stream.deliver
-    router.backlog_to[protocols.SSE] = stream.backlog
-    router.refused_to[protocols.SSE] = stream.refused
+    for proto in (protocols.SSE, protocols.WS):
+        router.deliver_to[proto] = stream.deliver
+        router.backlog_to[proto] = stream.backlog
+        router.refused_to[proto] = stream.refused
 
     w.record_handlers = {**router.handlers(), **poll.handlers(), **app.handlers()}
     w.listen_on = [(config.host, config.port, protocols.CLIENT_HTTP, True),

@@ -1,4 +1,5 @@
-"""Streaming subscribers: an EventSource (SSE) connection stays open and gets every message.
+"""Streaming subscribers: EventSource (SSE) and WebSocket connections stay open and get
+every message.
 
 ``GET /sse/<id>`` (or ``/sub/<id>`` with ``Accept: text/event-stream``)
 answers ``200 text/event-stream`` and keeps the connection: each message is
@@ -6,6 +7,13 @@ answers ``200 text/event-stream`` and keeps the connection: each message is
 It resumes after ``Last-Event-ID`` (or ``?since=``); with neither it first
 sends every buffered message of the id, as the long-poll does.  A ``: ping``
 comment every ``--heartbeat`` seconds keeps proxies from closing it.
+
+A WebSocket (``GET /ws/<id>`` or ``/sub/<id>`` with ``Upgrade: websocket``)
+gets each message as one text frame ``{"id": ..., "seq": N, "data": ...}``
+and a ping every ``--heartbeat``; it answers pings, and closes with the
+code RFC 6455 asks for on a protocol error (``wsframe`` judges the bytes).
+Data frames from clients are checked and ignored: publishing stays on the
+app port.
 
 A stream is held like a long-poll (``routing``) but never let go: each
 DELIVER is written at once, a gap in seqs asks the home again.  A reader too
@@ -15,13 +23,15 @@ still buffered.  It never parses a request (``front`` does).
 """
 
 import array
+import json
 import re
 
 import protocols
 import records
 import shmqueue
+import wsframe
 from records import SUB_QUIET
-from worker import HELD, PENDING
+from worker import CLOSING, HELD, PENDING
 
 STREAM_OUT_LIMIT = 1 << 20       # bytes queued for one stream before it counts as too slow
 RETRY_MS = 2000                  # what EventSource waits before reconnecting
@@ -34,26 +44,48 @@ def sse_event(seq, data):
             + b"\n")
 
 
+def ws_message(ident, seq, data):
+    """One message as a WebSocket text frame: {"id": ..., "seq": N, "data": ...}."""
+    return wsframe.encode(wsframe.TEXT, b'{"id": "%s", "seq": %d, "data": %s}'
+                          % (ident, seq, json.dumps(data.decode("utf-8")).encode()))
+
+
 class Streams:
-    """One per worker: the SSE protocol."""
+    """One per worker: the SSE and WS protocols (held for as long as they are open)."""
 
     def __init__(self, w, router, common):
         self.w = w
         self.router = router
         self.since = array.array("I", bytes(4 * len(w.state)))   # the last seq sent
-        self.head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + common +
-                     b"X-Accel-Buffering: no\r\nConnection: close\r\n\r\nretry: %d\n\n" % RETRY_MS)
+        self.sse_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + common +
+                         b"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n")
+        self.fragments = {}      # WS fd -> wsframe.Message of a fragmented message in progress
+        self.encode = {protocols.SSE: lambda ident, seq, data: sse_event(seq, data),
+                       protocols.WS: ws_message}
+        self.ping = {protocols.SSE: b": ping\n\n", protocols.WS: wsframe.encode(wsframe.PING)}
 
     def subscribe_sse(self, fd, ident, since, head_only=False):
-        """Open the stream; what is buffered after ``since`` comes first, then every message."""
-        w, router = self.w, self.router
+        """Open an EventSource stream: what is buffered after ``since``, then every message."""
         if head_only:
-            w.write(fd, self.head[:self.head.index(b"\r\n\r\n") + 4])
-            w.close_after_output(fd)
+            self.w.write(fd, self.sse_head)
+            self.w.close_after_output(fd)
             return
+        self._open(fd, ident, since, protocols.SSE, self.sse_head + b"retry: %d\n\n" % RETRY_MS)
+
+    def subscribe_ws(self, fd, ident, since, key):
+        """Answer the WebSocket handshake and stream as for SSE, one text frame a message."""
+        self._open(fd, ident, since, protocols.WS,
+                   b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                   b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                   % wsframe.accept_key(key))
+        if fd in self.w.inbuf and self.w.state[fd]:
+            self.readable_ws(fd)                   # frames that came with the handshake
+
+    def _open(self, fd, ident, since, proto, head):
+        w, router = self.w, self.router
         registered = router.registered(ident)
-        router.hold(fd, ident, protocols.SSE, w.cfg.heartbeat)   # its deadline is the ping
-        w.write(fd, self.head)
+        router.hold(fd, ident, proto, w.cfg.heartbeat)   # its deadline is the next ping
+        w.write(fd, head)
         if not w.state[fd]:
             return                                 # the peer is gone already
         self.since[fd] = since
@@ -68,34 +100,87 @@ class Streams:
             flags = 0
         w.send(home, records.sub(fd, w.serial[fd], since, flags, ident))
 
-    # -- the protocol ------------------------------------------------------------------
+    # -- the protocols ------------------------------------------------------------------
 
-    def readable(self, fd):
+    def readable_sse(self, fd):
         self.w.inbuf.pop(fd, None)                 # an EventSource sends nothing after its request
 
+    def readable_ws(self, fd):
+        """A held WebSocket still reads: pings, close frames, and data frames it ignores."""
+        w = self.w
+        try:
+            frames, used = wsframe.parse(w.inbuf[fd], w.cfg.max_message)
+            w.consumed(fd, used)
+            for fin, opcode, payload in frames:
+                if opcode == wsframe.PING:
+                    w.write(fd, wsframe.encode(wsframe.PONG, payload))
+                elif opcode == wsframe.CLOSE:
+                    wsframe.check_close_payload(payload)
+                    self._close_ws(fd, wsframe.NORMAL, "bye")
+                    return
+                elif opcode != wsframe.PONG:
+                    self._data_frame(fd, fin, opcode, payload)
+                if not w.state[fd]:
+                    return
+        except wsframe.WsError as e:
+            w.log("websocket: %s; closed with %d" % (e.reason, e.code))
+            self._close_ws(fd, e.code, e.reason)
+
+    def _data_frame(self, fd, fin, opcode, payload):
+        message = self.fragments.get(fd)
+        if opcode == wsframe.CONT:
+            if message is None:
+                raise wsframe.WsError(wsframe.PROTOCOL_ERROR, "continuation with nothing to continue")
+        else:
+            if message is not None:
+                raise wsframe.WsError(wsframe.PROTOCOL_ERROR, "new message inside a fragmented one")
+            message = wsframe.Message(opcode == wsframe.TEXT)
+        message.add(payload, fin, self.w.cfg.max_message)
+        if fin:
+            self.fragments.pop(fd, None)
+        else:
+            self.fragments[fd] = message
+
+    def _close_ws(self, fd, code, reason):
+        self.w.inbuf.pop(fd, None)
+        self.w.write(fd, wsframe.close_frame(code, reason))
+        if self.w.state[fd]:
+            self.w.close_after_output(fd)
+
     def timeout(self, fd):
-        self.w.write(fd, b": ping\n\n")
+        self.w.write(fd, self.ping[self.w.proto[fd]])
         if self.w.state[fd]:
             self.w.set_deadline(fd, self.w.cfg.heartbeat)
 
     def closed(self, fd):
         self.router.unhold(fd)
+        self.fragments.pop(fd, None)
 
-    def stop(self, fd):
+    def stop_sse(self, fd):
         self.w.close_after_output(fd)              # it reconnects with Last-Event-ID
+
+    def stop_ws(self, fd):
+        if self.w.state[fd] != CLOSING:
+            self._close_ws(fd, wsframe.GOING_AWAY, "server restarting")
 
     # -- what the homes send -----------------------------------------------------------
 
     def backlog(self, fd, last, messages):
+        encode = self.encode[self.w.proto[fd]]
+        ident = self.router.held_id[fd]
         for seq, data in messages:
-            self._send(fd, seq, sse_event(seq, data))
-        if self.w.state[fd]:
-            self.since[fd] = last
-            self.w.state[fd] = HELD
+            self._send(fd, seq, encode(ident, seq, data))
+            if not self.w.state[fd]:
+                return
+        self.since[fd] = last
+        self.w.state[fd] = HELD
 
     def refused(self, fd):
-        self.w.write(fd, b"event: error\ndata: id table full\n\n")
-        self.w.close_after_output(fd)
+        if self.w.proto[fd] == protocols.WS:
+            self._close_ws(fd, 1013, "id table full")
+        else:
+            self.w.write(fd, b"event: error\ndata: id table full\n\n")
+            self.w.close_after_output(fd)
 
     def deliver(self, fd, ident, seq, flags, data, cache):
         since = self.since[fd]
@@ -105,15 +190,16 @@ class Streams:
             w.state[fd] = PENDING
             w.send_home(ident, records.sub(fd, w.serial[fd], since, 0, ident))
         elif seq > since:
-            event = cache.get("sse")
-            if event is None:
-                event = cache["sse"] = sse_event(seq, data)
-            self._send(fd, seq, event)
+            proto = self.w.proto[fd]
+            frame = cache.get(proto)               # built once for all holders of the id
+            if frame is None:
+                frame = cache[proto] = self.encode[proto](ident, seq, data)
+            self._send(fd, seq, frame)
         return False
 
-    def _send(self, fd, seq, event):
+    def _send(self, fd, seq, frame):
         w = self.w
-        w.write(fd, event)
+        w.write(fd, frame)
         if not w.state[fd]:
             return
         self.since[fd] = seq

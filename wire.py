@@ -18,6 +18,7 @@ _ID_CHARS = re.compile(rb"[A-Za-z0-9_~:@-]*\Z")
 CALLBACK_PATTERN = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,63}\Z")
 
 REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
+           426: "Upgrade Required",
            401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            411: "Length Required", 413: "Content Too Large",
            431: "Request Header Fields Too Large", 501: "Not Implemented",
@@ -41,10 +42,12 @@ class Request:
     """The parts of a request head the server acts on; the rest is dropped."""
 
     __slots__ = ("method", "path", "query", "keep_alive", "content_length",
-                 "chunked", "authorization", "head_end", "browser", "accept", "last_event_id")
+                 "chunked", "authorization", "head_end", "browser", "accept", "last_event_id",
+                 "websocket_key", "websocket_version")
 
     def __init__(self, method, path, query, keep_alive, content_length, chunked,
-                 authorization, head_end, browser=False, accept=None, last_event_id=None):
+                 authorization, head_end, browser=False, accept=None, last_event_id=None,
+                 websocket_key=None, websocket_version=None):
         self.method = method
         self.path = path
         self.query = query
@@ -56,6 +59,10 @@ class Request:
         self.browser = browser            # an Origin or Sec-Fetch-* header: a browser sent it
         self.accept = accept              # lower-cased
         self.last_event_id = last_event_id
+        # Set only for a WebSocket upgrade (Upgrade: websocket, Connection: upgrade); the key
+        # may then still be missing (b"").
+        self.websocket_key = websocket_key
+        self.websocket_version = websocket_version
 
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/1\.([01])\Z")
@@ -63,7 +70,8 @@ _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/
 _HEADER_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\0]*\r\n)*\Z")
 # The few fields we act on, found in the lower-cased block (same offsets as the original).
 _FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|authorization|origin|"
-                     rb"sec-fetch-[a-z]+|accept|last-event-id):[ \t]*([^\r]*)")
+                     rb"sec-fetch-[a-z]+|accept|last-event-id|upgrade|sec-websocket-key|"
+                     rb"sec-websocket-version):[ \t]*([^\r]*)")
 
 
 def parse_head(buf, max_head=MAX_HEAD):
@@ -93,8 +101,8 @@ def parse_head(buf, max_head=MAX_HEAD):
     close = asked_keep_alive = False
     content_length = None
     chunked = False
-    authorization = accept = last_event_id = None
-    browser = False
+    authorization = accept = last_event_id = websocket_key = websocket_version = None
+    browser = upgrade = connection_upgrade = False
     lower = head.lower()
     for field in _FIELDS.finditer(lower, line_end):
         name = field.group(1)
@@ -112,12 +120,19 @@ def parse_head(buf, max_head=MAX_HEAD):
             tokens = [t.strip() for t in value.split(b",")]
             close = close or b"close" in tokens
             asked_keep_alive = asked_keep_alive or b"keep-alive" in tokens
+            connection_upgrade = connection_upgrade or b"upgrade" in tokens
         elif name == b"authorization":
             authorization = head[field.start(2):field.start(2) + len(value)]
         elif name == b"accept":
             accept = value
         elif name == b"last-event-id":
             last_event_id = value
+        elif name == b"upgrade":
+            upgrade = upgrade or b"websocket" in [t.strip() for t in value.split(b",")]
+        elif name == b"sec-websocket-key":
+            websocket_key = head[field.start(2):field.start(2) + len(value)]   # case matters
+        elif name == b"sec-websocket-version":
+            websocket_version = value
         else:
             browser = True
     if chunked and content_length is not None:
@@ -126,8 +141,13 @@ def parse_head(buf, max_head=MAX_HEAD):
     # asked to keep it.  "close" wins over everything.
     keep_alive = not close and (minor == b"1" or asked_keep_alive)
     path, _, query = target.partition(b"?")
+    if not (upgrade and connection_upgrade):
+        websocket_key = websocket_version = None
+    elif websocket_key is None:
+        websocket_key = b""
     return Request(method, path, query, keep_alive, content_length, chunked,
-                   authorization, end + 4, browser, accept, last_event_id)
+                   authorization, end + 4, browser, accept, last_event_id,
+                   websocket_key, websocket_version)
 
 
 def parse_body(buf, req, max_body):
