@@ -11,6 +11,7 @@ import dataclasses
 class Config:
     host: str
     port: int                   # the real port (0 on the command line is resolved first)
+    compat_ports: int           # also listen on port+1 .. port+compat_ports (the original's)
     app_host: str
     app_port: int
     max_message: int

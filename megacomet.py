@@ -77,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--poll-timeout", type=int, default=30,
                    help="seconds a long-poll is held without news (default %(default)s; "
                         "?timeout= may ask for 1..120)")
+    p.add_argument("--compat-ports", action="store_true",
+                   help="also serve subscribers on --port+1 .. --port+WORKERS-1, as the original "
+                        "MegaComet did (its pages connect to port + hash(id) %% workers)")
     p.add_argument("--heartbeat", type=float, default=15.0,
                    help="seconds between keep-alive pings on EventSource and WebSocket streams "
                         "(default %(default)s)")
@@ -127,6 +130,8 @@ def parse_args(argv=None):
         p.error("--queue-ttl must be between 0 and 24 days")
     if not 0 < args.header_timeout:
         p.error("--header-timeout must be positive")
+    if args.compat_ports and not args.port:
+        p.error("--compat-ports needs a fixed --port (the original's pages count from it)")
     if not 0.5 <= args.heartbeat <= 3600:
         p.error("--heartbeat must be 0.5..3600 seconds")
     if not args.worker_timeout >= 1:
@@ -269,7 +274,10 @@ class Supervisor:
         reserved = [reserve_port(args.host, args.port), reserve_port(args.app_host, args.app_port)]
         args.port = reserved[0].getsockname()[1]
         args.app_port = reserved[1].getsockname()[1]
-        self.config = config.Config.from_args(args, started_at=time.time())
+        if args.compat_ports:                     # the original's pages pick port + hash % N
+            reserved += [reserve_port(args.host, args.port + i) for i in range(1, self.n)]
+        self.config = config.Config.from_args(args, started_at=time.time(),
+                                              compat_ports=self.n - 1 if args.compat_ports else 0)
         self.region = shmqueue.SharedRegion(
             self.n, args.max_ids, args.shm_mb << 20, args.ring_kb << 10,
             ttl_ms=int(args.queue_ttl * 1000), max_queued=args.max_queued)
@@ -312,7 +320,11 @@ class Supervisor:
         a = self.args
         lay = self.region.layout
         print("megacomet: %d workers, pid %d" % (self.n, os.getpid()))
-        print("megacomet: client port http://%s:%d  (GET /sub/<id>, GET /<id>.js)" % (a.host, a.port))
+        print("megacomet: client port http://%s:%d  (GET /sub/<id>, /sse/<id>, /ws/<id>, /<id>.js)"
+              % (a.host, a.port))
+        if a.compat_ports:
+            print("megacomet: compat ports %d-%d (the original's port per worker)"
+                  % (a.port + 1, a.port + self.n - 1))
         print("megacomet: app port    http://%s:%d  (POST /pub, /stats, /metrics, /health, "
               "binary protocol%s)" % (a.app_host, a.app_port, "; token required" if a.app_token else ""))
         print("megacomet: fd limit %d per worker: up to ~%d connections in all" %

@@ -54,8 +54,9 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
         router.refused_to[proto] = stream.refused
 
     w.record_handlers = {**router.handlers(), **poll.handlers(), **app.handlers()}
-    w.listen_on = [(config.host, config.port, protocols.CLIENT_HTTP, True),
-                   (config.app_host, config.app_port, protocols.APP_NEW, False)]
+    w.listen_on = [(config.host, config.port + i, protocols.CLIENT_HTTP, True)
+                   for i in range(1 + config.compat_ports)]
+    w.listen_on.append((config.app_host, config.app_port, protocols.APP_NEW, False))
     w.on_start = [router.start]
     w.before_sleep = [router.flush_acks]
     w.on_tick = [router.flush_acks, router.tick]

@@ -16,15 +16,18 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import raw_request, wait_for
+from conftest import ROOT, Server, raw_request, wait_for
 
 _counter = itertools.count()
 
@@ -1198,3 +1201,44 @@ def test_head_on_compat_poll_looks_without_moving_the_cursor(server_factory):
     assert status == 200 and body == b"" and headers["Content-Length"] == "2"
     status, _, body = server.request("GET", "/%s.js" % ident, port=server.client, timeout=3)
     assert (status, body) == (200, b"ab")                # the HEAD did not take it
+
+
+def free_port_run(n):
+    """A port p with p .. p+n-1 all free, below the ephemeral range (32768-60999)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise AssertionError("no run of %d free ports" % n)
+
+
+def test_compat_ports_serve_the_original_pages_port_per_worker(tmp_path):
+    """--compat-ports: every worker also listens on port+1 .. port+N-1, so a page of the
+    original (which picks 8000 + hash(id) % 8) reaches the server on any of them."""
+    base = free_port_run(4)
+    server = Server("--compat-ports", workers=4)
+    server.flags[server.flags.index("--port") + 1] = str(base)
+    server.start()
+    try:
+        assert "compat ports %d-%d" % (base + 1, base + 3) in server.banner
+        ident = uid("ports")
+        server.pub(ident, "on every port")
+        for port in range(base, base + 4):
+            status, _, body = server.request("GET", "/sub/%s?since=0" % ident, port=port)
+            assert status == 200 and json.loads(body)["messages"][0]["data"] == "on every port"
+    finally:
+        server.stop()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "megacomet.py"), "--compat-ports",
+                           "--port", "0"], capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 2 and "fixed --port" in proc.stderr
