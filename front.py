@@ -17,6 +17,7 @@ import wsframe
 from worker import READING
 
 INBUF_LIMIT = 65536 + 8192       # unparsed bytes a subscriber may send ahead of our answers
+MAX_IDS = 16                     # ids in one subscription (a page: a user channel and rooms)
 ID_RULE = "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -"
 PREFLIGHT = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
              b"Access-Control-Allow-Headers: Content-Type, Cache-Control, Last-Event-ID\r\n"
@@ -65,27 +66,24 @@ class FrontDoor:
             if req.websocket_key is None:
                 raise wire.HttpError(426, "a WebSocket upgrade is required here")
         if path.startswith(b"/sub/") or path.startswith(b"/sse/"):
-            ident = path[5:]
-            if not wire.valid_id(ident):
-                raise wire.HttpError(400, ID_RULE)
+            ident = ids_of(path[5:])
             query = wire.parse_query(req.query) if req.query else {}
             self.check_signature(ident, query)
-            since = int_param(query, "since", 0, 0, 0xFFFFFFFF)
+            stream = path.startswith(b"/sse/") or (req.accept and b"text/event-stream" in req.accept)
+            if stream and req.last_event_id is not None:   # a reconnecting EventSource
+                query["since"] = req.last_event_id.decode("latin-1")
+            since = since_of(ident, query)
             if req.websocket_key is not None:
                 check_websocket(req)
                 self.streams.subscribe_ws(fd, ident, since, req.websocket_key)
-                return
-            if path.startswith(b"/sse/") or (req.accept and b"text/event-stream" in req.accept):
-                if req.last_event_id is not None:      # a reconnecting EventSource says where
-                    since = int_param({"Last-Event-ID": req.last_event_id.decode("latin-1")},
-                                      "Last-Event-ID", 0, 0, 0xFFFFFFFF)
+            elif stream:
                 self.streams.subscribe_sse(fd, ident, since, head_only=method == b"HEAD")
-                return
-            timeout = int_param(query, "timeout", self.w.cfg.poll_timeout, 1, 120)
-            callback = query.get("callback")
-            if callback is not None and not wire.CALLBACK_PATTERN.match(callback):
-                raise wire.HttpError(400, "callback must match [A-Za-z_$][A-Za-z0-9_$.]{0,63}")
-            self.longpoll.subscribe(fd, ident, since, timeout, callback)
+            else:
+                timeout = int_param(query, "timeout", self.w.cfg.poll_timeout, 1, 120)
+                callback = query.get("callback")
+                if callback is not None and not wire.CALLBACK_PATTERN.match(callback):
+                    raise wire.HttpError(400, "callback must match [A-Za-z_$][A-Za-z0-9_$.]{0,63}")
+                self.longpoll.subscribe(fd, ident, since, timeout, callback)
             return
         if path.endswith(b".js") and path.count(b"/") == 1 and wire.valid_id(path[1:-3]):
             ident = path[1:-3]
@@ -99,10 +97,42 @@ class FrontDoor:
         """With --secret, a subscription must carry a valid, unexpired exp and sig: else 403."""
         if self.secret is None:
             return
-        reason = signing.refusal(self.secret, [ident.decode()], query.get("exp"), query.get("sig"),
-                                 time.time())
+        ids = [i.decode() for i in ((ident,) if type(ident) is bytes else ident)]
+        reason = signing.refusal(self.secret, ids, query.get("exp"), query.get("sig"), time.time())
         if reason is not None:
             raise wire.HttpError(403, reason)
+
+
+def ids_of(text):
+    """The id of a subscription path, or a tuple of up to MAX_IDS distinct ids ("a,b,c")."""
+    if b"," not in text:
+        if not wire.valid_id(text):
+            raise wire.HttpError(400, ID_RULE)
+        return text
+    ids = tuple(text.split(b","))
+    if len(ids) > MAX_IDS:
+        raise wire.HttpError(400, "at most %d ids in one subscription" % MAX_IDS)
+    if not all(wire.valid_id(i) for i in ids):
+        raise wire.HttpError(400, ID_RULE)
+    if len(set(ids)) < len(ids):
+        raise wire.HttpError(400, "an id is named twice")
+    return ids
+
+
+def since_of(ident, query):
+    """``since``: a seq for one id; for several, ``id:seq`` pairs ("a:4,b:9"; unnamed ids: 0)."""
+    if type(ident) is bytes:
+        return int_param(query, "since", 0, 0, 0xFFFFFFFF)
+    cursors = dict.fromkeys(ident, 0)
+    text = query.get("since")
+    if text:
+        for pair in text.split(","):
+            name, colon, seq = pair.rpartition(":")
+            name = name.encode()
+            if not colon or name not in cursors:
+                raise wire.HttpError(400, "since must be id:seq pairs of the subscription's ids")
+            cursors[name] = int_param({"since": seq}, "since", 0, 0, 0xFFFFFFFF)
+    return cursors
 
 
 def check_websocket(req):

@@ -34,6 +34,7 @@ class LongPoll:
         self.since = array.array("I", bytes(4 * limit))   # the newest seq the client has
         self.last = array.array("I", bytes(4 * limit))    # the id's last seq, as last heard
         self.callback = {}       # fd -> JSONP function name
+        self.cursors = {}        # fd -> {id: newest seq the client has}: multiplexed polls only
         self.common = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
                        b"X-Content-Type-Options: nosniff\r\n" % w.cfg.cors_origin.encode())
 
@@ -54,6 +55,7 @@ class LongPoll:
     def closed(self, fd):
         self.router.unhold(fd)
         self.callback.pop(fd, None)
+        self.cursors.pop(fd, None)
 
     def stop(self, fd):
         if self.w.state[fd] in (PENDING, HELD):
@@ -72,16 +74,21 @@ class LongPoll:
         the home's answer, or a gap in the DELIVERs, corrects it.
         """
         w = self.w
+        proto = protocols.POLL_JSON if callback is None else protocols.POLL_JSONP
+        if callback is not None:
+            self.callback[fd] = callback
+        if type(ident) is tuple:                   # several ids; since: {id: seq}
+            registered = {i: self.router.registered(i) for i in ident}
+            self.router.hold(fd, ident, proto, timeout)
+            self.cursors[fd] = since
+            self.router.subscribe_many(fd, since, registered)
+            return
         registered = self.router.registered(ident)
         key = shmqueue.id_key(ident)
         home = key % w.region.workers
         self.since[fd] = since
         self.last[fd] = 0                         # known once the home answers
-        if callback is None:
-            self.router.hold(fd, ident, protocols.POLL_JSON, timeout)
-        else:
-            self.callback[fd] = callback
-            self.router.hold(fd, ident, protocols.POLL_JSONP, timeout)
+        self.router.hold(fd, ident, proto, timeout)
         last = w.homes[home].peek_last(key)
         if since == max(last, 0):
             w.state[fd] = HELD
@@ -116,8 +123,16 @@ class LongPoll:
 
     # -- the home's answers ------------------------------------------------------------
 
-    def backlog(self, fd, last, messages):
+    def backlog(self, fd, ident, last, messages):
         """The home's answer to this poll's SUB: what it had after since (maybe nothing)."""
+        cursors = self.cursors.get(fd)
+        if cursors is not None:
+            news = [(ident, seq, data) for seq, data in messages if seq > cursors[ident]]
+            if news:
+                self.answer_many(fd, news)
+            else:
+                cursors[ident] = last
+            return
         self.last[fd] = last
         if messages:
             self.answer(fd, messages, last)
@@ -150,7 +165,17 @@ class LongPoll:
 
     # -- deliveries (routing calls these for each holder in HELD) -----------------------
 
+    def deliver_many(self, fd, ident, seq, data):
+        since = self.cursors[fd][ident]
+        if seq > since + 1:
+            self.router.resubscribe_one(fd, ident, since)   # a gap: the home's MSGS fills it
+        elif seq > since:
+            self.answer_many(fd, [(ident, seq, data)])
+
     def deliver_json(self, fd, ident, seq, flags, data, cache):
+        if fd in self.cursors:
+            self.deliver_many(fd, ident, seq, data)
+            return False
         since = self.since[fd]
         if seq > since + 1:
             self.resubscribe(fd)                  # a gap: the home's MSGS fills it
@@ -171,6 +196,9 @@ class LongPoll:
         return False
 
     def deliver_jsonp(self, fd, ident, seq, flags, data, cache):
+        if fd in self.cursors:
+            self.deliver_many(fd, ident, seq, data)
+            return False
         since = self.since[fd]
         if seq > since + 1:
             self.resubscribe(fd)
@@ -194,6 +222,18 @@ class LongPoll:
         self.w.counters["delivered"] += len(messages)
         self.http.resume(fd)
 
+    def answer_many(self, fd, items):
+        """A multiplexed poll's answer: each message names its id; last has every id's seq."""
+        cursors = self.cursors.pop(fd)
+        for ident, seq, _ in items:
+            cursors[ident] = max(cursors[ident], seq)
+        callback = self.callback.pop(fd, None)
+        body = json_many_of(items, cursors, callback)
+        self.router.unhold(fd)
+        self.http.respond(fd, 200, body, JSON_TYPE if callback is None else JS_TYPE, self.common)
+        self.w.counters["delivered"] += len(items)
+        self.http.resume(fd)
+
     def answer_compat(self, fd, data):
         self.router.unhold(fd)
         self.http.respond(fd, 200, data, JS_TYPE, self.common)
@@ -205,8 +245,20 @@ class LongPoll:
             # nosniff (no Content-Type), and a page in the original style stops polling.
             self.router.unhold(fd)
             self.http.respond(fd, 200, b"", JS_TYPE, self.common)   # closes: nothing pipelined
+        elif fd in self.cursors:
+            self.answer_many(fd, [])
         else:
             self.answer(fd, [], self.last[fd])
+
+
+def json_many_of(items, cursors, callback=None):
+    """``{"messages": [{"id", "seq", "data"}], "last": {id: seq}}``, maybe JSONP-wrapped."""
+    body = json.dumps({"messages": [{"id": ident.decode(), "seq": seq, "data": data.decode("utf-8")}
+                                    for ident, seq, data in items],
+                       "last": {ident.decode(): seq for ident, seq in cursors.items()}})
+    if callback is not None:
+        body = "/**/%s(%s);" % (callback, body)
+    return body.encode()
 
 
 def json_body_of(ident, messages, last, callback=None):

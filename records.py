@@ -26,7 +26,7 @@ _PUB = struct.Struct("<BIIIB")        # kind, fd, serial, line, id length | id, 
 _ACK = struct.Struct("<BIIIII")       # kind, fd, serial, stored, last seq, refused | lines
 _LINE = struct.Struct("<I")
 _SUB = struct.Struct("<BIIIBB")       # kind, fd, serial, since, flags, id length | id
-_MSGS = struct.Struct("<BIIIB")       # kind, fd, serial, last, flags | (seq, len, data)*
+_MSGS = struct.Struct("<BIIIBB")      # kind, fd, serial, last, flags, id length | id, (seq, len, data)*
 _MSG = struct.Struct("<II")
 _DELIVER = struct.Struct("<BIBB")     # kind, seq, flags, id length | id, data
 _UNSUB = struct.Struct("<BBB")        # kind, which (UNSUB_*), id length | id
@@ -78,9 +78,9 @@ def read_sub(record):
     return fd, serial, since, flags, record[_SUB.size:_SUB.size + n]
 
 
-def msgs_header(fd, serial, last, flags):
+def msgs_header(fd, serial, last, flags, ident):
     """A MSGS record's start; each message follows as msg_header(seq, len) + data."""
-    return _MSGS.pack(MSGS, fd, serial, last, flags)
+    return _MSGS.pack(MSGS, fd, serial, last, flags, len(ident)) + ident
 
 
 def msg_header(seq, length):
@@ -88,16 +88,17 @@ def msg_header(seq, length):
 
 
 def read_msgs(record):
-    """(fd, serial, last, flags, [(seq, data)])"""
-    _, fd, serial, last, flags = _MSGS.unpack_from(record)
+    """(fd, serial, last, flags, id, [(seq, data)])"""
+    _, fd, serial, last, flags, n = _MSGS.unpack_from(record)
+    ident = record[_MSGS.size:_MSGS.size + n]
     messages = []
-    pos = _MSGS.size
+    pos = _MSGS.size + n
     while pos < len(record):
         seq, n = _MSG.unpack_from(record, pos)
         pos += _MSG.size
         messages.append((seq, record[pos:pos + n]))
         pos += n
-    return fd, serial, last, flags, messages
+    return fd, serial, last, flags, ident, messages
 
 
 def deliver(seq, flags, ident, data):

@@ -26,7 +26,7 @@ class Router:
         self.w = w
         self.client_proto = client_proto    # what a held connection reads again when let go
         limit = len(w.state)
-        self.held_id = [b""] * limit        # fd -> the id it is held for
+        self.held_id = [b""] * limit        # fd -> the id it is held for (a tuple: several)
         self.compat = bytearray(limit)      # fd -> 1 if held as a compat poll
         self.held = {}           # id -> fd, or set of fds (pending and held)
         self.compat_held = {}    # id -> how many of its holders are compat polls
@@ -34,9 +34,9 @@ class Router:
         self.sub_lingering = set()   # those of them whose last holder was a /sub poll
         self.acks = {}           # (src, fd, serial) -> [stored, last seq, refused lines]
         self.compat_sent = {}    # key -> [seq, workers yet to answer, when]: see on_cgive
-        self.partial = {}        # fd -> messages of a MSGS reply still arriving in parts
+        self.partial = {}        # (fd, id) -> messages of a MSGS reply still arriving in parts
         # Per protocol byte of a holder: deliver(fd, id, seq, flags, data, cache) -> whether it
-        # answered a compat poll; backlog(fd, last, messages), a SUB's answer; refused(fd).
+        # answered a compat poll; backlog(fd, id, last, messages), a SUB's answer; refused(fd).
         self.deliver_to = {}
         self.backlog_to = {}
         self.refused_to = {}
@@ -130,23 +130,23 @@ class Router:
         try:
             last, messages = w.part.subscribe(shmqueue.id_key(ident), 1 << src, since, w.now_ms())
         except shmqueue.TableFull:
-            w.send(src, records.msgs_header(fd, serial, 0, MSGS_FINAL | MSGS_REFUSED))
+            w.send(src, records.msgs_header(fd, serial, 0, MSGS_FINAL | MSGS_REFUSED, ident))
             return
         if flags & SUB_QUIET and not messages:
             return                                # the poll is held already: no news, no answer
         # Split a long backlog so that no record outgrows a ring.
         limit = w.outbox[src].size // 4
-        parts = [records.msgs_header(fd, serial, last, 0)]
-        size = MSGS_HEADER
+        parts = [records.msgs_header(fd, serial, last, 0, ident)]
+        size = MSGS_HEADER + len(ident)
         for seq, data in messages:
             if size + MSG_HEADER + len(data) > limit:
                 w.send(src, b"".join(parts))
-                parts = [records.msgs_header(fd, serial, last, 0)]
-                size = MSGS_HEADER
+                parts = [records.msgs_header(fd, serial, last, 0, ident)]
+                size = MSGS_HEADER + len(ident)
             parts.append(records.msg_header(seq, len(data)))
             parts.append(data)
             size += MSG_HEADER + len(data)
-        parts[0] = records.msgs_header(fd, serial, last, MSGS_FINAL)
+        parts[0] = records.msgs_header(fd, serial, last, MSGS_FINAL, ident)
         w.send(src, b"".join(parts))
 
     def on_cpoll(self, src, record):
@@ -188,57 +188,68 @@ class Router:
 
     # -- holder side -----------------------------------------------------------------
 
-    def hold(self, fd, ident, proto, timeout, compat=False):
-        """fd waits for ident's messages, answered as protocol ``proto``."""
+    def hold(self, fd, idents, proto, timeout, compat=False):
+        """fd waits for the messages of ``idents``, answered as protocol ``proto``.
+
+        ``idents`` is one id (bytes), or a tuple of several for a multiplexed
+        subscription: the common case keeps no tuple per held connection.
+        """
         w = self.w
         w.new_serial(fd)
         w.proto[fd] = proto
         w.state[fd] = PENDING
-        self.held_id[fd] = ident
+        self.held_id[fd] = idents
         self.compat[fd] = compat
         fd = w.fd_int[fd]
-        entry = self.held.get(ident)
-        if entry is None:
-            self.held[ident] = fd
-        elif type(entry) is set:
-            entry.add(fd)
-        else:
-            self.held[ident] = {entry, fd}
+        held = self.held
+        for ident in (idents,) if type(idents) is bytes else idents:
+            entry = held.get(ident)
+            if entry is None:
+                held[ident] = fd
+            elif type(entry) is set:
+                entry.add(fd)
+            else:
+                held[ident] = {entry, fd}
         if compat:
-            self.compat_held[ident] = self.compat_held.get(ident, 0) + 1
+            self.compat_held[idents] = self.compat_held.get(idents, 0) + 1
         w.counters["subscribers"] += 1
         w.set_deadline(fd, timeout)
 
     def unhold(self, fd):
         """Take fd out of ``held``; it reads requests again (or is about to be closed)."""
         w = self.w
-        ident = self.held_id[fd]
-        entry = self.held.get(ident)
-        if entry == fd:
-            last_holder = True
-        elif type(entry) is set and fd in entry:
-            entry.discard(fd)
-            last_holder = not entry
-        else:
+        idents = self.held_id[fd]
+        if not idents:
             return
         compat = self.compat[fd]
-        if last_holder:
-            del self.held[ident]
-            self.lingering.add(ident)
+        for ident in (idents,) if type(idents) is bytes else idents:
+            entry = self.held.get(ident)
+            if entry == fd:
+                del self.held[ident]
+            elif type(entry) is set and fd in entry:
+                entry.discard(fd)
+                if entry:
+                    continue
+                del self.held[ident]
+            else:
+                continue
+            self.lingering.add(ident)             # its last holder left
             if not compat:
                 self.sub_lingering.add(ident)
         if compat:
-            left = self.compat_held[ident] - 1
+            left = self.compat_held[idents] - 1
             if left:
-                self.compat_held[ident] = left
+                self.compat_held[idents] = left
             else:                                 # no compat poll here now: stop taking
-                del self.compat_held[ident]       # messages off the compat cursor for us
-                w.send_home(ident, records.unsub(UNSUB_COMPAT, ident))
+                del self.compat_held[idents]      # messages off the compat cursor for us
+                w.send_home(idents, records.unsub(UNSUB_COMPAT, idents))
         w.counters["subscribers"] -= 1
         w.state[fd] = READING
         w.proto[fd] = self.client_proto
         self.held_id[fd] = b""
-        self.partial.pop(fd, None)
+        if self.partial:
+            for key in [k for k in self.partial if k[0] == fd]:
+                del self.partial[key]
 
     def registered(self, ident):
         """Is this worker registered at ident's home for /sub deliveries (or about to be)?
@@ -251,6 +262,32 @@ class Router:
         if type(entry) is int:
             return not self.compat[entry]
         return any(not self.compat[fd] for fd in entry)
+
+    @staticmethod
+    def ids_of(idents):
+        """A held_id entry as a tuple of ids."""
+        return (idents,) if type(idents) is bytes else idents
+
+    def subscribe_many(self, fd, cursors, registered):
+        """A multiplexed subscription: ask each id's home for what came after its cursor
+        (quietly, when the id's last seq says there is nothing new).  The connection is HELD
+        at once and keeps one serial: its protocol's cursors drop what arrives twice."""
+        w = self.w
+        w.state[fd] = HELD
+        for ident, since in cursors.items():
+            key = shmqueue.id_key(ident)
+            home = key % w.region.workers
+            if since == max(w.homes[home].peek_last(key), 0):
+                if registered[ident]:
+                    continue
+                flags = SUB_QUIET
+            else:
+                flags = 0
+            w.send(home, records.sub(fd, w.serial[fd], since, flags, ident))
+
+    def resubscribe_one(self, fd, ident, since):
+        """A gap in one id of a multiplexed subscription: ask its home again, same serial."""
+        self.w.send_home(ident, records.sub(fd, self.w.serial[fd], since, 0, ident))
 
     def holders(self, ident):
         entry = self.held.get(ident)
@@ -265,21 +302,20 @@ class Router:
 
     def on_msgs(self, src, record):
         """A SUB's answer: the backlog after its since, in parts if long, or a refusal."""
-        fd, serial, last, flags, messages = records.read_msgs(record)
+        fd, serial, last, flags, ident, messages = records.read_msgs(record)
         if not self.is_waiting(fd, serial, PENDING, HELD):
             return
         proto = self.w.proto[fd]
         if flags & MSGS_REFUSED:
-            ident = self.held_id[fd]
             self.refused_to[proto](fd)
             self.sub_lingering.discard(ident)     # never registered: next time, ask again
             return
-        if fd in self.partial:
-            messages = self.partial.pop(fd) + messages
+        if (fd, ident) in self.partial:           # parts of one id's answer come in order
+            messages = self.partial.pop((fd, ident)) + messages
         if not flags & MSGS_FINAL:
-            self.partial[fd] = messages
+            self.partial[fd, ident] = messages
             return
-        self.backlog_to[proto](fd, last, messages)
+        self.backlog_to[proto](fd, ident, last, messages)
 
     def on_deliver(self, src, record):
         w = self.w

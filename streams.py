@@ -44,10 +44,14 @@ def sse_event(seq, data):
             + b"\n")
 
 
+def json_message(ident, seq, data):
+    return b'{"id": "%s", "seq": %d, "data": %s}' % (ident, seq,
+                                                     json.dumps(data.decode("utf-8")).encode())
+
+
 def ws_message(ident, seq, data):
     """One message as a WebSocket text frame: {"id": ..., "seq": N, "data": ...}."""
-    return wsframe.encode(wsframe.TEXT, b'{"id": "%s", "seq": %d, "data": %s}'
-                          % (ident, seq, json.dumps(data.decode("utf-8")).encode()))
+    return wsframe.encode(wsframe.TEXT, json_message(ident, seq, data))
 
 
 class Streams:
@@ -60,6 +64,7 @@ class Streams:
         self.sse_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + common +
                          b"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n")
         self.fragments = {}      # WS fd -> wsframe.Message of a fragmented message in progress
+        self.cursors = {}        # fd -> {id: last seq sent}: multiplexed streams only
         self.encode = {protocols.SSE: lambda ident, seq, data: sse_event(seq, data),
                        protocols.WS: ws_message}
         self.ping = {protocols.SSE: b": ping\n\n", protocols.WS: wsframe.encode(wsframe.PING)}
@@ -83,6 +88,14 @@ class Streams:
 
     def _open(self, fd, ident, since, proto, head):
         w, router = self.w, self.router
+        if type(ident) is tuple:                   # several ids; since: {id: seq}
+            registered = {i: router.registered(i) for i in ident}
+            router.hold(fd, ident, proto, w.cfg.heartbeat)
+            w.write(fd, head)
+            if w.state[fd]:
+                self.cursors[fd] = since
+                router.subscribe_many(fd, since, registered)
+            return
         registered = router.registered(ident)
         router.hold(fd, ident, proto, w.cfg.heartbeat)   # its deadline is the next ping
         w.write(fd, head)
@@ -155,6 +168,7 @@ class Streams:
     def closed(self, fd):
         self.router.unhold(fd)
         self.fragments.pop(fd, None)
+        self.cursors.pop(fd, None)
 
     def stop_sse(self, fd):
         self.w.close_after_output(fd)              # it reconnects with Last-Event-ID
@@ -165,9 +179,18 @@ class Streams:
 
     # -- what the homes send -----------------------------------------------------------
 
-    def backlog(self, fd, last, messages):
+    def backlog(self, fd, ident, last, messages):
+        cursors = self.cursors.get(fd)
+        if cursors is not None:
+            for seq, data in messages:
+                if seq > cursors[ident]:
+                    self._send_many(fd, ident, seq, data, {})
+                    if not self.w.state[fd]:
+                        return
+            if not messages:
+                cursors[ident] = last
+            return
         encode = self.encode[self.w.proto[fd]]
-        ident = self.router.held_id[fd]
         for seq, data in messages:
             self._send(fd, seq, encode(ident, seq, data))
             if not self.w.state[fd]:
@@ -183,6 +206,14 @@ class Streams:
             self.w.close_after_output(fd)
 
     def deliver(self, fd, ident, seq, flags, data, cache):
+        cursors = self.cursors.get(fd)
+        if cursors is not None:
+            since = cursors[ident]
+            if seq > since + 1:
+                self.router.resubscribe_one(fd, ident, since)
+            elif seq > since:
+                self._send_many(fd, ident, seq, data, cache)
+            return False
         since = self.since[fd]
         if seq > since + 1:                        # a gap: ask the home for what is missing
             w = self.w
@@ -197,6 +228,21 @@ class Streams:
             self._send(fd, seq, frame)
         return False
 
+    def _send_many(self, fd, ident, seq, data, cache):
+        """A message of a multiplexed stream: it names its id (and an SSE event's id is the
+        whole cursor, "a:5,b:9", which is what Last-Event-ID brings back)."""
+        cursors = self.cursors[fd]
+        cursors[ident] = seq
+        if self.w.proto[fd] == protocols.WS:
+            frame = cache.get(protocols.WS)
+            if frame is None:
+                frame = cache[protocols.WS] = ws_message(ident, seq, data)
+        else:
+            frame = b"id: %s\ndata: %s\n\n" % (
+                b",".join(b"%s:%d" % item for item in cursors.items()),
+                json_message(ident, seq, data))
+        self._send(fd, seq, frame)
+
     def _send(self, fd, seq, frame):
         w = self.w
         w.write(fd, frame)
@@ -208,5 +254,5 @@ class Streams:
         if pending is not None and len(pending) > STREAM_OUT_LIMIT:
             w.counters["slow_closed"] += 1
             w.log("stream: a subscriber of %s reads too slowly (%d bytes queued); closed"
-                  % (self.router.held_id[fd].decode(), len(pending)))
+                  % (b",".join(self.router.ids_of(self.router.held_id[fd])).decode(), len(pending)))
             w.close(fd)

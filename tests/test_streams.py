@@ -209,3 +209,70 @@ def test_head_and_signatures_on_streams(server_factory, tmp_path):
         assert stream.message() == (1, "signed")
     finally:
         stream.close()
+
+
+# -- several ids on one connection ----------------------------------------------------------
+
+def test_one_connection_follows_several_ids_on_every_transport(server_factory):
+    import json
+    from websockets.sync.client import connect as ws_connect
+    server = server_factory(workers=2)
+    a, b, c = uid("ma"), uid("mb"), uid("mc")
+    server.pub(a, "a1")
+    server.pub(b, "b1")
+    server.pub(b, "b2")
+    ids = "%s,%s,%s" % (a, b, c)
+    # Long-poll: buffered messages at once, each naming its id; since takes id:seq pairs.
+    status, _, body = server.request("GET", "/sub/%s?since=%s:1" % (ids, b), port=server.client)
+    doc = json.loads(body)
+    assert status == 200 and doc["messages"], doc
+    for m in doc["messages"]:
+        assert (m["id"], m["seq"]) in ((a, 1), (b, 2))
+    # ... held until any of them has news.
+    with socket.create_connection(("127.0.0.1", server.client), timeout=10) as sock:
+        sock.sendall(b"GET /sub/%s?since=%s:1,%s:2&timeout=10 HTTP/1.1\r\nHost: x\r\n\r\n"
+                     % (ids.encode(), a.encode(), b.encode()))
+        time.sleep(0.3)
+        server.pub(c, "c1")
+        from conftest import read_response
+        status, _, body = read_response(sock, timeout=10)
+        assert json.loads(body) == {"messages": [{"id": c, "seq": 1, "data": "c1"}],
+                                    "last": {a: 1, b: 2, c: 1}}
+    # SSE: the event's id is the whole cursor, so Last-Event-ID resumes every id.
+    stream = Stream(server, "/sse/%s?since=%s:1,%s:2,%s:1" % (ids, a, b, c))
+    with ws_connect("ws://127.0.0.1:%d/ws/%s?since=%s:1,%s:2,%s:1" % (server.client, ids, a, b, c)) as ws:
+        try:
+            time.sleep(0.3)
+            server.pub(b, "b3")
+            server.pub(a, "a2")
+            fields = stream.event()
+            while fields[0][0] != "id":
+                fields = stream.event()
+            assert fields[0] == ("id", "%s:1,%s:3,%s:1" % (a, b, c))
+            assert json.loads(fields[1][1]) == {"id": b, "seq": 3, "data": "b3"}
+            fields = stream.event()
+            assert fields[0] == ("id", "%s:2,%s:3,%s:1" % (a, b, c))
+            assert [json.loads(ws.recv(timeout=5)) for _ in range(2)] == [
+                {"id": b, "seq": 3, "data": "b3"}, {"id": a, "seq": 2, "data": "a2"}]
+        finally:
+            stream.close()
+    resumed = Stream(server, "/sse/" + ids, ["Last-Event-ID: %s:1,%s:3,%s:1" % (a, b, c)])
+    try:
+        fields = resumed.event()
+        while fields[0][0] != "id":
+            fields = resumed.event()
+        assert json.loads(fields[1][1]) == {"id": a, "seq": 2, "data": "a2"}
+    finally:
+        resumed.close()
+
+
+def test_bad_multiplexed_subscriptions_get_400(server_factory):
+    server = server_factory(workers=1)
+    ids17 = ",".join("id%d" % i for i in range(17))
+    ids16 = ",".join("id%d" % i for i in range(16))
+    for path in ("/sub/" + ids17, "/sse/" + ids17, "/sub/a,a", "/sub/a,,b", "/sub/a,b?since=c:1",
+                 "/sub/a,b?since=a:x", "/sub/a,b?since=a", "/sub/a,b?since=a:%C2%B2"):
+        status, _, body = server.request("GET", path, port=server.client)
+        assert status == 400, (path, status, body)
+    status, _, body = server.request("GET", "/sub/%s?timeout=1" % ids16, port=server.client)
+    assert status == 200
