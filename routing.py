@@ -33,7 +33,10 @@ class Router:
         self.lingering = set()   # ids whose last holder left; UNSUB at the next tick
         self.sub_lingering = set()   # those of them whose last holder was a /sub poll
         self.acks = {}           # (src, fd, serial) -> [stored, last seq, refused lines]
-        self.compat_sent = {}    # key -> [seq, workers yet to answer, when]: see on_cgive
+        self.compat_sent = {}    # (key, seq) -> [workers yet to answer, when]: see on_cgive
+        self.given_back = {}     # key -> seqs given back after later ones were taken: see on_cgive
+        # Each worker's restart count as of its last RESET we handled (see stale_workers).
+        self.generation = [w.region.stats(i).get("restarts") for i in range(w.region.workers)]
         self.partial = {}        # (fd, id) -> messages of a MSGS reply still arriving in parts
         # Per protocol byte of a holder: deliver(fd, id, seq, flags, data, cache) -> whether it
         # answered a compat poll; backlog(fd, id, last, messages), a SUB's answer; refused(fd).
@@ -62,8 +65,15 @@ class Router:
         w = self.w
         if self.compat_sent:                      # some worker answered a poll: no word comes
             stale = w.now - w.cfg.queue_ttl
-            for key in [k for k, sent in self.compat_sent.items() if sent[2] < stale]:
+            for key in [k for k, sent in self.compat_sent.items() if sent[1] < stale]:
                 del self.compat_sent[key]
+        for key in list(self.given_back):         # what nobody came for expires as usual
+            seqs = [seq for seq in self.given_back[key]
+                    if w.part.message(key, seq, w.now_ms()) is not None]
+            if seqs:
+                self.given_back[key] = seqs
+            else:
+                del self.given_back[key]
         if self.lingering:
             for ident in self.lingering:
                 if ident not in self.held:
@@ -85,7 +95,8 @@ class Router:
         w = self.w
         fd, serial, line, ident, data = records.read_pub(record)
         try:
-            seq, targets, compat = w.part.publish(shmqueue.id_key(ident), data, w.now_ms())
+            seq, targets, compat = w.part.publish(shmqueue.id_key(ident), data, w.now_ms(),
+                                                  self.stale_workers)
         except shmqueue.TableFull:
             seq = targets = compat = 0
             w.counters["refused"] += 1
@@ -103,7 +114,7 @@ class Router:
                 tally[2].append(line)
         if targets:
             if compat:                             # the cursor moved: given back if nobody reads it
-                self.compat_sent[shmqueue.id_key(ident)] = [seq, bin(compat).count("1"), w.now]
+                self.compat_sent[shmqueue.id_key(ident), seq] = [bin(compat).count("1"), w.now]
             plain = records.deliver(seq, 0, ident, data)
             dst = 0
             while targets:
@@ -152,26 +163,57 @@ class Router:
     def on_cpoll(self, src, record):
         w = self.w
         fd, serial, peek, ident = records.read_cpoll(record)
-        try:
-            found = w.part.compat_take(shmqueue.id_key(ident), 1 << src, w.now_ms(),
-                                       consume=not peek)
-        except shmqueue.TableFull:
-            found = None
+        key = shmqueue.id_key(ident)
+        found = None
+        if not peek and key in self.given_back:   # given back after later ones: oldest first
+            found = self._take_given_back(key)
+        if found is None:
+            try:
+                found = w.part.compat_take(key, 1 << src, w.now_ms(), consume=not peek)
+            except shmqueue.TableFull:
+                found = None
         seq, data = found if found else (0, b"")
         w.send(src, records.cmsg(fd, serial, seq, not peek, ident, data))
 
+    def _take_given_back(self, key):
+        seqs = self.given_back[key]
+        while seqs:
+            seq = seqs.pop(0)
+            data = self.w.part.message(key, seq, self.w.now_ms())
+            if data is not None:                  # else expired meanwhile
+                break
+        else:
+            data = None
+        if not seqs:
+            del self.given_back[key]
+        return None if data is None else (seq, data)
+
     def on_cgive(self, src, record):
-        """A worker could not hand message seq to a compat poll: undo the cursor's move once
-        every worker it went to has said so (one that did answer a poll says nothing)."""
+        """A worker could not hand message seq to a compat poll (it had left, or the worker
+        died and was restarted).  Once every worker the message went to has said so (one
+        that did answer a poll says nothing), it is given back: the compat cursor moves back
+        if nothing was taken after it, else the message waits in ``given_back`` and the next
+        compat poll gets it first.  Either way, whoever waits is woken."""
         seq, ident = records.read_cgive(record)
         key = shmqueue.id_key(ident)
-        sent = self.compat_sent.get(key)
-        if sent is not None and sent[0] == seq:
-            sent[1] -= 1
-            if sent[1]:
+        sent = self.compat_sent.get((key, seq))
+        if sent is not None:
+            sent[0] -= 1
+            if sent[0]:
                 return
-            del self.compat_sent[key]
-        waiting = self.w.part.compat_untake(key, seq)
+            del self.compat_sent[key, seq]
+        part = self.w.part
+        i = part.find(key)
+        if i < 0 or part.compats[i] < seq:
+            return                                # forgotten, or never taken: nothing to give
+        if part.compats[i] == seq:
+            waiting = part.compat_untake(key, seq)
+        else:
+            pending = self.given_back.setdefault(key, [])
+            if seq not in pending:
+                pending.append(seq)
+                pending.sort()
+            waiting = part.compat_waiters(key)
         dst = 0
         while waiting:
             if waiting & 1:
@@ -185,6 +227,22 @@ class Router:
 
     def on_reset(self, src, record):
         self.w.part.clear_worker(1 << src)
+        self.generation[src] = self.w.region.stats(src).get("restarts")
+
+    def stale_workers(self, mask):
+        """Of the workers in mask, those that died (or were restarted) since we last heard
+        their RESET: their registrations are stale, and no compat message is taken for them."""
+        stale = 0
+        w = 0
+        stats = self.w.region.stats
+        while mask:
+            if mask & 1:
+                block = stats(w)
+                if not block.get("pid") or block.get("restarts") != self.generation[w]:
+                    stale |= 1 << w
+            mask >>= 1
+            w += 1
+        return stale
 
     # -- holder side -----------------------------------------------------------------
 

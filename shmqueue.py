@@ -467,11 +467,12 @@ class Partition:
 
     # -- what the home worker does ------------------------------------------
 
-    def publish(self, key, data, now_ms):
+    def publish(self, key, data, now_ms, stale=None):
         """Store one message; returns (seq, workers to deliver to, workers whose compat polls take it).
 
         Workers are bitmasks.  The compat cursor moves to the message for the
-        compat polls held now; if none of them could be answered after all,
+        compat polls held now, but not for workers ``stale(mask)`` says died
+        since they registered; if none of them could be answered after all,
         their workers give it back (``compat_untake``).
 
         Raises TableFull when the id is new and the table has no room.
@@ -498,11 +499,14 @@ class Partition:
             self.dropped += overflow
             header[_H_MESSAGES] -= overflow
         header[_H_MESSAGES] += 1
-        targets = self.masks[i] | self.cmasks[i]
-        compat = self.cmasks[i]
-        if compat:                             # held compat polls consume it
-            self.compats[i] = seq
-            self.cmasks[i] = 0
+        cmask = compat = self.cmasks[i]
+        targets = self.masks[i] | cmask
+        if cmask:
+            if stale is not None:
+                compat &= ~stale(cmask)
+            if compat:                         # held compat polls consume it
+                self.compats[i] = seq
+            self.cmasks[i] = 0                 # told once: they register again if they miss it
         header[_H_DIRTY] = header[_H_PENDING] = NO_SLOT
         return seq, targets, compat
 
@@ -549,6 +553,25 @@ class Partition:
         if consume:
             self.compats[i] = seq
         return seq, bytes(self.log[p:p + n])
+
+    def message(self, key, seq, now_ms):
+        """Message ``seq`` of key if it is still buffered (and live), else None."""
+        i = self.find(key)
+        if i < 0:
+            return None
+        for found, p, n in self._walk(i, seq, now_ms):
+            if found == seq:
+                return bytes(self.log[p:p + n])
+        return None
+
+    def compat_waiters(self, key):
+        """The workers whose compat polls wait for key's next message (cleared: woken now)."""
+        i = self.find(key)
+        if i < 0:
+            return 0
+        waiting = self.cmasks[i]
+        self.cmasks[i] = 0
+        return waiting
 
     def compat_untake(self, key, seq):
         """Give back message ``seq``, taken for compat polls that had left (or died) meanwhile.
