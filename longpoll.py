@@ -13,10 +13,9 @@ import json
 
 import protocols
 import records
-import shmqueue
 import wire
 from httpconn import HEAD_ONLY, KEEP_ALIVE
-from records import DELIVER_COMPAT, SUB_QUIET
+from records import DELIVER_COMPAT
 from worker import HELD, PENDING
 
 JSON_TYPE = b"application/json"
@@ -64,16 +63,8 @@ class LongPoll:
     # -- subscribing -------------------------------------------------------------------
 
     def subscribe(self, fd, ident, since, timeout, callback=None):
-        """Hold fd for ident's messages newer than ``since``.
-
-        The fast path: read the id's last seq straight from its home's
-        partition.  If the client already has everything, the poll is held at
-        once, and the home hears of it only if this worker is not registered
-        for the id yet (a quiet SUB: it answers only with news).  Otherwise the
-        poll waits for the home's MSGS answer.  A misread only costs a detour:
-        the home's answer, or a gap in the DELIVERs, corrects it.
-        """
-        w = self.w
+        """Hold fd for ident's messages newer than ``since`` (several ids: a tuple, and since
+        is {id: seq}); answered at once if the home has any (``routing.subscribe``)."""
         proto = protocols.POLL_JSON if callback is None else protocols.POLL_JSONP
         if callback is not None:
             self.callback[fd] = callback
@@ -84,21 +75,10 @@ class LongPoll:
             self.router.subscribe_many(fd, since, registered)
             return
         registered = self.router.registered(ident)
-        key = shmqueue.id_key(ident)
-        home = key % w.region.workers
         self.since[fd] = since
-        self.last[fd] = 0                         # known once the home answers
         self.router.hold(fd, ident, proto, timeout)
-        last = w.homes[home].peek_last(key)
-        if since == max(last, 0):
-            w.state[fd] = HELD
-            self.last[fd] = since
-            if registered:
-                return
-            flags = SUB_QUIET
-        else:
-            flags = 0
-        w.send(home, records.sub(fd, w.serial[fd], since, flags, ident))
+        # Up to date: held now, and last is since; else last is known once the home answers.
+        self.last[fd] = since if self.router.subscribe(fd, ident, since, registered) else 0
 
     def resubscribe(self, fd):
         """Ask the home for everything after since[fd]; the poll waits for that answer."""

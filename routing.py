@@ -326,22 +326,29 @@ class Router:
         """A held_id entry as a tuple of ids."""
         return (idents,) if type(idents) is bytes else idents
 
-    def subscribe_many(self, fd, cursors, registered):
-        """A multiplexed subscription: ask each id's home for what came after its cursor
-        (quietly, when the id's last seq says there is nothing new).  The connection is HELD
-        at once and keeps one serial: its protocol's cursors drop what arrives twice."""
+    def subscribe(self, fd, ident, since, registered):
+        """Ask ident's home for what came after ``since``: quietly (an answer only if there is
+        news) when the id's last seq, read straight from the home's partition, says the client
+        is up to date, and not at all if this worker is registered already.  True if it is
+        up to date: the connection is HELD at once.  A misread only costs a detour: the
+        home's answer, or a gap in the DELIVERs, corrects it."""
         w = self.w
-        w.state[fd] = HELD
+        key = shmqueue.id_key(ident)
+        home = key % w.region.workers
+        current = since == max(w.homes[home].peek_last(key), 0)
+        if current:
+            w.state[fd] = HELD
+            if registered:
+                return True
+        w.send(home, records.sub(fd, w.serial[fd], since, SUB_QUIET if current else 0, ident))
+        return current
+
+    def subscribe_many(self, fd, cursors, registered):
+        """A multiplexed subscription: ``subscribe`` for each id.  The connection is HELD at
+        once and keeps one serial: its protocol's cursors drop what arrives twice."""
         for ident, since in cursors.items():
-            key = shmqueue.id_key(ident)
-            home = key % w.region.workers
-            if since == max(w.homes[home].peek_last(key), 0):
-                if registered[ident]:
-                    continue
-                flags = SUB_QUIET
-            else:
-                flags = 0
-            w.send(home, records.sub(fd, w.serial[fd], since, flags, ident))
+            self.subscribe(fd, ident, since, registered[ident])
+        self.w.state[fd] = HELD
 
     def resubscribe_one(self, fd, ident, since):
         """A gap in one id of a multiplexed subscription: ask its home again, same serial."""

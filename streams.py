@@ -28,9 +28,7 @@ import re
 
 import protocols
 import records
-import shmqueue
 import wsframe
-from records import SUB_QUIET
 from worker import CLOSING, HELD, PENDING
 
 STREAM_OUT_LIMIT = 1 << 20       # bytes queued for one stream before it counts as too slow
@@ -102,16 +100,7 @@ class Streams:
         if not w.state[fd]:
             return                                 # the peer is gone already
         self.since[fd] = since
-        key = shmqueue.id_key(ident)
-        home = key % w.region.workers
-        if since == max(w.homes[home].peek_last(key), 0):
-            w.state[fd] = HELD                     # up to date: only new messages will come
-            if registered:
-                return
-            flags = SUB_QUIET
-        else:
-            flags = 0
-        w.send(home, records.sub(fd, w.serial[fd], since, flags, ident))
+        router.subscribe(fd, ident, since, registered)
 
     # -- the protocols ------------------------------------------------------------------
 
