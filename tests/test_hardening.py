@@ -123,6 +123,24 @@ def test_client_port_refuses_bodies_on_the_head(srv):
                  b"GET /sub/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"):
         reply, closed = exchange(srv.client, head + b"a" * 1000)
         assert status_of(reply) == 413 and closed, reply[:200]
+    # Eight clients pushing 16 MiB bodies at once: answered on the head, nothing buffered.
+    rss_before = worker_rss(pids[0])
+    socks = [connect(srv.client) for _ in range(8)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET /sub/x HTTP/1.1\r\nContent-Length: 16777216\r\n\r\n")
+        chunk = b"b" * 65536
+        for _ in range(256):                      # 16 MiB each, as far as the server reads
+            for sock in socks:
+                try:
+                    sock.send(chunk, socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+        assert all(status_of(sock.recv(200)) == 413 for sock in socks)
+        assert worker_rss(pids[0]) - rss_before < 8 << 20
+    finally:
+        for sock in socks:
+            sock.close()
     assert_serving(srv, pids)
 
 
