@@ -130,6 +130,7 @@ class Worker:
         self.rss_at = 0.0
         self.stats_at = 0.0
         self.log_budget = LOG_LINES_PER_SECOND
+        self.log_window_end = 0.0
         self.log_suppressed = 0
         self.accept_paused_until = 0.0
         self.accept_failing = False
@@ -326,10 +327,12 @@ class Worker:
         for step in self.on_tick:
             step()
         self._update_listening()
-        self.log_budget = LOG_LINES_PER_SECOND * TICK * 4
-        if self.log_suppressed:
-            self.log("%d log lines suppressed" % self.log_suppressed, force=True)
-            self.log_suppressed = 0
+        if self.now >= self.log_window_end:      # a new second: a new budget of lines
+            self.log_window_end = self.now + 1.0
+            self.log_budget = LOG_LINES_PER_SECOND
+            if self.log_suppressed:
+                self.log("%d log lines suppressed" % self.log_suppressed, force=True)
+                self.log_suppressed = 0
         self.flush_stats()
         self._flush_backlog()
         self._notify()
