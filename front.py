@@ -3,12 +3,15 @@
 ``GET /sub/<id>`` goes to the long-poll, ``GET /sse/<id>`` (or ``/sub/<id>``
 with ``Accept: text/event-stream``) to an EventSource stream, ``GET
 /ws/<id>`` (or ``/sub/<id>`` with ``Upgrade: websocket``) to a WebSocket,
-``GET /<id>.js`` to the original's compat poll, ``OPTIONS`` is a CORS preflight;
+``GET /<id>.js`` to the original's compat poll, ``/megacomet.js``, ``/demo``
+and ``/`` serve the browser client and its demo page, ``OPTIONS`` is a CORS preflight;
 anything else is refused with a status code.  Subscribers send no bodies, and may not run far ahead of
 our answers.  With a secret, every subscription must be signed (``signing``).
 It never answers a subscription itself: ``longpoll`` and ``streams`` do.
 """
 
+import os
+import sys
 import time
 
 import signing
@@ -34,6 +37,13 @@ class FrontDoor:
         self.streams = streams
         self.common = longpoll.common
         self.secret = w.cfg.secret
+        client = static_file("megacomet.js")
+        demo = static_file("demo.html")
+        self.pages = {}
+        if client is not None:
+            self.pages[b"/megacomet.js"] = (b"application/javascript; charset=utf-8", client)
+        if demo is not None:
+            self.pages[b"/demo"] = self.pages[b"/"] = (b"text/html; charset=utf-8", demo)
 
     def readable(self, fd):
         w = self.w
@@ -85,6 +95,10 @@ class FrontDoor:
                     raise wire.HttpError(400, "callback must match [A-Za-z_$][A-Za-z0-9_$.]{0,63}")
                 self.longpoll.subscribe(fd, ident, since, timeout, callback)
             return
+        page = self.pages.get(path)
+        if page is not None:                      # the browser client and its demo
+            self.http.respond(fd, 200, page[1], page[0], self.common)
+            return
         if path.endswith(b".js") and path.count(b"/") == 1 and wire.valid_id(path[1:-3]):
             ident = path[1:-3]
             if self.secret is not None:
@@ -133,6 +147,17 @@ def since_of(ident, query):
                 raise wire.HttpError(400, "since must be id:seq pairs of the subscription's ids")
             cursors[name] = int_param({"since": seq}, "since", 0, 0, 0xFFFFFFFF)
     return cursors
+
+
+def static_file(name):
+    """A file of static/: beside this module (a clone, or inside the .pyz, read through the
+    module's loader), or where ``pip install .`` puts data files; None if neither has it."""
+    for folder in (os.path.dirname(__file__), os.path.join(sys.prefix, "share", "megacomet")):
+        try:
+            return __loader__.get_data(os.path.join(folder, "static", name))
+        except OSError:
+            continue
+    return None
 
 
 def check_websocket(req):

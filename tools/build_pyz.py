@@ -3,8 +3,8 @@
     python tools/build_pyz.py [-o dist/megacomet.pyz]
     scp dist/megacomet.pyz host: && ssh host ./megacomet.pyz --workers 8
 
-The archive holds the server's modules (and its static files, once it has
-any) and a __main__ that runs the command line, behind a
+The archive holds the server's modules, its static files (the browser client
+and demo page) and a __main__ that runs the command line, behind a
 ``#!/usr/bin/env python3`` line.  Workers are forked from the supervisor, so
 they run from the archive too: nothing else is needed on the host but
 Python 3.11+.  It must never pack tests, tools or anything outside
@@ -39,6 +39,7 @@ def build(output):
     with tempfile.TemporaryDirectory() as staging:
         for name in server_modules():
             shutil.copy2(os.path.join(ROOT, name), staging)
+        shutil.copytree(os.path.join(ROOT, "static"), os.path.join(staging, "static"))
         with open(os.path.join(staging, "__main__.py"), "w") as f:
             f.write(MAIN)
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
