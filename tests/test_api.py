@@ -1150,8 +1150,8 @@ def test_app_token(server_factory):
 
 def test_unknown_paths_404(server_factory):
     server = server_factory(workers=2)
-    for path in ("/", "/foo", "/sub", "/subx/abc", "/a/b.js", "/abc.jsx", "/a.b.js", "/.js",
-                 "/stats", "/pub/abc"):
+    for path in ("/foo", "/sub", "/subx/abc", "/a/b.js", "/abc.jsx", "/a.b.js", "/.js",
+                 "/stats", "/pub/abc", "/demo/x", "/megacomet.jsx"):   # "/" is the demo page
         status, _, _ = server.request("GET", path, port=server.client)
         assert status == 404, path
     for path in ("/", "/nope", "/statsx", "/health/x"):
