@@ -17,9 +17,9 @@ import time
 import signing
 import wire
 import wsframe
+from httpconn import CLIENT_INBUF_LIMIT
 from worker import READING
 
-INBUF_LIMIT = 65536 + 8192       # unparsed bytes a subscriber may send ahead of our answers
 MAX_IDS = 16                     # ids in one subscription (a page: a user channel and rooms)
 ID_RULE = "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -"
 PREFLIGHT = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
@@ -50,7 +50,7 @@ class FrontDoor:
         if w.state[fd] == READING:
             self.http.serve(fd, self.check_head, self.route, 0, self.common)
         buf = w.inbuf.get(fd)                     # what is left unparsed: pipelined far ahead
-        if buf is not None and len(buf) > INBUF_LIMIT:
+        if buf is not None and len(buf) > CLIENT_INBUF_LIMIT:
             w.close(fd)
 
     def timeout(self, fd):

@@ -16,6 +16,7 @@ from worker import READING
 
 KEEP_ALIVE, HEAD_ONLY = 1, 2
 TEXT = b"text/plain; charset=utf-8"
+CLIENT_INBUF_LIMIT = 65536 + 8192   # unparsed bytes a subscriber may send ahead of our answers
 
 
 class Http:

@@ -14,7 +14,7 @@ import json
 import protocols
 import records
 import wire
-from httpconn import HEAD_ONLY, KEEP_ALIVE
+from httpconn import CLIENT_INBUF_LIMIT, HEAD_ONLY, KEEP_ALIVE
 from records import DELIVER_COMPAT
 from worker import HELD, PENDING
 
@@ -45,7 +45,7 @@ class LongPoll:
     def readable(self, fd):
         """Bytes from a held poll's client: requests pipelined behind it, kept for later."""
         buf = self.w.inbuf.get(fd)
-        if buf is not None and len(buf) > 65536 + 8192:
+        if buf is not None and len(buf) > CLIENT_INBUF_LIMIT:
             self.w.close(fd)
 
     def timeout(self, fd):

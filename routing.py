@@ -214,12 +214,8 @@ class Router:
                 pending.append(seq)
                 pending.sort()
             waiting = part.compat_waiters(key)
-        dst = 0
-        while waiting:
-            if waiting & 1:
-                self.w.send(dst, records.cwake(ident))
-            waiting >>= 1
-            dst += 1
+        for dst in workers_in(waiting):
+            self.w.send(dst, records.cwake(ident))
 
     def on_unsub(self, src, record):
         which, ident = records.read_unsub(record)
@@ -233,15 +229,11 @@ class Router:
         """Of the workers in mask, those that died (or were restarted) since we last heard
         their RESET: their registrations are stale, and no compat message is taken for them."""
         stale = 0
-        w = 0
         stats = self.w.region.stats
-        while mask:
-            if mask & 1:
-                block = stats(w)
-                if not block.get("pid") or block.get("restarts") != self.generation[w]:
-                    stale |= 1 << w
-            mask >>= 1
-            w += 1
+        for w in workers_in(mask):
+            block = stats(w)
+            if not block.get("pid") or block.get("restarts") != self.generation[w]:
+                stale |= 1 << w
         return stale
 
     # -- holder side -----------------------------------------------------------------
@@ -400,3 +392,13 @@ class Router:
                 compat_answered |= deliver_to[proto[fd]](fd, ident, seq, flags, data, cache)
         if flags & DELIVER_COMPAT and not compat_answered:
             w.send(src, records.cgive(seq, ident))
+
+
+def workers_in(mask):
+    """The worker indexes whose bits are set in mask, lowest first."""
+    w = 0
+    while mask:
+        if mask & 1:
+            yield w
+        mask >>= 1
+        w += 1
