@@ -110,6 +110,9 @@ class Streams:
     def readable_ws(self, fd):
         """A held WebSocket still reads: pings, close frames, and data frames it ignores."""
         w = self.w
+        if w.state[fd] == CLOSING:                 # our close frame is out: nothing more is said
+            w.inbuf.pop(fd, None)
+            return
         try:
             frames, used = wsframe.parse(w.inbuf[fd], w.cfg.max_message)
             w.consumed(fd, used)
@@ -127,6 +130,20 @@ class Streams:
         except wsframe.WsError as e:
             w.log("websocket: %s; closed with %d" % (e.reason, e.code))
             self._close_ws(fd, e.code, e.reason)
+            return
+        self._bound_output(fd)                     # a ping flood from a client that never reads
+
+    def _bound_output(self, fd):
+        """Close a stream whose reader lets more than STREAM_OUT_LIMIT pile up; True if so."""
+        w = self.w
+        pending = w.outbuf.get(fd)
+        if pending is None or len(pending) <= STREAM_OUT_LIMIT:
+            return False
+        w.counters["slow_closed"] += 1
+        w.log("stream: a subscriber of %s reads too slowly (%d bytes queued); closed"
+              % (b",".join(self.router.ids_of(self.router.held_id[fd])).decode(), len(pending)))
+        w.close(fd)
+        return True
 
     def _data_frame(self, fd, fin, opcode, payload):
         message = self.fragments.get(fd)
@@ -150,9 +167,12 @@ class Streams:
             self.w.close_after_output(fd)
 
     def timeout(self, fd):
-        self.w.write(fd, self.ping[self.w.proto[fd]])
-        if self.w.state[fd]:
-            self.w.set_deadline(fd, self.w.cfg.heartbeat)
+        w = self.w
+        if w.state[fd] not in (HELD, PENDING):
+            return                                 # closing: no ping after a close frame
+        w.write(fd, self.ping[w.proto[fd]])
+        if w.state[fd] and not self._bound_output(fd):
+            w.set_deadline(fd, w.cfg.heartbeat)
 
     def closed(self, fd):
         self.router.unhold(fd)
@@ -239,9 +259,4 @@ class Streams:
             return
         self.since[fd] = seq
         w.counters["delivered"] += 1
-        pending = w.outbuf.get(fd)
-        if pending is not None and len(pending) > STREAM_OUT_LIMIT:
-            w.counters["slow_closed"] += 1
-            w.log("stream: a subscriber of %s reads too slowly (%d bytes queued); closed"
-                  % (b",".join(self.router.ids_of(self.router.held_id[fd])).decode(), len(pending)))
-            w.close(fd)
+        self._bound_output(fd)

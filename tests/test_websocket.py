@@ -251,3 +251,33 @@ def test_client_vanishing_mid_stream_frees_it(srv):
     srv.pub(ident, "after")
     wait_for(lambda: srv.stats()["totals"]["subscribers"] == before, timeout=5,
              message="every slot freed")
+
+
+def test_a_ping_flood_from_a_client_that_never_reads_is_bounded(srv):
+    """Pongs pile up for a client that pings and never reads: past 1 MiB queued it is closed
+    and counted (found by the server fuzzer: 11 MiB queued)."""
+    pids = srv.worker_pids()
+    before = srv.stats()["totals"]["slow_closed"]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", srv.client))
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(b"GET /ws/%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                 % (uid("pingflood").encode(), key))
+    ping = client_frame(wsframe.PING, b"x" * 125)
+    try:
+        deadline = time.monotonic() + 20
+        while srv.stats()["totals"]["slow_closed"] == before and time.monotonic() < deadline:
+            try:
+                sock.send(ping * 500, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break                                 # closed by the server
+        wait_for(lambda: srv.stats()["totals"]["slow_closed"] > before, timeout=5,
+                 message="the flooding client to be closed")
+    finally:
+        sock.close()
+    assert_serving(srv, pids)
