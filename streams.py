@@ -189,22 +189,29 @@ class Streams:
     # -- what the homes send -----------------------------------------------------------
 
     def backlog(self, fd, ident, last, messages):
+        """A SUB's answer.  What was sent already (a DELIVER can overtake the answer of a
+        quiet SUB) is skipped; a last below what the stream has means the server restarted
+        and seqs began again: then everything counts."""
         cursors = self.cursors.get(fd)
         if cursors is not None:
+            if last < cursors[ident]:
+                cursors[ident] = 0
             for seq, data in messages:
                 if seq > cursors[ident]:
                     self._send_many(fd, ident, seq, data, {})
                     if not self.w.state[fd]:
                         return
-            if not messages:
-                cursors[ident] = last
+            cursors[ident] = max(cursors[ident], last)
             return
+        if last < self.since[fd]:
+            self.since[fd] = 0
         encode = self.encode[self.w.proto[fd]]
         for seq, data in messages:
-            self._send(fd, seq, encode(ident, seq, data))
-            if not self.w.state[fd]:
-                return
-        self.since[fd] = last
+            if seq > self.since[fd]:
+                self._send(fd, seq, encode(ident, seq, data))
+                if not self.w.state[fd]:
+                    return
+        self.since[fd] = max(self.since[fd], last)
         self.w.state[fd] = HELD
 
     def refused(self, fd):
