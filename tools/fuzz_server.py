@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """fuzz_server: random and mutated traffic against a RUNNING MegaComet, checking that it survives.
 
-The parsers have their own fuzz tests (tests/test_wire.py); this tool fuzzes
-the whole server through its sockets.  It starts its own server with small
+The parsers have their own fuzz tests (tests/test_wire.py, tests/test_wsframe.py); this tool
+fuzzes the whole server through its sockets.  It starts its own server with small
 limits (or attaches to one: --port, --app-port, --server-pid, --server-log)
 and sends -n inputs, a few hundred connections in flight at a time, to both
 ports: /sub and .js polls, HEAD, OPTIONS, publishes (single, batch, chunked),
@@ -13,10 +13,33 @@ insertions, deletions, CRLF games, odd numbers (``since=%C2%B2``,
 oversize heads and bodies, broken chunk sizes, floods of pipelined polls of a
 full backlog; some are sent in pieces, cut short, or never read.
 
+The streams get the same treatment.  EventSource requests (/sse/<id>, or
+/sub/<id> with Accept: text/event-stream) carry odd ``since`` and
+``Last-Event-ID`` values.  WebSocket upgrades come valid, or with headers
+dropped, duplicated or garbled, wrong versions, bad keys; after a valid one,
+random sequences of client frames (masked by hand here: the tool trusts no
+code of the server's): every opcode, fragments, pings, closes with valid and
+invalid codes, unmasked frames, reserved bits, declared lengths of 2^63 and
+2^62, frames over --max-message, invalid UTF-8 (also across fragments),
+truncated frames, byte-level mutations of valid frame streams, floods of tiny
+frames.  Stream clients may vanish mid-stream (RST) or never read; rarely one
+sends 16 MiB of pings without reading and only then drains (back-pressure).
+What the server sends on a stream is judged whatever was sent to it: frames
+well formed (unmasked, final, shortest length, known opcode, a close code it
+documents), nothing after its close frame, messages as JSON (or SSE events) of
+the right id with seqs rising.  For an unmutated frame sequence the tool
+knows what RFC 6455 asks: the close code of its one violation (for a client
+close, 1000 or its own code echoed; or no close at all) and a pong for each
+ping before it.  The back-pressure oracle: the pongs the silent client reads
+once it drains, less all the kernel held for it when it began to (both ends,
+looked up by sock_diag) and all it sent since, were queued in the server's own
+memory, which must stay under FLOOD_QUEUE_LIMIT.
+
 While inputs fly, it watches the worker pids and probes /health every 0.25 s.
 After every batch (--batch) it checks that no worker died, that /health
-answers 200, that publish/subscribe round trips work (buffered, and polls
-held before a publish), that each worker's fds, private RSS, open connections
+answers 200, that publish/subscribe round trips work (buffered, polls held
+before a publish, and fresh WebSocket and EventSource streams on every worker
+it can reach), that each worker's fds, private RSS, open connections
 and held polls are back at their baseline, that no worker is busy with no
 traffic, and that the server log has no "Traceback", "internal error",
 "died" or restart line.  Valid seeds must also get the answers they should.
@@ -37,7 +60,10 @@ library only.
 """
 
 import argparse
+import base64
+import codecs
 import collections
+import hashlib
 import http.client
 import json
 import os
@@ -56,8 +82,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
-# Small limits: slow heads are cut within a second, and limits are reached often.
-SERVER_FLAGS = ["--header-timeout", "1", "--max-ids", "100000", "--shm-mb", "32"]
+# Small limits: slow heads are cut within a second, and limits are reached often; streams
+# are pinged every second, so that inputs see the server's pings.
+SERVER_FLAGS = ["--header-timeout", "1", "--max-ids", "100000", "--shm-mb", "32", "--heartbeat", "1"]
 # "restarting" is the supervisor's line for a worker that died without last words.
 LOG_ALARMS = ("Traceback", "internal error", "died", "restarting")
 FD_SLACK = 5                     # a settled worker may hold this many fds above its baseline
@@ -66,6 +93,11 @@ READ_CAP = 4 << 20               # bytes read per connection; past it the tool h
 CONN_TIME = 4.0                  # no connection of the tool lives longer
 CHECK_TIMEOUT = 5.0              # per request of a check
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+FLOOD_BYTES = 16 << 20           # pings sent by the client that reads nothing, then drains
+FLOOD_MEASURE = 5.0              # seconds after which it is measured, whatever the server took
+# What the server may keep queued for a client that does not read: its own 1 MiB output limit
+# and what one read of pings (64 KiB) asks for, with room to spare.
+FLOOD_QUEUE_LIMIT = 4 << 20
 
 
 # -- inputs ----------------------------------------------------------------------
@@ -75,19 +107,36 @@ class Input:
 
     ``expect``: the statuses an untouched valid seed may get (None: anything
     but a crash); ``methods``: its requests' methods in order, so that the
-    responses to HEAD are known to have no body.
+    responses to HEAD are known to have no body.  For a WebSocket:
+    ``close_codes``, those the server may close with after this input's frames
+    (0 in it: it may keep the connection; None: not known), ``pings``, the
+    payloads it must answer with pongs, in order, before it closes, and
+    ``ws_key``, to check Sec-WebSocket-Accept.
     """
 
     __slots__ = ("index", "port", "kind", "segments", "gap", "linger", "mode", "expect",
-                 "methods", "ident")
+                 "methods", "ident", "close_codes", "pings", "ws_key", "reset", "life",
+                 "read_cap", "buffers")
 
     def __init__(self, index, port, kind, data, expect=None, methods=None, ident=None):
         self.index, self.port, self.kind = index, port, kind
         self.segments = [data]
         self.gap = 0.0          # seconds between segments
         self.linger = 0.3       # seconds of silence after which the tool hangs up
-        self.mode = "read"      # or "noread" (never reads), "truncate" (hangs up once sent)
+        # Or "noread" (never reads), "truncate" (hangs up once sent), "drain" (reads nothing
+        # until the server has taken what it will, measures what it queued, then reads all).
+        self.mode = "read"
         self.expect, self.methods, self.ident = expect, methods, ident
+        self.close_codes = self.pings = self.ws_key = None
+        self.reset = False      # hang up with RST, not FIN: a client that vanishes
+        self.life = CONN_TIME   # seconds after which the tool hangs up whatever happens
+        self.read_cap = READ_CAP
+        self.buffers = None     # SO_RCVBUF and SO_SNDBUF, if small ones are wanted
+
+    def forget(self):
+        """The bytes no longer say what they ask: no expectation beyond "no crash"."""
+        self.expect = self.methods = self.ident = None
+        self.close_codes = self.pings = self.ws_key = None
 
     def data(self):
         return b"".join(self.segments)
@@ -113,6 +162,31 @@ TOKENS = [b"\r\n", b"\r\n\r\n", b"\n", b"\r", b"\x00", b" ", b"\t", b"%", b"%00"
           b"Origin: http://x\r\n", b"Expect: 100-continue\r\n", b"0\r\n\r\n", b"ffffffff\r\n"]
 TEXT = "abcxyz ABC 0123456789 <>&\"'\\/\t\n\u00e9\u00fc\u4e2d\u6587\U0001F600\u2028\ufeff"
 BAD_ID_CHARS = "/#% .\x00\u00e9+=\"'<>"
+# Kinds whose builders mutate their inputs themselves (a WebSocket's frames, not its upgrade).
+SELF_MUTATED = ("garbage", "backlog-flood", "ws", "ws-upgrade", "ws-flood")
+
+# WebSocket (RFC 6455), written here from the RFC: the tool shares no code with the server.
+WS_CONT, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_CLOSE_OK = (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999)
+WS_CLOSE_BAD = (0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535)
+SERVER_CLOSE_CODES = (1000, 1001, 1002, 1007, 1009, 1013)   # the README's, and 1013: table full
+BAD_UTF8 = (b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc3\x28", b"ok \xe2\x82")
+WS_VERSIONS = (b"13", b" 13", b"13 ", b"13\t", b"8", b"12", b"14", b"", b"013", b"13, 8", b"1 3",
+               b"+13", b"13.0", b"\xd9\xa1\xd9\xa3", b"99999999999")
+WS_UPGRADES = (b"websocket", b"WebSocket", b"websocket, h2c", b"h2c, websocket", b"h2c",
+               b"web socket", b"websockets", b"")
+WS_CONNECTIONS = (b"Upgrade", b"upgrade", b"keep-alive, Upgrade", b"Upgrade, keep-alive",
+                  b"keep-alive", b"close", b"Upgrades", b"")
+WS_EXTRA_FIELDS = ((b"Origin", b"http://example.com"), (b"Sec-WebSocket-Protocol", b"chat, superchat"),
+                   (b"Sec-WebSocket-Extensions", b"permessage-deflate; client_max_window_bits"),
+                   (b"User-Agent", b"fuzz/1"), (b"Accept", b"text/event-stream"))
+SSE_ACCEPTS = (b"text/event-stream", b"text/event-stream; charset=utf-8", b"TEXT/Event-Stream",
+               b"text/html, text/event-stream;q=0.9", b"*/*", b"application/json")
+LAST_EVENT_IDS = (b"0", b"1", b"5", b"63", b"64", b"65", b"4294967295", b"4294967296", b"9999999999",
+                  b"99999999999", b"0000000001", b"00000000001", b" 7 ", b"7\t", b"-1", b"+1", b"",
+                  b" ", b"1 2", b"0x10", b"1e3", b"1.0", b"abc", b"%31", b"\xd9\xa1", b"\xb2",
+                  b"\xef\xbc\x91", b"1" * 200)
 
 
 class Generator:
@@ -133,6 +207,8 @@ class Generator:
             ("client", "options", 2, self.options), ("client", "pipeline", 4, self.client_pipeline),
             ("client", "backlog-flood", 1, self.backlog_flood), ("client", "garbage", 2, self.garbage),
             ("client", "oversize", 1, self.oversize),
+            ("client", "sse", 6, self.sse), ("client", "ws", 8, self.ws),
+            ("client", "ws-upgrade", 5, self.ws_upgrade), ("client", "ws-flood", 1, self.ws_flood),
             ("app", "pub", 12, self.pub), ("app", "pub-chunked", 4, self.pub_chunked),
             ("app", "batch", 9, self.batch), ("app", "admin", 5, self.admin),
             ("app", "pipeline", 3, self.app_pipeline), ("app", "binary", 9, self.binary),
@@ -145,14 +221,15 @@ class Generator:
         port, kind, _, build = rng.choices(self.kinds, self.weights)[0]
         inp = build(rng, index, port)
         inp.kind = inp.kind or kind
-        if kind not in ("garbage", "backlog-flood") and rng.random() < 0.55:
+        if kind not in SELF_MUTATED and rng.random() < 0.55:
             data = inp.data()
             for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 5))):
                 data = mutate(rng, data)
             inp.segments = [data]
             inp.kind += "~"               # mutated: no expectation beyond "no crash"
-            inp.expect = inp.methods = inp.ident = None
-        self.shape(rng, inp)
+            inp.forget()
+        if kind != "ws-flood":            # a flood's pace and reading are what it tests
+            self.shape(rng, inp)
         return inp
 
     def shape(self, rng, inp):
@@ -165,11 +242,16 @@ class Generator:
         elif r < 0.26 and len(data) > 1:  # truncated, then the tool hangs up
             inp.segments = [data[:rng.randrange(1, len(data))]]
             inp.mode = "truncate"
-            inp.expect = inp.methods = None
+            inp.forget()
         elif r < 0.29:
             inp.mode = "noread"
-        if rng.random() < 0.06:           # patient: header timeouts and ?timeout=1 polls fire
+        if rng.random() < 0.06:           # patient: header timeouts, ?timeout=1 polls, pings fire
             inp.linger = rng.uniform(1.3, 2.5)
+            # Not to the time limit, though: a stream pinged every second is never silent, and
+            # the last connection of a batch holds up the next.
+            inp.life = min(inp.life, inp.linger + 1.0)
+        if rng.random() < 0.08:           # vanishes: the server sees an RST, not a FIN
+            inp.reset = True
 
     # -- client port
 
@@ -259,6 +341,369 @@ class Generator:
         request = b"GET /sub/%s?since=0 HTTP/1.1\r\n\r\n" % rng.choice(self.hot).encode()
         inp = Input(index, port, "backlog-flood", request * rng.choice((50, 300, 1500, 3000)))
         inp.mode = rng.choice(("read", "noread", "noread"))
+        return inp
+
+    # -- client port: streams
+
+    def stream_habits(self, rng, inp):
+        """How a stream's client behaves: most read and hang up after silence; some vanish
+        while the backlog flows (RST); some never read, or read only once the server has
+        taken all they sent (its output still queued then: nothing may follow a close
+        frame), through a small window."""
+        r = rng.random()
+        if r < 0.12:
+            inp.life, inp.reset = rng.choice((0.002, 0.02, 0.1, 0.5)), True
+        elif r < 0.2:
+            inp.mode, inp.buffers, inp.linger = "noread", 4096, rng.choice((0.3, 1.5))
+        elif r < 0.26:
+            inp.mode, inp.buffers = "drain", 4096
+        return inp
+
+    def sse(self, rng, index, port):
+        """An EventSource request: /sse/<id>, or /sub/<id> asking for text/event-stream, with
+        odd ``since`` and Last-Event-ID values (of two Last-Event-IDs, the last counts)."""
+        ident = self.ident(rng)
+        method = "HEAD" if rng.random() < 0.08 else "GET"
+        on_sse = rng.random() < 0.6
+        lines = []
+        accept = rng.choice(SSE_ACCEPTS) if not on_sse or rng.random() < 0.3 else None
+        if accept is not None:
+            lines.append(b"Accept: " + accept)
+        streams = on_sse or b"text/event-stream" in (accept or b"").lower()
+        query, since_known = b"", True
+        if rng.random() < 0.5:
+            if rng.random() < 0.7:
+                query = b"?since=%d" % rng.choice((0, 0, 1, 63, 64, 65, 1000, 2 ** 32 - 1))
+            else:
+                query, since_known = b"?since=" + rng.choice(NUMBERS), False
+        last_id_ok = True
+        for _ in range(rng.choice((0, 0, 1, 1, 1, 2))):
+            value = rng.choice(LAST_EVENT_IDS)
+            lines.append(b"Last-Event-ID: " + value)
+            last_id_ok = re.fullmatch(rb"[0-9]{1,10}", value.strip(b" \t")) is not None
+        path = (b"/sse/" if on_sse else b"/sub/") + ident.encode("utf-8", "surrogatepass") + query
+        data = b"%s %s HTTP/1.1\r\n" % (method.encode(), path) + self.headers(rng) + \
+            b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+        valid = request_target_ok(path) and self.valid_id(ident)
+        if not valid:
+            expect = {400, 404}
+        elif not since_known:
+            expect = {200, 400}
+        else:
+            expect = {400} if streams and not last_id_ok else {200}
+        inp = Input(index, port, "sse", data, expect, [method], ident if valid else None)
+        return self.stream_habits(rng, inp)
+
+    def ws_request(self, rng, ident, odd):
+        """A WebSocket upgrade: (bytes, the key the server sees, the statuses it may get, methods).
+
+        ``odd``: headers dropped, duplicated, garbled or given odd values, an odd method,
+        since or HTTP version, a request pipelined before it.  The status is worked out
+        from what was sent, after RFC 6455 4.2.1 and the README: 405 for a method the
+        port refuses, 426 for /ws/ without an upgrade or a version other than 13, 400
+        for a bad id, since or key or a malformed head, else 101 (or a poll, 200).
+        """
+        fields = [[b"Host", b"localhost"], [b"Upgrade", b"websocket"], [b"Connection", b"Upgrade"],
+                  [b"Sec-WebSocket-Key", base64.b64encode(rng.randbytes(16))],
+                  [b"Sec-WebSocket-Version", b"13"]]
+        if rng.random() < 0.3:
+            fields.append(list(rng.choice(WS_EXTRA_FIELDS)))
+        rng.shuffle(fields)
+        method, version, before = b"GET", b"HTTP/1.1", b""
+        prefix = rng.choice((b"/ws/", b"/ws/", b"/sub/"))
+        query, since_known = b"", True
+        if rng.random() < 0.4:
+            query = b"?since=%d" % rng.choice((0, 0, 1, 64, 2 ** 32 - 1))
+        for _ in range(rng.choice((1, 1, 2, 3)) if odd else 0):
+            op = rng.randrange(12)
+            if op == 0 and fields:                        # a header dropped
+                del fields[rng.randrange(len(fields))]
+            elif op == 1 and fields:                      # one duplicated
+                fields.insert(rng.randrange(len(fields) + 1), list(rng.choice(fields)))
+            elif op < 6:                                  # an odd value, replacing or added
+                name, values = rng.choice(((b"Sec-WebSocket-Key", None), (b"Sec-WebSocket-Version",
+                                           WS_VERSIONS), (b"Upgrade", WS_UPGRADES),
+                                           (b"Connection", WS_CONNECTIONS)))
+                value = rng.choice(values) if values else rng.choice((
+                    bad_ws_key(rng), base64.b64encode(rng.randbytes(16)) + rng.choice((b" ", b"\t"))))
+                same = [f for f in fields if f[0].lower() == name.lower()]
+                if same and rng.random() < 0.5:
+                    rng.choice(same)[1] = value
+                else:
+                    fields.append([name, value])
+            elif op == 6 and fields:                      # names are case-insensitive
+                field = rng.choice(fields)
+                field[0] = rng.choice((field[0].lower(), field[0].upper()))
+            elif op == 7:
+                method = rng.choice((b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS"))
+            elif op == 8:
+                query, since_known = b"?since=" + rng.choice(NUMBERS), False
+            elif op == 9 and any(value is not None for _, value in fields):   # no header: 400
+                field = rng.choice([f for f in fields if f[1] is not None])
+                field[:] = [rng.choice((field[0] + b" " + field[1], field[0] + b" : " + field[1],
+                                        b": " + field[1])), None]
+            elif op == 10:
+                version = b"HTTP/1.0"
+            else:                                         # a keep-alive request before it
+                before = b"OPTIONS /sub/%s HTTP/1.1\r\nHost: x\r\n\r\n" % rng.choice(self.ids).encode()
+        path = prefix + ident.encode("utf-8", "surrogatepass") + query
+        data = before + b"%s %s %s\r\n" % (method, path, version) + b"".join(
+            name + b"\r\n" if value is None else name + b": " + value + b"\r\n"
+            for name, value in fields) + b"\r\n"
+
+        def tokens(name):                                  # the comma-separated values of a header
+            return {t.strip() for n, v in fields if v is not None and n.lower() == name
+                    for t in v.lower().split(b",")}
+
+        def last(name):                                    # of repeated headers, the last counts
+            values = [v.strip(b" \t") for n, v in fields if v is not None and n.lower() == name]
+            return values[-1] if values else None
+
+        upgrade = b"websocket" in tokens(b"upgrade") and b"upgrade" in tokens(b"connection")
+        key = last(b"sec-websocket-key")
+        if any(value is None for _, value in fields) or not request_target_ok(path):
+            expect = {400}
+        elif method in (b"POST", b"PUT", b"DELETE"):
+            expect = {405}
+        elif method == b"OPTIONS":
+            expect = {204}
+        elif prefix == b"/ws/" and not upgrade:
+            expect = {426}
+        elif not self.valid_id(ident):
+            expect = {400}
+        else:
+            if not upgrade:
+                expect = {200}                             # a long-poll (or EventSource) on /sub/
+            elif method != b"GET":
+                expect = {400}
+            elif last(b"sec-websocket-version") != b"13":
+                expect = {426}
+            else:
+                expect = {101} if ws_key_ok(key) else {400}
+            if not since_known:
+                expect.add(400)
+        methods = ["OPTIONS"] * bool(before) + [method.decode()]
+        return data, key, expect | ({204} if before else set()), methods
+
+    def ws(self, rng, index, port):
+        """A valid upgrade, then random client frames; 4 in 10 have their frames mutated."""
+        ident = rng.choice(self.hot) if rng.random() < 0.3 else rng.choice(self.ids)
+        head, key, expect, methods = self.ws_request(rng, ident, odd=False)
+        inp = Input(index, port, "ws", head, expect, methods, ident)
+        inp.ws_key = key
+        frames, inp.close_codes, inp.pings = self.ws_frames(rng)
+        if rng.random() < 0.4:
+            for _ in range(rng.choice((1, 1, 2, 3))):
+                frames = mutate_frames(rng, frames)
+            inp.kind += "~"                # its upgrade is still valid: that answer is known
+            inp.close_codes = inp.pings = None
+        self.send_frames(rng, inp, frames)
+        return self.stream_habits(rng, inp)
+
+    def ws_upgrade(self, rng, index, port):
+        """An odd upgrade (see ws_request), then frames if it should succeed; some are mutated."""
+        ident = self.ident(rng)
+        head, key, expect, methods = self.ws_request(rng, ident, odd=True)
+        inp = Input(index, port, "ws-upgrade", head, expect, methods,
+                    ident if self.valid_id(ident) else None)
+        if 101 in expect and expect <= {101, 204}:
+            inp.ws_key = key
+            frames, inp.close_codes, inp.pings = self.ws_frames(rng)
+            self.send_frames(rng, inp, frames)
+        elif rng.random() < 0.3:
+            inp.segments = [mutate(rng, head)]
+            inp.kind += "~"
+            inp.forget()
+        return self.stream_habits(rng, inp)
+
+    @staticmethod
+    def send_frames(rng, inp, frames):
+        """Frames go with the upgrade, or in up to three later segments (other reads)."""
+        if not frames:
+            return
+        if rng.random() < 0.3:
+            inp.segments = [inp.segments[0] + b"".join(frames)]
+            return
+        cuts = sorted(rng.sample(range(1, len(frames)), min(len(frames) - 1, rng.randint(0, 2))))
+        inp.segments += [b"".join(frames[a:b]) for a, b in zip([0] + cuts, cuts + [len(frames)])]
+        inp.gap = rng.choice((0.0, 0.005, 0.03))
+
+    def ws_frames(self, rng):
+        """Random client frames for after an upgrade, and what RFC 6455 has the server do.
+
+        Returns (frames, close codes, pings): the codes the server may close with (0: it
+        keeps the connection), and the payloads of the pings it must answer first, in
+        order.  Most sequences are valid; the others end in one violation, sometimes
+        followed by valid frames the server must ignore.
+        """
+        frames, pings, codes = [], [], None
+        message = None                     # the fragmented message in progress, if any
+        for _ in range(rng.choice((0, 1, 2, 3, 5, 10, 30))):
+            r = rng.random()
+            if r < 0.12:
+                more, codes = self.ws_violation(rng, message)
+                frames += more
+                break
+            if r < 0.22:
+                payload = rng.randbytes(rng.choice((0, 1, 4, 125)))
+                frames.append(ws_frame(rng, WS_PING, payload))
+                pings.append(payload)
+            elif r < 0.26:                 # unsolicited: ignored
+                frames.append(ws_frame(rng, WS_PONG, rng.randbytes(rng.choice((0, 8)))))
+            elif r < 0.3:
+                frame, codes = self.ws_close(rng)
+                if message is not None:    # a message left unfinished: some say 1002 (websockets)
+                    codes.add(1002)
+                frames.append(frame)
+                break
+            else:
+                frame, message, codes = self.ws_data(rng, message)
+                frames.append(frame)
+                if codes:
+                    break
+        if codes is None:
+            codes = {0}
+            if rng.random() < 0.15:        # a frame cut short: the server waits for the rest
+                frame = ws_frame(rng, rng.choice((WS_PING, WS_CONT if message else WS_BINARY)),
+                                 rng.randbytes(rng.randint(1, 120)))
+                frames.append(frame[:rng.randrange(1, len(frame))])
+        elif 0 not in codes and rng.random() < 0.3:
+            frames += [ws_frame(rng, WS_PING, b"ignored"), ws_frame(rng, WS_TEXT, b"ignored"),
+                       self.ws_close(rng)[0]][:rng.randint(1, 3)]
+        return frames, codes, pings
+
+    def ws_data(self, rng, message):
+        """A whole data message, or the start, a middle or the end of a fragmented one:
+        (frame, the message still in progress after it, the close codes it calls for)."""
+        if message is None:
+            text = rng.random() < 0.6
+            size = rng.choice((0, 1, 5, 125, 126, 127, 1000, self.max_message))
+            body = self.message(rng, size) if text else rng.randbytes(size)
+            message = WsMessage(text, self.max_message, body)
+            opcode = WS_TEXT if text else WS_BINARY
+        else:
+            opcode = WS_CONT
+        fin = rng.random() < (0.7 if opcode != WS_CONT else 0.4)
+        cut = len(message.rest) if fin else rng.randint(0, len(message.rest))
+        payload, message.rest = message.rest[:cut], message.rest[cut:]
+        codes = message.add(payload, fin)
+        return ws_frame(rng, opcode, payload, fin), None if fin else message, codes or None
+
+    @staticmethod
+    def ws_close(rng):
+        """A valid close frame (empty, or an allowed code and a UTF-8 reason), and the codes
+        of the answer: 1000 as the README says, or the client's own, as RFC 6455 5.5.1 has
+        it "typically" echoed (none, 1005 here, for an empty one)."""
+        if rng.random() < 0.2:
+            return ws_frame(rng, WS_CLOSE), {1000, 1005}
+        code = rng.choice(WS_CLOSE_OK)
+        reason = rng.choice(("", "bye", "d\u00e9j\u00e0 vu", "x" * 123)).encode()
+        return ws_frame(rng, WS_CLOSE, struct.pack("!H", code) + reason), {1000, code}
+
+    def ws_violation(self, rng, message):
+        """Frames that end in one violation of RFC 6455, and the close codes it calls for."""
+        limit = self.max_message
+        data_op = WS_CONT if message is not None else rng.choice((WS_TEXT, WS_BINARY))
+        any_op = rng.choice((WS_TEXT, WS_BINARY, WS_CONT, WS_PING, WS_PONG, WS_CLOSE))
+        choice = rng.randrange(13)
+        if choice == 0:
+            return [ws_frame(rng, any_op, b"hi", masked=False)], {1002}
+        if choice == 1:
+            return [ws_frame(rng, any_op, b"hi", rsv=rng.choice((0x10, 0x20, 0x40, 0x70)))], {1002}
+        if choice == 2:
+            return [ws_frame(rng, rng.choice((3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF)), b"hi")], {1002}
+        if choice == 3:                                   # a control frame over 125 bytes
+            return [ws_frame(rng, rng.choice((WS_PING, WS_PONG, WS_CLOSE)),
+                             rng.randbytes(rng.randint(126, 200)))], {1002}
+        if choice == 4:                                   # a fragmented control frame
+            return [ws_frame(rng, rng.choice((WS_PING, WS_PONG, WS_CLOSE)), b"", fin=False)], {1002}
+        if choice == 5:                                   # a huge declared length: the header
+            # Its top bit set, a length is a protocol error (RFC 6455 5.2), and too big as well.
+            length, codes = rng.choice(((1 << 63, {1002, 1009}), ((1 << 64) - 1, {1002, 1009}),
+                                        (1 << 62, {1009}), (1 << 32, {1009}), (limit + 1, {1009})))
+            payload = rng.randbytes(rng.choice((0, 10, 1000)))
+            if length == limit + 1 and rng.random() < 0.5:
+                payload = rng.randbytes(length)           # or all of it: still over the limit
+            return [ws_frame(rng, data_op, length=length) + payload], codes
+        if choice == 6 and (message is None or message.text):
+            model = message or WsMessage(True, limit)
+            payload = self.message(rng, rng.choice((0, 5, 50))) + rng.choice(BAD_UTF8)
+            fin = rng.random() < 0.5
+            codes = model.add(payload, fin)
+            return [ws_frame(rng, WS_CONT if message else WS_TEXT, payload, fin)], codes or {0}
+        if choice in (6, 7):
+            if message is None:                           # a continuation of nothing
+                return [ws_frame(rng, WS_CONT, b"x")], {1002}
+            return [ws_frame(rng, rng.choice((WS_TEXT, WS_BINARY)), b"x")], {1002}
+        if choice == 8:                                   # fragments, each within, past the limit
+            frames, model = [], message
+            if model is None:
+                model = WsMessage(False, limit)
+                payload = rng.randbytes(limit // 2 + 1)
+                model.add(payload, False)
+                frames.append(ws_frame(rng, WS_BINARY, payload, fin=False))
+            payload = b"a" * min(limit, limit - model.size + rng.choice((1, 100)))
+            fin = rng.random() < 0.5
+            codes = model.add(payload, fin)
+            frames.append(ws_frame(rng, WS_CONT, payload, fin))
+            return frames, codes or {0}
+        if choice == 9:
+            return [ws_frame(rng, WS_CLOSE, struct.pack("!H", rng.choice(WS_CLOSE_BAD)))], {1002}
+        if choice == 10:
+            return [ws_frame(rng, WS_CLOSE, b"\x03")], {1002}
+        if choice == 11:                                  # (or 1002 for a message left unfinished)
+            return [ws_frame(rng, WS_CLOSE, struct.pack("!H", 1000) + rng.choice(BAD_UTF8))], \
+                {1007} | ({1002} if message is not None else set())
+        # A length not in its shortest form: RFC 6455 5.2 says MUST NOT; a server may take it
+        # (and then judge the payload as any other: ASCII, but it may end a character cut short).
+        payload, fin = b"a" * rng.randint(0, 20), rng.random() < 0.5
+        codes = (message or WsMessage(False, limit)).add(payload, fin) or {0}
+        return [ws_frame(rng, WS_BINARY if message is None else WS_CONT, payload,
+                         fin=fin or message is None, wide=True)], codes | {1002}
+
+    def ws_flood(self, rng, index, port):
+        """Floods after a valid upgrade, read or not: tiny data frames, pings, empty fragments
+        of a message that never ends.  Rarely FLOOD_BYTES of pings from a client that reads
+        nothing until they are sent, then a close and frames after it ("drain": judged)."""
+        r = rng.random()
+        # The drain flood's id is its own: a message for it would have the server close the
+        # stream as too slow (a fair answer, but then no measure).
+        ident = "fzflood-%d" % index if r < 0.12 else rng.choice(self.ids)
+        head, key, expect, methods = self.ws_request(rng, ident, odd=False)
+        inp = Input(index, port, "ws-flood", head, expect, methods, ident)
+        inp.ws_key, inp.close_codes, inp.pings = key, {0}, []
+        if r < 0.12:
+            payload = rng.randbytes(125)
+            ping = ws_frame(rng, WS_PING, payload)
+            count = FLOOD_BYTES // len(ping)
+            # The frames after the close come in another read, while pongs may still be
+            # queued: the server must ignore them, and send nothing after its close frame.
+            inp.segments += [ping * count, ws_frame(rng, WS_CLOSE, struct.pack("!H", 1000)),
+                             ws_frame(rng, WS_PING, b"after close") +
+                             ws_frame(rng, WS_CLOSE, struct.pack("!H", 999))]
+            inp.pings, inp.close_codes = [payload] * count, {1000}
+            inp.mode, inp.gap, inp.linger, inp.life = "drain", 0.1, 1.0, FLOOD_MEASURE + 5
+            inp.read_cap, inp.buffers = 4 * FLOOD_BYTES, 65536
+            return inp
+        if r < 0.45:                                      # tiny data frames, now and then a ping
+            tiny = ws_frame(rng, rng.choice((WS_TEXT, WS_BINARY)), rng.choice((b"", b"x")))
+            payload = rng.randbytes(rng.choice((0, 3)))
+            every = rng.choice((10, 100, 1000))
+            rounds = rng.choice((1000, 5000, 20000)) // every
+            inp.segments.append((tiny * (every - 1) + ws_frame(rng, WS_PING, payload)) * rounds)
+            inp.pings = [payload] * rounds
+        elif r < 0.7:
+            payload = rng.randbytes(rng.choice((0, 1, 50, 125)))
+            count = rng.choice((100, 1000, 5000))
+            inp.segments.append(ws_frame(rng, WS_PING, payload) * count)
+            inp.pings = [payload] * count
+        else:                                             # a text message that never ends
+            count = rng.choice((1000, 10000, 30000))
+            inp.segments.append(ws_frame(rng, WS_TEXT, b"", fin=False) +
+                                ws_frame(rng, WS_CONT, b"", fin=False) * count)
+        if rng.random() < 0.3:
+            inp.mode, inp.buffers = "noread", 4096
+        inp.reset = rng.random() < 0.3
         return inp
 
     # -- app port
@@ -466,11 +911,201 @@ def mutate(rng, data):
     return data + data[:rng.randint(1, n)]       # a second request glued on
 
 
+def request_target_ok(path):
+    """Is this a request-target the server's request line takes (printable ASCII, no space)?"""
+    return all(0x21 <= b <= 0x7E for b in path)
+
+
+def ws_frame(rng, opcode, payload=b"", fin=True, rsv=0, masked=True, length=None, wide=False):
+    """A client frame, masked with a key from ``rng``.  ``length`` declares a length other
+    than the payload's; ``wide`` writes it in 8 bytes whatever it is (not the shortest form)."""
+    n = len(payload) if length is None else length
+    b0 = (0x80 if fin else 0) | rsv | opcode
+    m = 0x80 if masked else 0
+    if wide or n >= 1 << 16:
+        head = bytes((b0, m | 127)) + struct.pack("!Q", n)
+    elif n >= 126:
+        head = bytes((b0, m | 126)) + struct.pack("!H", n)
+    else:
+        head = bytes((b0, m | n))
+    if not masked:
+        return head + payload
+    key = rng.randbytes(4)
+    return head + key + xor_mask(payload, key)
+
+
+def xor_mask(data, key):
+    """data XOR the 4-byte key repeated, as one big-int XOR (a loop over bytes is slow)."""
+    if not data:
+        return b""
+    n = len(data)
+    stream = int.from_bytes((key * (n // 4 + 1))[:n], "big")
+    return (int.from_bytes(data, "big") ^ stream).to_bytes(n, "big")
+
+
+def ws_accept(key):
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+def ws_key_ok(key):
+    """RFC 6455 4.1: the key is 16 bytes, base64-encoded."""
+    try:
+        return key is not None and len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        return False
+
+
+def bad_ws_key(rng):
+    """A Sec-WebSocket-Key that is certainly not 16 bytes in base64."""
+    raw = rng.randbytes(17)
+    good = base64.b64encode(raw[:16])
+    return rng.choice((b"", b"short", base64.b64encode(raw[:15]), base64.b64encode(raw), good[:22],
+                       good[:23] + b"*", raw[:16].hex().encode(), good[:10] + b" " + good[10:],
+                       good[:22] + b"===", b"=" * 24))
+
+
+class WsMessage:
+    """The tool's account of a data message as its frames go: what is left to send, its size,
+    and for text whether its bytes can still be UTF-8; ``add`` says what a frame calls for."""
+
+    def __init__(self, text, limit, rest=b""):
+        self.text, self.limit, self.rest, self.size = text, limit, rest, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")() if text else None
+
+    def add(self, payload, fin):
+        """The close codes this frame of the message calls for (none: it is fine)."""
+        codes = set()
+        self.size += len(payload)
+        if self.size > self.limit:
+            codes.add(1009)
+        if self.decoder is not None:
+            try:
+                self.decoder.decode(payload, fin)
+            except UnicodeDecodeError:
+                codes.add(1007)
+        return codes
+
+
+def mutate_frames(rng, frames):
+    """One byte-level mutation of a frame stream: a header bit (FIN, RSV, opcode, MASK, length),
+    a declared length, a frame duplicated, swapped, dropped or cut, or mutate() on it all."""
+    frames = list(frames) or [b""]
+    i = rng.randrange(len(frames))
+    frame = frames[i]
+    op = rng.randrange(7)
+    if op == 0 and len(frame) >= 2:
+        byte, bit = divmod(rng.randrange(16), 8)
+        frames[i] = frame[:byte] + bytes((frame[byte] ^ (0x80 >> bit),)) + frame[byte + 1:]
+    elif op == 1 and len(frame) >= 2:             # the old length's bytes stay, as payload
+        length = rng.choice((0, 125, 126, 65535, 65536, 1 << 31, 1 << 62, 1 << 63, (1 << 64) - 1))
+        field = struct.pack("!Q", length) if rng.random() < 0.5 else struct.pack("!H", length & 0xFFFF)
+        frames[i] = frame[:1] + bytes((frame[1] & 0x80 | (127 if len(field) == 8 else 126),)) + \
+            field + frame[2:]
+    elif op == 2:
+        frames.insert(i, frame)
+    elif op == 3:
+        j = rng.randrange(len(frames))
+        frames[i], frames[j] = frames[j], frames[i]
+    elif op == 4:
+        del frames[i]
+    elif op == 5:
+        frames[i] = frame[:rng.randrange(len(frame) + 1)]
+    else:
+        return [mutate(rng, b"".join(frames))]
+    return frames
+
+
 # -- the engine: many non-blocking connections at once -----------------------------
 
 class Conn:
     __slots__ = ("inp", "sock", "seg", "offset", "send_at", "buf", "last_io", "end_at",
-                 "read", "methods", "record", "connected", "events")
+                 "read", "methods", "record", "connected", "events", "start", "sent", "sent_at",
+                 # a stream: "ws" or "sse" once answered so, its last seq, pongs (and their bytes)
+                 # read, the server's close code, whether a fault was reported already
+                 "stream", "seq", "pongs", "pong_bytes", "close", "faulty",
+                 # a "drain" client: bytes the kernel held for it when measured, and sent by then;
+                 # what the server had not read yet at the last look, and when to look again
+                 "kernel", "sent_measured", "measured_at", "unread", "look_at")
+
+
+# sock_diag (linux/sock_diag.h, inet_diag.h): the request type, and where the queues are in
+# the answer (after the netlink header, the first 4 bytes, the socket id and a timer field).
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, NLMSG_ERROR = 4, 20, 1, 2
+INET_DIAG_QUEUES = 16 + 4 + 48 + 4
+# A block of an event stream: the retry hint, a ping, a message, or the refusal of a full table.
+SSE_BLOCK = re.compile(rb"retry: \d+|: ping|id: (\d+)(?:\ndata: [^\r\n]*)+|event: error\ndata: [^\r\n]*")
+EVENT_STREAM = re.compile(rb"\r\ncontent-type: *text/event-stream", re.I)
+WS_NAMES = {WS_TEXT: "text", WS_CLOSE: "close", WS_PING: "ping", WS_PONG: "pong"}
+
+
+def server_frame(buf, pos):
+    """The frame at buf[pos:], if complete: (first byte, second byte, length, payload, end)."""
+    have = len(buf) - pos
+    if have < 2:
+        return None
+    b0, b1 = buf[pos], buf[pos + 1]
+    n, head = b1 & 0x7F, 2
+    if n == 126:
+        if have < 4:
+            return None
+        n, head = struct.unpack_from("!H", buf, pos + 2)[0], 4
+    elif n == 127:
+        if have < 10:
+            return None
+        n, head = struct.unpack_from("!Q", buf, pos + 2)[0], 10
+    if b1 & 0x80:                                 # masked: wrong from a server, frame_fault says
+        head += 4
+    if head + n > have:
+        return None
+    end = pos + head + n
+    return b0, b1, n, bytes(buf[end - n:end]), end
+
+
+def frame_fault(b0, b1, n, payload):
+    """What is wrong with a frame from the server (RFC 6455 5.2, 5.5, 7.4; the README), or None."""
+    opcode = b0 & 0x0F
+    if b0 & 0x70:
+        return "reserved bits set"
+    if b1 & 0x80:
+        return "a masked frame (a server must not mask)"
+    if not b0 & 0x80:
+        return "a fragment (the server sends each message whole)"
+    if opcode not in WS_NAMES:
+        return "opcode 0x%x" % opcode
+    if (b1 & 0x7F == 126 and n < 126) or (b1 & 0x7F == 127 and n < 1 << 16):
+        return "a length of %d not in its shortest form" % n
+    if opcode >= WS_CLOSE and n > 125:
+        return "a control frame of %d bytes" % n
+    if opcode == WS_CLOSE and n == 1:
+        return "a close frame of 1 byte"
+    if opcode == WS_CLOSE and n and struct.unpack("!H", payload[:2])[0] not in SERVER_CLOSE_CODES:
+        return "close code %d, not one the server sends" % struct.unpack("!H", payload[:2])
+    if opcode in (WS_TEXT, WS_CLOSE):
+        try:
+            (payload if opcode == WS_TEXT else payload[2:]).decode("utf-8")
+        except UnicodeDecodeError:
+            return "text that is not UTF-8: %r" % payload[:100]
+    return None
+
+
+def tcp_queue(local, remote):
+    """(unacknowledged, unread) bytes the kernel holds for the loopback TCP socket from port
+    ``local`` to port ``remote`` (None: there is none), looked up by sock_diag (netlink): the
+    same figures as /proc/net/tcp, without reading every socket of the host.  OSError if
+    sock_diag cannot be used here."""
+    ip = socket.inet_aton(HOST)
+    req = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + \
+        struct.pack("!HH", local, remote) + ip + bytes(12) + ip + bytes(12) + \
+        struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)        # any interface, no cookie
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as s:
+        s.settimeout(1.0)
+        s.sendto(struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
+                 + req, (0, 0))
+        reply = s.recv(8192)
+    if struct.unpack_from("=H", reply, 4)[0] == NLMSG_ERROR:
+        return None
+    unread, unacknowledged = struct.unpack_from("=II", reply, INET_DIAG_QUEUES)
+    return unacknowledged, unread
 
 
 class Tally:
@@ -480,6 +1115,8 @@ class Tally:
         self.inputs = collections.Counter()       # (port, kind) -> inputs
         self.statuses = collections.Counter()     # (port, status) -> responses
         self.outcomes = collections.Counter()     # how connections ended
+        self.streams = collections.Counter()      # streams opened, frames and events read
+        self.flood_queued = None                  # the most a "drain" client found queued
         self.sent_bytes = 0
         self.read_bytes = 0
 
@@ -530,10 +1167,18 @@ class Engine:
         c = Conn()
         c.inp, c.seg, c.offset, c.send_at, c.buf, c.read = inp, 0, 0, now, bytearray(), 0
         c.methods = list(inp.methods) if inp.methods else None
-        c.last_io = now
-        c.end_at = now + CONN_TIME
+        c.last_io = c.start = now
+        c.end_at = now + inp.life
         c.connected = False
+        c.sent, c.sent_at = 0, None
+        c.stream = c.close = c.kernel = c.unread = None
+        c.seq = c.pongs = c.pong_bytes = 0
+        c.look_at = now
+        c.faulty = False
         c.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if inp.buffers:                       # before connecting, or the window is set already
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, inp.buffers)
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, inp.buffers)
         c.sock.setblocking(False)
         c.sock.connect_ex((HOST, self.ports[inp.port]))
         self.tally.inputs[inp.port, inp.kind] += 1
@@ -566,10 +1211,12 @@ class Engine:
                 n = c.sock.send(memoryview(seg)[c.offset:]) if seg else 0
             except BlockingIOError:
                 return
-            except OSError:
-                self.finish(c, "closed by the server")   # it answered and closed before we were done
+            except OSError:                   # it answered and closed before we were done
+                self.read_rest(c)
+                self.finish(c, "closed by the server")
                 return
             self.tally.sent_bytes += n
+            c.sent += n
             c.offset += n
             if c.offset < len(seg):
                 return
@@ -579,6 +1226,8 @@ class Engine:
             if inp.gap and c.seg < len(inp.segments):
                 self.watch(c, self.reading(c))
                 return
+        if c.sent_at is None:
+            c.sent_at = time.monotonic()
         if inp.mode == "truncate":
             self.finish(c, "hung up after a truncated input", reset=True)
             return
@@ -586,7 +1235,23 @@ class Engine:
 
     @staticmethod
     def reading(c):
-        return 0 if c.inp.mode == "noread" else selectors.EVENT_READ
+        if c.inp.mode == "noread" or (c.inp.mode == "drain" and c.kernel is None):
+            return 0
+        return selectors.EVENT_READ
+
+    def read_rest(self, c):
+        """What the server sent before it closed (an RST may follow it): read, then judged."""
+        while self.reading(c) and c.read <= c.inp.read_cap:
+            try:
+                data = c.sock.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            c.read += len(data)
+            self.tally.read_bytes += len(data)
+            c.buf += data
+        self.parse(c, final=True)
 
     def watch(self, c, events):
         if events == c.events:
@@ -615,22 +1280,51 @@ class Engine:
         self.tally.read_bytes += len(data)
         c.buf += data
         self.parse(c)
-        if c.read > READ_CAP:
-            self.finish(c, "hung up after %d MiB read" % (READ_CAP >> 20), reset=True)
+        if c.read > c.inp.read_cap:
+            self.finish(c, "hung up after %d MiB read" % (c.inp.read_cap >> 20), reset=True)
 
     def on_time(self, c, now):
         sent = c.seg >= len(c.inp.segments)
+        waiting = c.inp.mode == "drain" and c.kernel is None       # reads nothing yet
+        if waiting and c.connected and now >= c.look_at:
+            waiting = not self.measure(c, now, sent)
         if now > c.end_at:
             self.parse(c, final=True)
-            self.finish(c, "hung up at the connection time limit")
-        elif sent and now - c.last_io > c.inp.linger:
+            self.finish(c, "hung up at the connection time limit", reset=c.inp.reset)
+        elif sent and not waiting and now - c.last_io > c.inp.linger:
             self.parse(c, final=True)
-            self.finish(c, "hung up after silence (held or idle)")
+            self.finish(c, "hung up after silence (held or idle)", reset=c.inp.reset)
         elif not sent and c.connected and now >= c.send_at:
             self.watch(c, selectors.EVENT_WRITE | self.reading(c))
 
+    def measure(self, c, now, sent):
+        """A "drain" client has read nothing so far.  Once the server has taken all it will
+        of what was sent (all of it, or, with back-pressure, what it took stops growing; at
+        the latest FLOOD_MEASURE after the start), note what the kernel holds for it at both
+        ends and what it sent; then it reads everything (judge does the sums).  True if so."""
+        c.look_at = now + 0.1
+        local, server = c.sock.getsockname()[1], self.ports[c.inp.port]
+        try:
+            mine, theirs = tcp_queue(local, server) or (0, 0), tcp_queue(server, local) or (0, 0)
+        except OSError:                       # no sock_diag: what the kernel holds is unknown,
+            mine, theirs = (float("inf"), 0), (0, 0)   # so no verdict (judge finds -inf queued)
+        unread = mine[0] + theirs[1]          # sent, and not read by the server yet
+        taken = sent and now >= c.sent_at + 0.2 and unread in (0, c.unread)
+        c.unread = unread
+        if not taken and now < c.start + FLOOD_MEASURE:
+            return False
+        c.kernel = sum(mine) + sum(theirs)
+        c.sent_measured = c.sent
+        c.last_io = c.measured_at = now
+        self.watch(c, self.reading(c) | (0 if sent else selectors.EVENT_WRITE))
+        return True
+
     def parse(self, c, final=False):
-        """Count the complete responses in c.buf; for valid seeds check what they say."""
+        """Count the complete responses in c.buf; for valid seeds check what they say.  After
+        a 101 or an event stream's head, what follows is frames or events (parse_stream)."""
+        if c.stream:
+            self.parse_stream(c)
+            return
         buf, pos = c.buf, 0
         while True:
             end = buf.find(b"\r\n\r\n", pos)
@@ -648,6 +1342,13 @@ class Engine:
             length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
             body_start = end + 4
             method = c.methods.pop(0) if c.methods else None
+            if status == 101 or (status == 200 and method != "HEAD" and EVENT_STREAM.search(head)):
+                self.tally.statuses[c.inp.port, status] += 1
+                if c.inp.expect is not None:
+                    self.check_answer(c.inp, status, head, b"")
+                del buf[:body_start]
+                self.open_stream(c, status, head)
+                return
             if status == 204 or length is None or method == "HEAD":
                 body_end = body_start
             elif method is None and buf.startswith(b"HTTP/1.1 ", body_start):
@@ -681,7 +1382,128 @@ class Engine:
             if inp.ident is not None and doc.get("id") != inp.ident:
                 self.on_oracle(inp, status, "the answer for id %r names %r" % (inp.ident, doc.get("id")))
 
+    # -- streams: what the server sends on them is judged whatever was sent to it
+
+    def open_stream(self, c, status, head):
+        c.stream = "ws" if status == 101 else "sse"
+        self.tally.streams[c.stream + " opened"] += 1
+        if c.stream == "ws" and c.inp.ws_key is not None:
+            m = re.search(rb"\r\nsec-websocket-accept: *([^\r]*)", head, re.I)
+            if m is None or m.group(1).strip() != ws_accept(c.inp.ws_key):
+                self.stream_fault(c, "Sec-WebSocket-Accept %r, not %r" % (
+                    m and m.group(1), ws_accept(c.inp.ws_key)))
+        self.parse_stream(c)
+
+    def parse_stream(self, c):
+        buf, pos = c.buf, 0
+        if c.stream == "ws":
+            while True:
+                frame = server_frame(buf, pos)
+                if frame is None:
+                    break
+                pos = frame[4]
+                self.on_ws_frame(c, *frame[:4])
+        else:
+            while True:
+                end = buf.find(b"\n\n", pos)
+                if end < 0:
+                    break
+                block, pos = bytes(buf[pos:end]), end + 2
+                m = SSE_BLOCK.fullmatch(block)
+                if m is None:
+                    self.stream_fault(c, "not an event: %r" % block[:200])
+                elif m.group(1) is not None:
+                    self.tally.streams["sse events"] += 1
+                    try:
+                        block.decode("utf-8")
+                        fault = self.seq_fault(c, int(m.group(1)))
+                    except UnicodeDecodeError:
+                        fault = "an event that is not UTF-8: %r" % block[:200]
+                    if fault:
+                        self.stream_fault(c, fault)
+                elif block == b": ping":
+                    self.tally.streams["sse pings"] += 1
+        del buf[:pos]
+
+    def on_ws_frame(self, c, b0, b1, n, payload):
+        inp, opcode = c.inp, b0 & 0x0F
+        fault = frame_fault(b0, b1, n, payload)
+        if fault is None and c.close is not None:
+            fault = "a frame (opcode 0x%x) after its close frame (%d)" % (opcode, c.close)
+        if opcode == WS_PONG:
+            c.pongs += 1
+            c.pong_bytes += 2 + n
+            if fault is None and inp.pings is not None:
+                if c.pongs > len(inp.pings):
+                    fault = "pong %d, for %d ping(s) sent: %r" % (c.pongs, len(inp.pings), payload[:50])
+                elif inp.pings[c.pongs - 1] != payload:
+                    fault = "pong %d carries %r, its ping %r" % (
+                        c.pongs, payload[:50], inp.pings[c.pongs - 1][:50])
+        elif opcode == WS_TEXT and fault is None:
+            fault = self.message_fault(c, payload)
+        elif opcode == WS_CLOSE and c.close is None:
+            c.close = struct.unpack("!H", payload[:2])[0] if n >= 2 else 1005
+            self.tally.streams["ws close %d" % c.close] += 1
+        self.tally.streams["ws %s" % WS_NAMES.get(opcode, "bad")] += 1
+        if fault:
+            self.stream_fault(c, fault)
+
+    def message_fault(self, c, payload):
+        """What is wrong with a message on a WebSocket: {"id": ..., "seq": N, "data": ...}."""
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return "a text frame that is not JSON: %r" % payload[:200]
+        if not (isinstance(doc, dict) and set(doc) == {"id", "seq", "data"} and
+                type(doc["seq"]) is int and isinstance(doc["data"], str)):
+            return "a message not of the form {id, seq, data}: %r" % payload[:200]
+        if c.inp.ident is not None and doc["id"] != c.inp.ident:
+            return "a message for %r on a stream of %r" % (doc["id"], c.inp.ident)
+        return self.seq_fault(c, doc["seq"])
+
+    @staticmethod
+    def seq_fault(c, seq):
+        if seq <= c.seq:
+            return "seq %d after seq %d: each message once, in order" % (seq, c.seq)
+        c.seq = seq
+        return None
+
+    def stream_fault(self, c, fault):
+        if not c.faulty:                      # the first fault of a stream tells; the rest follow
+            c.faulty = True
+            self.on_oracle(c.inp, None, "%s stream: %s" % (c.stream, fault), "stream")
+
+    def judge(self, c):
+        """As a connection ends: the close code its frames called for; and for a "drain"
+        client, the pongs it read after the measure, less all the kernel then held and all
+        it sent since, were queued in the server's memory: that is what back-pressure bounds."""
+        inp = c.inp
+        if c.stream == "ws" and inp.close_codes is not None and c.close is not None and \
+                c.close not in inp.close_codes and c.close != 1013:
+            wanted = ["%d" % code for code in sorted(inp.close_codes - {0})]
+            self.stream_fault(c, "closed with %d where the frames sent call for %s" % (
+                c.close, " or ".join(wanted + ["no close"] * (0 in inp.close_codes))))
+        if inp.mode != "drain":
+            return
+        if c.kernel is None:                  # closed first (too slow a reader): bounded too
+            self.tally.streams["%s closed before the measure" % inp.kind] += 1
+            return
+        queued = c.pong_bytes - c.kernel - (c.sent - c.sent_measured)
+        self.tally.streams["%s measured" % inp.kind] += 1
+        if inp.kind == "ws-flood" and queued > float("-inf"):
+            self.tally.flood_queued = max(queued, queued if self.tally.flood_queued is None
+                                          else self.tally.flood_queued)
+        if queued > FLOOD_QUEUE_LIMIT:
+            self.on_oracle(inp, None, (
+                "a WebSocket client that read nothing for %.1f s (%.1f MiB of pings sent) "
+                "then read %.1f MiB of pongs; the kernel held %.1f MiB, so the server had "
+                "queued at least %.1f MiB in its own memory (limit %d MiB): it keeps reading "
+                "pings it cannot answer") % (
+                c.measured_at - c.start, c.sent_measured / 2 ** 20, c.pong_bytes / 2 ** 20,
+                c.kernel / 2 ** 20, queued / 2 ** 20, FLOOD_QUEUE_LIMIT >> 20), "back-pressure")
+
     def finish(self, c, outcome, reset=False):
+        self.judge(c)
         self.conns.discard(c)
         self.watch(c, 0)
         if reset:                             # RST, not FIN: the server must cope with both
@@ -846,6 +1668,95 @@ class Heartbeat(threading.Thread):
         return self.worst
 
 
+class LiveError(Exception):
+    pass
+
+
+class LiveClient:
+    """A stream the checks open and read with blocking calls: "ws" or "sse"."""
+
+    def __init__(self, kind, port, ident):
+        self.kind, self.buf = kind, bytearray()
+        self.sock = socket.create_connection((HOST, port), timeout=CHECK_TIMEOUT)
+        if kind == "ws":
+            key = base64.b64encode(os.urandom(16))
+            self.sock.sendall(b"GET /ws/%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                              b"Sec-WebSocket-Version: 13\r\n\r\n" % (ident.encode(), key))
+            head = self.head()
+            if not head.startswith(b"HTTP/1.1 101 ") or ws_accept(key) not in head:
+                raise LiveError("the upgrade was answered %r" % head[:300])
+        else:
+            self.sock.sendall(b"GET /sse/%s HTTP/1.1\r\nHost: x\r\n"
+                              b"Accept: text/event-stream\r\n\r\n" % ident.encode())
+            head = self.head()
+            if not head.startswith(b"HTTP/1.1 200 ") or not EVENT_STREAM.search(head):
+                raise LiveError("the EventSource was answered %r" % head[:300])
+
+    def fill(self, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LiveError("a %s client: nothing more in time; it has %r" % (
+                self.kind, bytes(self.buf[-200:])))
+        self.sock.settimeout(left)
+        data = self.sock.recv(65536)
+        if not data:
+            raise LiveError("a %s client: closed by the server; it has %r" % (
+                self.kind, bytes(self.buf[-200:])))
+        self.buf += data
+
+    def head(self):
+        deadline = time.monotonic() + CHECK_TIMEOUT
+        while b"\r\n\r\n" not in self.buf:
+            self.fill(deadline)
+        end = self.buf.index(b"\r\n\r\n") + 4
+        head = bytes(self.buf[:end])
+        del self.buf[:end]
+        return head
+
+    def frame(self, deadline):
+        """(opcode, payload) of the next frame, which must be well formed."""
+        while (frame := server_frame(self.buf, 0)) is None:
+            self.fill(deadline)
+        b0, b1, n, payload, end = frame
+        del self.buf[:end]
+        fault = frame_fault(b0, b1, n, payload)
+        if fault:
+            raise LiveError("a WebSocket client got a bad frame: %s" % fault)
+        return b0 & 0x0F, payload
+
+    def message(self, deadline):
+        """(id or None, seq, data) of the next message; pings and the retry hint skipped."""
+        if self.kind == "ws":
+            while True:
+                opcode, payload = self.frame(deadline)
+                if opcode == WS_TEXT:
+                    doc = json.loads(payload)
+                    return doc["id"], doc["seq"], doc["data"]
+                if opcode == WS_CLOSE:
+                    raise LiveError("a WebSocket client: closed by the server: %r" % payload)
+        while True:
+            while b"\n\n" not in self.buf:
+                self.fill(deadline)
+            end = self.buf.index(b"\n\n")
+            block = bytes(self.buf[:end])
+            del self.buf[:end + 2]
+            m = SSE_BLOCK.fullmatch(block)
+            if m is None:
+                raise LiveError("an EventSource client got %r" % block[:200])
+            if m.group(1) is not None:
+                lines = block.decode().split("\n")
+                return None, int(m.group(1)), "\n".join(line[len("data: "):] for line in lines[1:])
+
+    def close(self, deadline):
+        """Send a close (1000): the code of the close frame that answers it."""
+        self.sock.sendall(ws_frame(random.Random(), WS_CLOSE, struct.pack("!H", 1000)))
+        while True:
+            opcode, payload = self.frame(deadline)
+            if opcode == WS_CLOSE:
+                return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+
+
 # -- the fuzzer: batches of inputs, checks between them --------------------------------
 
 class Fuzzer:
@@ -863,6 +1774,8 @@ class Fuzzer:
         self.worst_wait = 0.0                 # the slowest /health probe while inputs flew
         self.replayed = 0
         self.checks = collections.Counter()
+        self.oracle_sorts = collections.Counter()     # (check, message less numbers) -> shown
+        self.live_cover = collections.Counter()       # stream kind -> checks it held on every worker
         self.failures = []                    # (check, detail, index of the last input before it)
         self.defects = {}                     # input index -> what it does alone
         self.causes = {}                      # a worker's dying words -> the input found to cause them
@@ -897,13 +1810,18 @@ class Fuzzer:
                 self.args.seed, self.gen.make(index).describe(300)), flush=True)
             self.printed = index
 
-    def on_oracle(self, inp, status, message):
+    def on_oracle(self, inp, status, message, check="answer"):
+        """A wrong answer (check "answer"), stream ("stream") or back-pressure.  Two of one
+        sort (numbers and quoted bytes aside) tell all: the rest are counted, so that one
+        defect met often neither floods the report nor ends the run (--max-failures)."""
+        sort = (check, re.sub(r"\d+|b?'[^']*'|b?\"[^\"]*\"", "_", message)[:60])
         if status == 503 and self.deaths:
             self.tally.outcomes["503 while a worker was down (not a failure)"] += 1
-        elif sum(1 for f in self.failures if f[0] == "answer") < 20:
-            self.fail("answer", "%s to %s" % (message, inp.kind), inp.index)
+        elif self.oracle_sorts[sort] < 2 and sum(1 for f in self.failures if f[0] == check) < 20:
+            self.oracle_sorts[sort] += 1
+            self.fail(check, "%s to %s" % (message, inp.kind), inp.index)
         else:
-            self.tally.outcomes["wrong answers beyond the 20 shown"] += 1
+            self.tally.outcomes["%s failures like those shown" % check] += 1
 
     def watch_deaths(self):
         for pid in self.pids:
@@ -998,6 +1916,7 @@ class Fuzzer:
         if not self.fatal:                   # these would only time out, one by one
             self.check_round_trip()
             self.check_held_poll()
+            self.check_live_streams()
             self.check_settled(label)
         self.check_idle()
         gone = [pid for pid in self.pids if not alive(pid)]
@@ -1073,6 +1992,59 @@ class Fuzzer:
         finally:
             for s in socks:
                 s.close()
+
+    def check_live_streams(self):
+        """Fresh WebSocket and EventSource clients, of each kind one held on every worker if a
+        few tries get there, all get a message published after they connected; then the
+        WebSockets close, and the server must answer 1000."""
+        ident = "live-%d-%d-%d" % (self.args.seed, self.serial, os.getpid())
+        data = "live %d \u00e9 \"quoted\"\nsecond line" % self.serial
+        clients = []
+        try:
+            for kind in ("ws", "sse"):
+                workers = set()
+                for _ in range(4 * len(self.pids)):
+                    if len(workers) >= len(self.pids):
+                        break
+                    before = self.held()
+                    clients.append(LiveClient(kind, self.ports["client"], ident))
+                    workers |= self.newly_held(before)
+                if len(workers) >= len(self.pids):
+                    self.live_cover[kind] += 1
+            status, body = request(self.ports["app"], "POST", "/pub/" + ident, data.encode())
+            if status != 202:
+                self.fail("live streams", "POST /pub/%s: %s %r" % (ident, status, body[:200]))
+                return
+            deadline = time.monotonic() + CHECK_TIMEOUT
+            for client in clients:
+                got, wanted = client.message(deadline), (ident if client.kind == "ws" else None, 1, data)
+                if got != wanted:
+                    self.fail("live streams", "a %s client got %r, not %r" % (client.kind, got, wanted))
+                    return
+            for client in clients:
+                if client.kind == "ws" and client.close(deadline) != 1000:
+                    self.fail("live streams", "a WebSocket closed with 1000 was not answered 1000")
+                    return
+            self.checks["live streams"] += 1
+        except (OSError, ValueError, KeyError, LiveError) as e:
+            self.fail("live streams", "%d stream(s) open: %r" % (len(clients), e))
+        finally:
+            for client in clients:
+                client.sock.close()
+
+    def held(self):
+        doc = self.stats()
+        return [w["subscribers"] for w in doc["workers"]] if doc else []
+
+    def newly_held(self, before, wait=3.0):
+        """The workers that hold more subscribers than ``before`` said, once one does."""
+        give_up = time.monotonic() + wait
+        while time.monotonic() < give_up:
+            now = self.held()
+            if len(now) == len(before) and sum(now) > sum(before):
+                return {i for i, (a, b) in enumerate(zip(before, now)) if b > a}
+            time.sleep(0.02)
+        return set()
 
     def check_settled(self, label):
         """Per worker: fds and private RSS back near the baseline; no connection or poll left."""
@@ -1327,6 +2299,20 @@ def summary(fz, wall):
         codes = sorted((s, n) for (p, s), n in t.statuses.items() if p == port)
         out.append("status codes, %s port: %s" % (
             port, ", ".join("%d x%d" % sn for sn in codes) or "none"))
+    st = t.streams
+    out.append("streams answered: WebSocket %d, EventSource %d; from the server: text %d, ping %d, "
+               "pong %d, close %d (%s); events %d, : ping %d" % (
+                   st["ws opened"], st["sse opened"], st["ws text"], st["ws ping"], st["ws pong"],
+                   st["ws close"], ", ".join("%s x%d" % (k[9:], n) for k, n in sorted(st.items())
+                                             if k.startswith("ws close ")) or "no codes",
+                   st["sse events"], st["sse pings"]))
+    if st["ws-flood measured"] or st["ws-flood closed before the measure"]:
+        out.append("drain floods: %d measured (the most the server queued for one: %.1f MiB, "
+                   "limit %d MiB), %d closed by the server before the measure (too slow a reader)"
+                   % (st["ws-flood measured"], (t.flood_queued or 0) / 2 ** 20,
+                      FLOOD_QUEUE_LIMIT >> 20, st["ws-flood closed before the measure"]))
+    out.append("live stream checks: WebSockets held on every worker in %d, EventSources in %d" % (
+        fz.live_cover["ws"], fz.live_cover["sse"]))
     out.append("connections:")
     out += ["  %7d  %s" % (n, outcome) for outcome, n in t.outcomes.most_common()]
     out.append("checks passed: %s" % ", ".join("%s %d" % kv for kv in sorted(fz.checks.items())))
