@@ -22,7 +22,6 @@ from httpconn import KEEP_ALIVE, TEXT
 from worker import BUSY, READING
 
 CONFIRM_TIMEOUT = 3.0            # seconds a publish may wait for its home's ACK without progress
-ID_RULE = "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -"
 
 
 class Batch:
@@ -129,7 +128,7 @@ class AppPort:
                 return
             ident = path[5:]
             if not wire.valid_id(ident):
-                raise wire.HttpError(400, ID_RULE)
+                raise wire.HttpError(400, wire.ID_RULE)
             if len(body) > self.w.cfg.max_message:
                 raise wire.HttpError(413, "message over %d bytes" % self.w.cfg.max_message)
             try:

@@ -21,7 +21,6 @@ from httpconn import CLIENT_INBUF_LIMIT
 from worker import READING
 
 MAX_IDS = 16                     # ids in one subscription (a page: a user channel and rooms)
-ID_RULE = "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -"
 PREFLIGHT = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
              b"Access-Control-Allow-Headers: Content-Type, Cache-Control, Last-Event-ID\r\n"
              b"Access-Control-Max-Age: 86400\r\n")
@@ -121,13 +120,13 @@ def ids_of(text):
     """The id of a subscription path, or a tuple of up to MAX_IDS distinct ids ("a,b,c")."""
     if b"," not in text:
         if not wire.valid_id(text):
-            raise wire.HttpError(400, ID_RULE)
+            raise wire.HttpError(400, wire.ID_RULE)
         return text
     ids = tuple(text.split(b","))
     if len(ids) > MAX_IDS:
         raise wire.HttpError(400, "at most %d ids in one subscription" % MAX_IDS)
     if not all(wire.valid_id(i) for i in ids):
-        raise wire.HttpError(400, ID_RULE)
+        raise wire.HttpError(400, wire.ID_RULE)
     if len(set(ids)) < len(ids):
         raise wire.HttpError(400, "an id is named twice")
     return ids

@@ -509,19 +509,13 @@ class Supervisor:
 
     def _stop(self):
         for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self._kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
         while self.pids and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.02)
         for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._kill(pid)
         while self.pids:
             pid, _ = os.waitpid(-1, 0)
             self.pids.pop(pid, None)

@@ -25,6 +25,9 @@ REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
 
+ID_RULE = "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -"   # what a 400 says
+
+
 def valid_id(ident: bytes) -> bool:
     return ID_PATTERN.match(ident) is not None
 
