@@ -748,6 +748,9 @@ class Child:
             self.rx_first = self.rx_last = 0
             for k in ("delivered", "wrong", "stale", "foreign", "dup_seq"):
                 self.counts.pop(k, None)
+            # The parent's last progress of ours predates the reset: without fresh counts a
+            # wait for this round's deliveries would be met by the previous round's.
+            reply.update(self.progress(), type="ack")
         elif cmd == "report":
             hist = collections.Counter(min(g, 3) for g, st in zip(self.got, self.state)
                                        if st == OPEN or g)
@@ -1068,8 +1071,8 @@ class Coordinator:
             c["buf"] += data
             for msg in take_msgs(c["buf"]):
                 t = msg["type"]
-                if t in ("progress", "opened", "report"):
-                    c["progress"] = msg
+                if t in ("progress", "opened", "report") or "counts" in msg:
+                    c["progress"] = msg      # an ack carries the counts as of the command
                 if t == "opened":
                     c["opened"] = True
                 if t in ("ack", "report"):
