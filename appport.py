@@ -9,6 +9,7 @@ token so is every caller that does not show it, on the request head.
 It never stores a message itself: ``routing`` sends each to its home.
 """
 
+import collections
 import hmac
 import json
 import time
@@ -18,19 +19,23 @@ import records
 import shmqueue
 import wire
 import worker
-from httpconn import KEEP_ALIVE, TEXT
+from httpconn import JSON, KEEP_ALIVE, TEXT
 from worker import BUSY, READING
 
 CONFIRM_TIMEOUT = 3.0            # seconds a publish may wait for its home's ACK without progress
+PIPELINE_MAX = 128               # pipelined publishes in flight per connection
 
 
-class Batch:
-    """An app request waiting for the ACKs of the messages it published."""
+class Publish:
+    """A publishing request (one ``POST /pub/<id>`` or a ``POST /pub`` batch) whose answer
+    is owed: it waits for the ACKs of its messages, and for the answers owed before it."""
 
-    __slots__ = ("ident", "waiting", "published", "errors", "seq")
+    __slots__ = ("serial", "ident", "flags", "waiting", "published", "errors", "seq")
 
-    def __init__(self, ident, waiting):
+    def __init__(self, serial, ident, flags, waiting):
+        self.serial = serial     # its PUBs carry it, and so do their ACKs
         self.ident = ident       # a single POST /pub/<id>'s id; None for a batch
+        self.flags = flags       # KEEP_ALIVE | HEAD_ONLY of this request
         self.waiting = waiting
         self.published = 0
         self.errors = []
@@ -45,7 +50,11 @@ class AppPort:
         self.http = http
         self.router = router
         self.token = w.cfg.app_token.encode() if w.cfg.app_token else None
-        self.batches = {}        # fd -> Batch
+        # Publishes in flight, answered in request order: fd -> deque of Publish, and
+        # (fd, serial) -> Publish for their ACKs.
+        self.owed = {}
+        self.publishes = {}
+        self.held_back = {}      # fd -> what came behind its publishes: (req, body) or HttpError
         self.frames_in = {}      # binary fd -> frames taken from it (logged when it closes)
         self.half_closed = set()  # binary fds told (EOF) that this worker is stopping
 
@@ -53,7 +62,7 @@ class AppPort:
         return {records.ACK: self.on_ack}
 
     def owes(self):
-        return bool(self.batches)
+        return bool(self.owed)
 
     # -- a new connection: which protocol ----------------------------------------------
 
@@ -84,19 +93,26 @@ class AppPort:
     def readable_http(self, fd):
         w = self.w
         if w.state[fd] == READING:
-            self.http.serve(fd, self.check_caller, self.route, w.cfg.max_body)
+            self.http.serve(fd, self.check_caller, self.route, w.cfg.max_body,
+                            refuse=self.refuse)
         buf = w.inbuf.get(fd)                     # what is left unparsed: pipelined far ahead
         if buf is not None and len(buf) > wire.MAX_HEAD + w.cfg.max_body:
             w.close(fd)
 
     def timeout_http(self, fd):
-        if self.w.state[fd] == BUSY:
+        if fd in self.owed:
             self.answer_unconfirmed(fd)
         else:
             self.w.close(fd)
 
     def closed_http(self, fd):
-        self.batches.pop(fd, None)
+        for publish in self.owed.pop(fd, ()):
+            del self.publishes[fd, publish.serial]
+        self.held_back.pop(fd, None)
+
+    def stop_http(self, fd):
+        """Stopping: a connection still owed answers is kept (the drain waits for them)."""
+        return fd in self.owed
 
     def drained(self, fd):
         self.http.resume(fd)
@@ -113,6 +129,11 @@ class AppPort:
 
     def route(self, fd, req, body):
         method, path = req.method, req.path
+        is_publish = path == b"/pub" or path.startswith(b"/pub/")
+        if fd in self.owed and not (is_publish and method == b"POST"):
+            # answered once the publishes before it are
+            self.hold_back(fd, (req, body, self.http.flags[fd]))
+            return
         if path == b"/health":
             if method not in (b"GET", b"HEAD"):
                 raise wire.HttpError(405, "method not allowed")
@@ -120,7 +141,7 @@ class AppPort:
             self.http.respond(fd, 200 if alive else 503, b"ok\n" if alive else b"worker down\n",
                               TEXT)
             return
-        if path == b"/pub" or path.startswith(b"/pub/"):
+        if is_publish:
             if method != b"POST":
                 raise wire.HttpError(405, "publish with POST")
             if path == b"/pub":
@@ -135,8 +156,8 @@ class AppPort:
                 body.decode("utf-8")
             except UnicodeDecodeError:
                 raise wire.HttpError(400, "message is not UTF-8") from None
-            self.begin_wait(fd, ident, 1)
-            self.router.publish(ident, body, fd, 0)
+            publish = self.begin(fd, ident, 1)
+            self.router.publish(ident, body, fd, publish.serial)
             return
         if method not in (b"GET", b"HEAD"):
             raise wire.HttpError(405, "method not allowed")
@@ -149,7 +170,7 @@ class AppPort:
             raise wire.HttpError(404, "no such path")
 
     def publish_batch(self, fd, body):
-        batch = self.begin_wait(fd, None, 0)
+        publish = self.begin(fd, None, 0)
         max_message = self.w.cfg.max_message
         for number, line in enumerate(body.split(b"\n"), 1):
             if not line.strip():
@@ -166,67 +187,120 @@ class AppPort:
                 if len(data) > max_message:
                     raise ValueError("message over %d bytes" % max_message)
             except (ValueError, KeyError, TypeError, UnicodeError, RecursionError) as e:
-                batch.errors.append({"line": number, "error": error_text(e)})
+                publish.errors.append({"line": number, "error": error_text(e)})
                 continue
-            batch.waiting += 1
-            self.router.publish(ident, data, fd, number)
-        self.maybe_finish(fd, resume=False)       # the request loop goes on by itself
+            publish.waiting += 1
+            self.router.publish(ident, data, fd, publish.serial, number)
+        if not publish.waiting:                   # every line was refused: nothing to wait for
+            self.answer_ready(fd, resume=False)
 
-    def begin_wait(self, fd, ident, waiting):
+    # -- answers owed: publishes in flight, in request order -------------------------------
+    #
+    # A publisher that pipelines requests gets them all on their way to their homes at once,
+    # not one round trip to a home after the other; the answers still go out in request
+    # order.  Anything else pipelined behind publishes (a GET, a refused request) is held
+    # back until they are answered, and nothing more is parsed meanwhile.
+
+    def begin(self, fd, ident, waiting):
         w = self.w
-        w.new_serial(fd)
-        w.state[fd] = BUSY
-        batch = self.batches[fd] = Batch(ident, waiting)
+        publish = Publish(w.new_serial(fd), ident, self.http.flags[fd], waiting)
+        owed = self.owed.get(fd)
+        if owed is None:
+            owed = self.owed[fd] = collections.deque()
+        owed.append(publish)
+        self.publishes[fd, publish.serial] = publish
         w.set_deadline(fd, CONFIRM_TIMEOUT)
-        return batch
+        if self.parse_no_more(fd, owed):
+            w.state[fd] = BUSY
+        return publish
+
+    def parse_no_more(self, fd, owed):
+        """Must fd's next requests wait until answers go out? When its last request asked to
+        close, something is held back, or as many publishes as a connection may have are in
+        flight."""
+        return (not owed[-1].flags & KEEP_ALIVE or fd in self.held_back
+                or len(owed) >= PIPELINE_MAX)
+
+    def hold_back(self, fd, what):
+        self.held_back[fd] = what
+        self.w.state[fd] = BUSY
+
+    def refuse(self, fd, error):
+        """A refused request: answered (and the connection closed) in its turn."""
+        if fd in self.owed:
+            self.hold_back(fd, error)
+        else:
+            self.http.fail(fd, error.status, error.reason)
 
     def on_ack(self, src, record):
         fd, serial, stored, last, refused = records.read_ack(record)
-        if not self.router.is_waiting(fd, serial, BUSY):
+        publish = self.publishes.get((fd, serial))
+        if publish is None:
             return                                   # the publisher went away meanwhile
-        batch = self.batches[fd]
         self.w.set_deadline(fd, CONFIRM_TIMEOUT)     # progress: the wait starts again
-        batch.waiting -= stored + len(refused)
-        batch.published += stored
+        publish.waiting -= stored + len(refused)
+        publish.published += stored
         if stored:
-            batch.seq = last
+            publish.seq = last
         for line in refused:
-            batch.errors.append({"line": line, "error": "id table full"})
-        self.maybe_finish(fd)
+            publish.errors.append({"line": line, "error": "id table full"})
+        if not publish.waiting and publish is self.owed[fd][0]:
+            self.answer_ready(fd)
 
-    def maybe_finish(self, fd, resume=True):
-        batch = self.batches.get(fd)
-        if batch is None or batch.waiting:
-            return
-        del self.batches[fd]
-        self.w.state[fd] = READING
-        if batch.ident is not None:                # a single POST /pub/<id>
-            if batch.seq:
-                self.http.respond(fd, 202, b'{"id": "%s", "seq": %d}' % (batch.ident, batch.seq))
-            else:
-                self.http.fail(fd, 503, "id table full")
+    def answer_ready(self, fd, resume=True):
+        """Answer the publishes at the head of fd's queue that have all their ACKs; once none
+        is owed, route what was held back behind them.  Then, unless called from within the
+        request loop (``resume``), go on with the requests pipelined behind."""
+        w, http = self.w, self.http
+        owed = self.owed[fd]
+        while owed and not owed[0].waiting:
+            publish = owed.popleft()
+            del self.publishes[fd, publish.serial]
+            http.flags[fd] = publish.flags
+            http.respond(fd, *answer_of(publish), last=not owed)
+            if w.state[fd] != READING:
+                return              # its request said close, or the peer left: no more to say
+        if owed:
+            # respond() gave it a header timeout: the rest still waits for ACKs.
+            w.set_deadline(fd, CONFIRM_TIMEOUT)
+            if self.parse_no_more(fd, owed):
+                w.state[fd] = BUSY
+                return
+            w.state[fd] = READING
         else:
-            batch.errors.sort(key=lambda error: error["line"])
-            self.http.respond(fd, 202, json.dumps({"published": batch.published,
-                                                   "errors": batch.errors}).encode())
+            del self.owed[fd]
+            held = self.held_back.pop(fd, None)
+            if held is not None:
+                w.state[fd] = READING
+                if isinstance(held, wire.HttpError):
+                    http.fail(fd, held.status, held.reason)
+                    return
+                req, body, http.flags[fd] = held
+                try:
+                    self.route(fd, req, body)
+                except wire.HttpError as e:
+                    http.fail(fd, e.status, e.reason)
+                    return
         if resume:
-            self.http.resume(fd)
+            http.resume(fd)
 
     def answer_unconfirmed(self, fd):
-        """No ACK came for CONFIRM_TIMEOUT: a home died after storing or before. Say so."""
-        batch = self.batches.pop(fd)
-        self.w.state[fd] = READING
-        self.http.flags[fd] &= ~KEEP_ALIVE         # late ACKs must not meet a next request
-        self.w.log("publish: %d messages not confirmed in %.0f s"
-                   % (batch.waiting, CONFIRM_TIMEOUT))
-        if batch.ident is not None:
-            self.http.respond(fd, 503, b"not confirmed: a worker restarted; it may or may not "
-                              b"have been stored\n", TEXT)
-        else:
-            batch.errors.sort(key=lambda error: error["line"])
-            self.http.respond(fd, 503, json.dumps({"published": batch.published,
-                                                   "unconfirmed": batch.waiting,
-                                                   "errors": batch.errors}).encode())
+        """No ACK came for CONFIRM_TIMEOUT: a home died after storing or before. Say so, for
+        each request still owed an answer, and close (late ACKs must meet no next request)."""
+        w, http = self.w, self.http
+        owed = self.owed.pop(fd)
+        self.held_back.pop(fd, None)
+        for publish in owed:
+            del self.publishes[fd, publish.serial]
+        w.log("publish: %d messages not confirmed in %.0f s"
+              % (sum(publish.waiting for publish in owed), CONFIRM_TIMEOUT))
+        owed[-1].flags &= ~KEEP_ALIVE
+        for publish in owed:
+            w.state[fd] = READING
+            http.flags[fd] = publish.flags
+            http.respond(fd, *answer_of(publish), last=publish is owed[-1])
+            if w.state[fd] != READING:
+                break                             # the last, or the peer is gone
 
     # -- the binary protocol -------------------------------------------------------------
 
@@ -314,6 +388,24 @@ class AppPort:
         lines.append("# TYPE megacomet_uptime_seconds gauge")
         lines.append("megacomet_uptime_seconds %s" % doc["uptime_s"])
         return "\n".join(lines) + "\n"
+
+
+NOT_CONFIRMED = b"not confirmed: a worker restarted; it may or may not have been stored\n"
+
+
+def answer_of(publish):
+    """(status, body, content type) of a publish's answer, confirmed by its ACKs or not."""
+    if publish.ident is not None:
+        if publish.waiting:
+            return 503, NOT_CONFIRMED, TEXT
+        if publish.seq:
+            return 202, b'{"id": "%s", "seq": %d}' % (publish.ident, publish.seq), JSON
+        return 503, b"id table full\n", TEXT
+    publish.errors.sort(key=lambda error: error["line"])
+    document = {"published": publish.published, "errors": publish.errors}
+    if publish.waiting:
+        document["unconfirmed"] = publish.waiting
+    return 503 if publish.waiting else 202, json.dumps(document).encode(), JSON
 
 
 def error_text(e):

@@ -16,6 +16,7 @@ from worker import READING
 
 KEEP_ALIVE, HEAD_ONLY = 1, 2
 TEXT = b"text/plain; charset=utf-8"
+JSON = b"application/json"
 CLIENT_INBUF_LIMIT = 65536 + 8192   # unparsed bytes a subscriber may send ahead of our answers
 
 
@@ -26,9 +27,13 @@ class Http:
         self.w = w
         self.flags = bytearray(len(w.state))   # fd -> KEEP_ALIVE | HEAD_ONLY of its request
 
-    def serve(self, fd, check_head, route, max_body, error_headers=b""):
+    def serve(self, fd, check_head, route, max_body, error_headers=b"", refuse=None):
         """Parse and route every complete request in inbuf[fd], one at a time, while the
-        connection reads requests and its unsent output is under the limit."""
+        connection reads requests and its unsent output is under the limit.
+
+        A malformed or refused request is answered by ``refuse(fd, error)`` (by default
+        at once, with ``fail``: a port whose answers may still be owed to earlier
+        requests queues it behind them)."""
         w = self.w
         state, inbuf = w.state, w.inbuf
         while state[fd] == READING:
@@ -49,7 +54,10 @@ class Http:
                     (HEAD_ONLY if req.method == b"HEAD" else 0)
                 route(fd, req, body)
             except wire.HttpError as e:
-                self.fail(fd, e.status, e.reason, error_headers)
+                if refuse is None:
+                    self.fail(fd, e.status, e.reason, error_headers)
+                else:
+                    refuse(fd, e)
                 return
 
     def resume(self, fd):
@@ -62,9 +70,10 @@ class Http:
         """KEEP_ALIVE | HEAD_ONLY as this answer honours them (no keep-alive while stopping)."""
         return self.flags[fd] & ~KEEP_ALIVE if self.w.stopping else self.flags[fd]
 
-    def respond(self, fd, status, body=b"", content_type=b"application/json", headers=b""):
-        """Answer the current request; then wait for the next one, or close."""
-        flags = self.response_flags(fd)
+    def respond(self, fd, status, body=b"", content_type=JSON, headers=b"", last=True):
+        """Answer the current request; then wait for the next one, or close.  An answer that
+        is not the ``last`` one owed on the connection keeps it open even while stopping."""
+        flags = self.response_flags(fd) if last else self.flags[fd]
         self.send_response(fd, wire.response(status, body, content_type, flags & KEEP_ALIVE,
                                              headers, flags & HEAD_ONLY), flags & KEEP_ALIVE)
 

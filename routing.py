@@ -83,11 +83,11 @@ class Router:
 
     # -- publishing --------------------------------------------------------------
 
-    def publish(self, ident, data, fd=0, line=0):
-        """Send a message to its home; with fd, the home ACKs it back to that request."""
+    def publish(self, ident, data, fd=0, serial=0, line=0):
+        """Send a message to its home; with a serial, the home ACKs it back to (fd, serial)."""
         w = self.w
         w.counters["received"] += 1
-        w.send_home(ident, records.pub(fd, w.serial[fd] if fd else 0, line, ident, data))
+        w.send_home(ident, records.pub(fd, serial, line, ident, data))
 
     # -- home side -----------------------------------------------------------------
 

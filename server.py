@@ -38,7 +38,7 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
                                    closed=stream.closed, stop=stream.stop_ws)
     table[protocols.APP_NEW] = Protocol("app", app.readable_new, app.timeout_reading)
     table[protocols.APP_HTTP] = Protocol("app", app.readable_http, app.timeout_http, app.drained,
-                                         closed=app.closed_http)
+                                         closed=app.closed_http, stop=app.stop_http)
     table[protocols.APP_BINARY] = Protocol("app", app.readable_binary, app.timeout_reading,
                                            closed=app.closed_binary, stop=app.stop_binary)
     w.protocols = table

@@ -130,7 +130,10 @@ class Server:
         return status, headers, body
 
     def stats(self):
-        status, _, body = self.request("GET", "/stats")
+        return self.stats_within(10)
+
+    def stats_within(self, timeout):
+        status, _, body = self.request("GET", "/stats", timeout=timeout)
         assert status == 200
         return json.loads(body)
 
