@@ -11,7 +11,8 @@
  * It tries WebSocket, then EventSource, then long-polling (fetch, or JSONP
  * script tags where fetch is missing), keeps the last seq of every id, and
  * resumes from it after every reconnect, so nothing is lost or delivered twice
- * while the server keeps the message (its --queue-ttl). While the server is
+ * while the server keeps the message (its --queue-ttl); a server started again
+ * numbers from 1, and what it sends is taken, not dropped as old. While the server is
  * down it retries with exponential backoff and jitter (0.5 s to 30 s).
  * No dependencies; it never touches the page beyond the callbacks it is given.
  */
@@ -53,9 +54,22 @@
     if (this.options.onstatus) this.options.onstatus(state, this.transport);
   };
 
+  // A connection (or a poll) begins: the first message of each id on it is checked below.
+  MegaComet.prototype._fresh = function () {
+    this.fresh = {};
+    for (var i = 0; i < this.ids.length; i++) this.fresh[this.ids[i]] = true;
+  };
+
   // Every message from every transport comes through here: the cursor drops repeats.
   MegaComet.prototype._deliver = function (id, seq, data) {
     if (!(id in this.cursors)) return;
+    if (this.fresh[id]) {
+      // The server sends only what came after the since we gave it, unless that since is
+      // beyond the id's last seq: it restarted and numbers from 1 again.  So an old seq first
+      // on a connection means a new server, whose messages must not be taken for repeats.
+      this.fresh[id] = false;
+      if (seq <= this.cursors[id]) this.cursors[id] = 0;
+    }
     if (seq <= this.cursors[id]) return;                 // had it already (a resumed backlog)
     this.cursors[id] = seq;
     this.failures = 0;
@@ -102,6 +116,7 @@
 
   MegaComet.prototype._websocket = function () {
     var self = this, opened = false;
+    this._fresh();
     var ws = new WebSocket(this.base.replace(/^http/, "ws") + this._path("ws"));
     ws.onopen = function () { opened = true; self.failures = 0; self._status("open"); };
     ws.onmessage = function (event) {
@@ -114,6 +129,7 @@
 
   MegaComet.prototype._eventsource = function () {
     var self = this, opened = false;
+    this._fresh();
     // A reconnect of our own (not EventSource's) so that since carries every id's cursor.
     var es = new EventSource(this.base + this._path("sse"));
     es.onopen = function () { opened = true; self.failures = 0; self._status("open"); };
@@ -134,6 +150,7 @@
 
   MegaComet.prototype._poll = function () {
     var self = this, live = true;
+    this._fresh();                                       // each poll asks with since anew
     this.stop = function () { live = false; self.stop = null; };
     var done = function (doc) {
       if (!live) return;

@@ -26,13 +26,15 @@ START_TIMEOUT = 20.0
 class Server:
     """One megacomet.py process tree; ``client`` and ``app`` are its ports."""
 
-    def __init__(self, *flags, workers=2, preexec_fn=None, command=None, cwd=ROOT, env=None):
+    def __init__(self, *flags, workers=2, preexec_fn=None, command=None, cwd=ROOT, env=None,
+                 port=0, app_port=0):
         self.preexec_fn = preexec_fn     # runs in the server process before it starts
         self.command = command or [sys.executable, os.path.join(ROOT, "megacomet.py")]
         self.cwd = cwd
         self.env = env
-        self.flags = ["--workers", str(workers), "--host", "127.0.0.1", "--port", "0",
-                      "--app-port", "0", *map(str, flags)]
+        # Ports 0: free ones, read off the banner; given ones start a server where one was.
+        self.flags = ["--workers", str(workers), "--host", "127.0.0.1", "--port", str(port),
+                      "--app-port", str(app_port), *map(str, flags)]
         self.workers = workers
         self.log_path = os.path.join("/tmp", "megacomet-test-%d-%d.log" % (os.getpid(), time.monotonic_ns()))
         self.proc = None
@@ -142,8 +144,8 @@ class Server:
 def server_factory():
     started = []
 
-    def make(*flags, workers=2):
-        server = Server(*flags, workers=workers).start()
+    def make(*flags, workers=2, **kw):
+        server = Server(*flags, workers=workers, **kw).start()
         started.append(server)
         return server
 

@@ -1,0 +1,210 @@
+"""The browser client in a real browser: headless Chromium runs the demo page.
+
+Debian's Chromium (/usr/bin/chromium), driven by Playwright, opens
+``/demo?ids=<id>&transport=<t>`` for each transport forced in turn, and the page
+must show every message published to the id exactly once and in order through
+what a deployment lives through: plain traffic; each worker SIGKILLed in turn
+(the id's home first, so that publishes wait for its successor, then the other,
+so that whichever worker held the page's connection has died once) with
+messages published while it is down and after; and the whole server stopped
+(publishing is then refused) and started again on the same ports with fresh
+shared memory, where seqs begin again at 1, with messages published before the
+page is back and after.  The page is read as a person reads it: the demo writes
+one line per message, "[transport] id #seq: data", and its status
+"state (transport)", which also proves the forced transport is the one in use.
+
+.ci/run installs both (apt-get install chromium; playwright comes with the
+``test`` extra); where either is missing these tests are skipped.
+"""
+
+import json
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from conftest import wait_for
+from test_bad_input import uid
+from test_hardening import is_dead
+from test_streams import pids_or_none
+
+try:
+    from playwright.sync_api import TimeoutError as PageTimeout, sync_playwright
+except ImportError:                                   # skipped below, with the reason
+    sync_playwright = None
+
+CHROMIUM = "/usr/bin/chromium"
+TRANSPORTS = ["websocket", "eventsource", "poll"]
+LINE = re.compile(r"\[(\w+)\] (\S+) #(\d+): (.*)")
+WAIT_MS = 20000                                       # the longest any one page wait may take
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One Chromium for the module (its start is the slow part); each test has its own context."""
+    if sync_playwright is None:
+        pytest.skip("playwright is not installed: python -m pip install -e '.[test]'")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("chromium is not installed: apt-get install chromium")
+    with sync_playwright() as playwright:
+        # Never Playwright's own browser build (there is no download here): Debian's.  The
+        # machine has no network beyond loopback, so Chromium's own background traffic is off.
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, timeout=30000,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        yield page
+    finally:
+        context.close()
+
+
+def publish(server, ident, data, timeout=15.0):
+    """POST until 202, as an application does, and return the seq.
+
+    A publish that failed may still have been stored: a 503 says its home died with it in
+    flight, and a connection reset by a dying worker may have passed it on first.  So look
+    at the id's buffer (once every worker answers again) before sending it again, else the
+    page would rightly show it twice."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, _, body = server.request("POST", "/pub/" + ident, data.encode(), timeout=10)
+        except OSError as e:
+            status, body = None, repr(e)
+        if status == 202:
+            return json.loads(body)["seq"]
+        assert status in (None, 503), (status, body)
+        assert time.monotonic() < deadline, "could not publish %r: %r" % (data, body)
+        wait_for(lambda: healthy(server), timeout=10, message="every worker back")
+        stored = buffered(server, ident).get(data)
+        if stored:
+            return stored
+        time.sleep(0.05)
+
+
+def healthy(server):
+    try:
+        return server.request("GET", "/health", timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def buffered(server, ident):
+    """data -> seq of what the server holds for ident (data is unique in these tests)."""
+    status, _, body = server.request("GET", "/sub/%s?since=0&timeout=1" % ident,
+                                     port=server.client, timeout=5)
+    assert status == 200, (status, body)
+    return {m["data"]: m["seq"] for m in json.loads(body)["messages"]}
+
+
+def shown(page):
+    """The demo's message lines, parsed: [(transport, id, seq, data)]."""
+    texts = page.eval_on_selector_all("#log div", "rows => rows.map(row => row.textContent)")
+    lines = []
+    for text in texts:
+        match = LINE.fullmatch(text)
+        assert match, text
+        lines.append((match[1], match[2], int(match[3]), match[4]))
+    return lines
+
+
+def expect_shown(page, transport, ident, expected):
+    """Wait until the page shows as many lines as published, then they must be exactly those."""
+    try:
+        page.wait_for_function("n => document.querySelectorAll('#log div').length >= n",
+                               arg=len(expected), timeout=WAIT_MS)
+    except PageTimeout:
+        pass                                          # the comparison below shows what is missing
+    assert shown(page) == [(transport, ident, seq, data) for seq, data in expected]
+    assert page.text_content("#status") == "open (%s)" % transport
+
+
+def publish_all(server, ident, names, expected):
+    for data in names:
+        expected.append((publish(server, ident, data), data))
+
+
+def stop(server):
+    """SIGTERM the supervisor and wait for it and every worker to exit by themselves."""
+    workers = server.worker_pids()
+    try:
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=10)
+        wait_for(lambda: all(is_dead(pid) for pid in workers), timeout=5,
+                 message="the workers' exit")
+    finally:
+        # Workers orphaned by a supervisor that is gone are no longer its children, which is
+        # all that Server.stop kills: they are killed here, by the pids read before.
+        for pid in workers:
+            if not is_dead(pid):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()                                 # its pipes and log (and, if it hangs, it)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_demo_page_gets_every_message_once_in_order_across_worker_kills_and_a_restart(
+        server_factory, page, transport):
+    server = server_factory(workers=2)
+    ident = uid("browser-" + transport)
+    page.goto("http://127.0.0.1:%d/demo?ids=%s&transport=%s" % (server.client, ident, transport))
+    # Forced: the client may try no other transport (the lines and the status say which it uses).
+    assert page.evaluate("client.order") == [transport]
+    expected = []
+
+    # Plain traffic: the first message may come as the backlog of the first connection, the
+    # others are pushed to a connection that is open.
+    publish_all(server, ident, ["a1"], expected)
+    expect_shown(page, transport, ident, expected)
+    publish_all(server, ident, ["a2", "a3", "a4"], expected)
+    expect_shown(page, transport, ident, expected)
+
+    # Each worker SIGKILLed in turn, the id's home (it stored a1..a4) first.
+    published = [w["published"] for w in server.stats()["workers"]]
+    home = published.index(max(published))
+    for index, tag in ((home, "home"), (1 - home, "other")):
+        victim = server.worker_pids()[index]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: is_dead(victim), timeout=5, interval=0.005, message="the kill")
+        publish_all(server, ident, ["%s-down" % tag], expected)       # sent while it is dead
+        wait_for(lambda: (lambda p: p and all(p) and victim not in p)(pids_or_none(server)),
+                 timeout=10, message="the supervisor's restart")
+        publish_all(server, ident, ["%s-after1" % tag, "%s-after2" % tag], expected)
+        expect_shown(page, transport, ident, expected)
+
+    # The whole server stopped: nothing can be published, the page keeps retrying.
+    client_port, app_port = server.client, server.app
+    stop(server)
+    with pytest.raises(ConnectionRefusedError):
+        server.request("POST", "/pub/" + ident, b"lost", timeout=5)
+
+    # Started again on the same ports, with fresh shared memory: seqs begin again at 1,
+    # below the page's cursor (10), which must take them all the same.  The first three are
+    # published as soon as the server is ready, while the page is most likely still backing
+    # off (it first resumes with since=10), the last two once it shows them, to an open
+    # connection.  (Ten or more published before the page is back would reach its cursor, and
+    # the server would then send only what is above it: no client can see that restart.)
+    server = server_factory(workers=2, port=client_port, app_port=app_port)
+    publish_all(server, ident, ["new1", "new2", "new3"], expected)
+    assert [seq for seq, _ in expected[-3:]] == [1, 2, 3]
+    expect_shown(page, transport, ident, expected)
+    publish_all(server, ident, ["new4", "new5"], expected)
+    expect_shown(page, transport, ident, expected)
+
+    # Nothing more comes later: no repeat of a message, late or resumed.
+    time.sleep(0.5)
+    assert len(shown(page)) == len(expected)
