@@ -253,11 +253,17 @@ class AppPort:
         request loop (``resume``), go on with the requests pipelined behind."""
         w, http = self.w, self.http
         owed = self.owed[fd]
-        while owed and not owed[0].waiting:
-            publish = owed.popleft()
-            del self.publishes[fd, publish.serial]
-            http.flags[fd] = publish.flags
-            http.respond(fd, *answer_of(publish), last=not owed)
+        if owed and not owed[0].waiting:
+            # One write for every answer ready (a pipelining publisher's are, mostly, at once).
+            answers = []
+            keep = True
+            while keep and owed and not owed[0].waiting:
+                publish = owed.popleft()
+                del self.publishes[fd, publish.serial]
+                http.flags[fd] = publish.flags
+                response, keep = http.answer(fd, *answer_of(publish), last=not owed)
+                answers.append(response)
+            http.send_response(fd, b"".join(answers), keep)
             if w.state[fd] != READING:
                 return              # its request said close, or the peer left: no more to say
         if owed:
@@ -295,12 +301,11 @@ class AppPort:
         w.log("publish: %d messages not confirmed in %.0f s"
               % (sum(publish.waiting for publish in owed), CONFIRM_TIMEOUT))
         owed[-1].flags &= ~KEEP_ALIVE
+        answers = []
         for publish in owed:
-            w.state[fd] = READING
             http.flags[fd] = publish.flags
-            http.respond(fd, *answer_of(publish), last=publish is owed[-1])
-            if w.state[fd] != READING:
-                break                             # the last, or the peer is gone
+            answers.append(http.answer(fd, *answer_of(publish), last=publish is owed[-1])[0])
+        http.send_response(fd, b"".join(answers), False)
 
     # -- the binary protocol -------------------------------------------------------------
 

@@ -70,12 +70,16 @@ class Http:
         """KEEP_ALIVE | HEAD_ONLY as this answer honours them (no keep-alive while stopping)."""
         return self.flags[fd] & ~KEEP_ALIVE if self.w.stopping else self.flags[fd]
 
-    def respond(self, fd, status, body=b"", content_type=JSON, headers=b"", last=True):
-        """Answer the current request; then wait for the next one, or close.  An answer that
-        is not the ``last`` one owed on the connection keeps it open even while stopping."""
+    def respond(self, fd, status, body=b"", content_type=JSON, headers=b""):
+        """Answer the current request; then wait for the next one, or close."""
+        self.send_response(fd, *self.answer(fd, status, body, content_type, headers))
+
+    def answer(self, fd, status, body=b"", content_type=JSON, headers=b"", last=True):
+        """(the response to the current request, keep the connection?), not sent yet.  An
+        answer that is not the ``last`` one owed keeps the connection even while stopping."""
         flags = self.response_flags(fd) if last else self.flags[fd]
-        self.send_response(fd, wire.response(status, body, content_type, flags & KEEP_ALIVE,
-                                             headers, flags & HEAD_ONLY), flags & KEEP_ALIVE)
+        keep = flags & KEEP_ALIVE
+        return wire.response(status, body, content_type, keep, headers, flags & HEAD_ONLY), keep
 
     def send_response(self, fd, data, keep):
         w = self.w
