@@ -7,6 +7,8 @@ with ``Accept: text/event-stream``) to an EventSource stream, ``GET
 and ``/`` serve the browser client and its demo page, ``OPTIONS`` is a CORS preflight;
 anything else is refused with a status code.  Subscribers send no bodies, and may not run far ahead of
 our answers.  With a secret, every subscription must be signed (``signing``).
+A subscription may say which run of the server (``epoch``) its cursors come
+from: those of another run count as 0 (``since_of``).
 It never answers a subscription itself: ``longpoll`` and ``streams`` do.
 """
 
@@ -36,6 +38,7 @@ class FrontDoor:
         self.streams = streams
         self.common = longpoll.common
         self.secret = w.cfg.secret
+        self.epoch = epoch_of(w.cfg)
         client = static_file("megacomet.js")
         demo = static_file("demo.html")
         self.pages = {}
@@ -81,7 +84,7 @@ class FrontDoor:
             stream = path.startswith(b"/sse/") or (req.accept and b"text/event-stream" in req.accept)
             if stream and req.last_event_id is not None:   # a reconnecting EventSource
                 query["since"] = req.last_event_id.decode("latin-1")
-            since = since_of(ident, query)
+            since = since_of(ident, query, self.epoch)
             if req.websocket_key is not None:
                 check_websocket(req)
                 self.streams.subscribe_ws(fd, ident, since, req.websocket_key)
@@ -132,10 +135,16 @@ def ids_of(text):
     return ids
 
 
-def since_of(ident, query):
-    """``since``: a seq for one id; for several, ``id:seq`` pairs ("a:4,b:9"; unnamed ids: 0)."""
+def since_of(ident, query, epoch):
+    """``since``: a seq for one id; for several, ``id:seq`` pairs ("a:4,b:9"; unnamed ids: 0).
+
+    Every since is 0 when the query's ``epoch`` is not ours: its seqs were counted by another
+    run of the server (this one's started again from 1), so the client gets all that is
+    buffered.  Without an epoch the since stands, as it did before epochs existed.
+    """
     if type(ident) is bytes:
-        return int_param(query, "since", 0, 0, 0xFFFFFFFF)
+        since = int_param(query, "since", 0, 0, 0xFFFFFFFF)
+        return 0 if other_epoch(query, epoch) else since
     cursors = dict.fromkeys(ident, 0)
     text = query.get("since")
     if text:
@@ -145,7 +154,25 @@ def since_of(ident, query):
             if not colon or name not in cursors:
                 raise wire.HttpError(400, "since must be id:seq pairs of the subscription's ids")
             cursors[name] = int_param({"since": seq}, "since", 0, 0, 0xFFFFFFFF)
-    return cursors
+    return dict.fromkeys(ident, 0) if other_epoch(query, epoch) else cursors
+
+
+def other_epoch(query, epoch):
+    """Whether the query names an epoch (a server run) other than ``epoch``."""
+    text = query.get("epoch")
+    if text is None:
+        return False
+    # Digits only, as for every number (see int_param); a run's epoch is 13 of them today.
+    if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
+        raise wire.HttpError(400, "epoch must be a whole number")
+    return int(text) != epoch
+
+
+def epoch_of(cfg):
+    """This run's epoch.  Its start in ms, which is also what a supervisor from before epochs
+    existed (whose Config has none) would have used: a reload into this code works there too."""
+    epoch = getattr(cfg, "epoch", None)
+    return int(cfg.started_at * 1000) if epoch is None else epoch
 
 
 def static_file(name):

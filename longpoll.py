@@ -3,9 +3,12 @@
 Three formats, one protocol byte each: JSON (``/sub/<id>``), JSONP (the same
 with ``callback``) and the original's compat poll (``/<id>.js``: the oldest
 message compat readers have not had, exactly as published, then close).
-A held poll costs its id in ``routing``'s table and one entry in the timeout
-wheel: no object of its own.  It never parses a request (``front`` does)
-and never decides where a message goes (``routing`` does).
+JSON and JSONP answers carry the server's ``epoch``: a client that sends it
+back with its cursor is told everything buffered after a full restart,
+whose seqs began again (``front.since_of``).  A held poll costs its id in
+``routing``'s table and one entry in the timeout wheel: no object of its
+own.  It never parses a request (``front`` does) and never decides where a
+message goes (``routing`` does).
 """
 
 import array
@@ -14,6 +17,7 @@ import json
 import protocols
 import records
 import wire
+from front import epoch_of
 from httpconn import CLIENT_INBUF_LIMIT, HEAD_ONLY, KEEP_ALIVE
 from records import DELIVER_COMPAT
 from worker import HELD, PENDING
@@ -34,6 +38,7 @@ class LongPoll:
         self.last = array.array("I", bytes(4 * limit))    # the id's last seq, as last heard
         self.callback = {}       # fd -> JSONP function name
         self.cursors = {}        # fd -> {id: newest seq the client has}: multiplexed polls only
+        self.epoch = epoch_of(w.cfg)
         self.common = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
                        b"X-Content-Type-Options: nosniff\r\n" % w.cfg.cors_origin.encode())
 
@@ -166,7 +171,8 @@ class LongPoll:
             if response is None:
                 body = cache.get("body")
                 if body is None:
-                    body = cache["body"] = json_body_of(ident, [(seq, data)], seq)
+                    body = cache["body"] = json_body_of(ident, [(seq, data)], seq,
+                                                        epoch=self.epoch)
                 response = cache[variant] = wire.response(200, body, JSON_TYPE, variant & KEEP_ALIVE,
                                                           self.common, variant & HEAD_ONLY)
             self.router.unhold(fd)
@@ -196,7 +202,7 @@ class LongPoll:
 
     def answer(self, fd, messages, last):
         callback = self.callback.pop(fd, None)
-        body = json_body_of(self.router.held_id[fd], messages, last, callback)
+        body = json_body_of(self.router.held_id[fd], messages, last, callback, self.epoch)
         self.router.unhold(fd)
         self.http.respond(fd, 200, body, JSON_TYPE if callback is None else JS_TYPE, self.common)
         self.w.counters["delivered"] += len(messages)
@@ -208,7 +214,7 @@ class LongPoll:
         for ident, seq, _ in items:
             cursors[ident] = max(cursors[ident], seq)
         callback = self.callback.pop(fd, None)
-        body = json_many_of(items, cursors, callback)
+        body = json_many_of(items, cursors, callback, self.epoch)
         self.router.unhold(fd)
         self.http.respond(fd, 200, body, JSON_TYPE if callback is None else JS_TYPE, self.common)
         self.w.counters["delivered"] += len(items)
@@ -231,21 +237,27 @@ class LongPoll:
             self.answer(fd, [], self.last[fd])
 
 
-def json_many_of(items, cursors, callback=None):
-    """``{"messages": [{"id", "seq", "data"}], "last": {id: seq}}``, maybe JSONP-wrapped."""
-    body = json.dumps({"messages": [{"id": ident.decode(), "seq": seq, "data": data.decode("utf-8")}
-                                    for ident, seq, data in items],
-                       "last": {ident.decode(): seq for ident, seq in cursors.items()}})
+def json_many_of(items, cursors, callback=None, epoch=None):
+    """``{"messages": [{"id", "seq", "data"}], "last": {id: seq}, "epoch": E}``, maybe
+    JSONP-wrapped."""
+    doc = {"messages": [{"id": ident.decode(), "seq": seq, "data": data.decode("utf-8")}
+                        for ident, seq, data in items],
+           "last": {ident.decode(): seq for ident, seq in cursors.items()}}
+    if epoch is not None:
+        doc["epoch"] = epoch
+    body = json.dumps(doc)
     if callback is not None:
         body = "/**/%s(%s);" % (callback, body)
     return body.encode()
 
 
-def json_body_of(ident, messages, last, callback=None):
-    """The /sub answer: ``{"id": ..., "messages": [{"seq", "data"}], "last": N}``, maybe JSONP-wrapped."""
+def json_body_of(ident, messages, last, callback=None, epoch=None):
+    """The /sub answer: ``{"id": ..., "messages": [{"seq", "data"}], "last": N, "epoch": E}``,
+    maybe JSONP-wrapped."""
     items = ", ".join('{"seq": %d, "data": %s}' % (seq, json.dumps(data.decode("utf-8")))
                       for seq, data in messages)
-    body = '{"id": "%s", "messages": [%s], "last": %d}' % (ident.decode(), items, last)
+    body = '{"id": "%s", "messages": [%s], "last": %d%s}' % (
+        ident.decode(), items, last, "" if epoch is None else ', "epoch": %d' % epoch)
     if callback is not None:
         body = "/**/%s(%s);" % (callback, body)
     return body.encode()

@@ -3,17 +3,19 @@ every message.
 
 ``GET /sse/<id>`` (or ``/sub/<id>`` with ``Accept: text/event-stream``)
 answers ``200 text/event-stream`` and keeps the connection: each message is
-``id: <seq>``, one ``data:`` line per line of the message and a blank line.
+``id: <seq>``, one ``data:`` line per line of the message and a blank line;
+the stream begins with the ``retry:`` hint and an ``epoch`` event naming
+this run of the server (``front.since_of`` says what a client does with it).
 It resumes after ``Last-Event-ID`` (or ``?since=``); with neither it first
 sends every buffered message of the id, as the long-poll does.  A ``: ping``
 comment every ``--heartbeat`` seconds keeps proxies from closing it.
 
 A WebSocket (``GET /ws/<id>`` or ``/sub/<id>`` with ``Upgrade: websocket``)
-gets each message as one text frame ``{"id": ..., "seq": N, "data": ...}``
-and a ping every ``--heartbeat``; it answers pings, and closes with the
-code RFC 6455 asks for on a protocol error (``wsframe`` judges the bytes).
-Data frames from clients are checked and ignored: publishing stays on the
-app port.
+gets each message as one text frame ``{"id": ..., "seq": N, "data": ...,
+"epoch": E}`` and a ping every ``--heartbeat``; it answers pings, and closes
+with the code RFC 6455 asks for on a protocol error (``wsframe`` judges the
+bytes).  Data frames from clients are checked and ignored: publishing stays
+on the app port.
 
 A stream is held like a long-poll (``routing``) but never let go: each
 DELIVER is written at once, a gap in seqs asks the home again.  A reader too
@@ -29,6 +31,7 @@ import re
 import protocols
 import records
 import wsframe
+from front import epoch_of
 from worker import CLOSING, HELD, PENDING
 
 STREAM_OUT_LIMIT = 1 << 20       # bytes queued for one stream before it counts as too slow
@@ -42,14 +45,14 @@ def sse_event(seq, data):
             + b"\n")
 
 
-def json_message(ident, seq, data):
-    return b'{"id": "%s", "seq": %d, "data": %s}' % (ident, seq,
-                                                     json.dumps(data.decode("utf-8")).encode())
+def json_message(ident, seq, data, more=b""):
+    return b'{"id": "%s", "seq": %d, "data": %s%s}' % (
+        ident, seq, json.dumps(data.decode("utf-8")).encode(), more)
 
 
-def ws_message(ident, seq, data):
-    """One message as a WebSocket text frame: {"id": ..., "seq": N, "data": ...}."""
-    return wsframe.encode(wsframe.TEXT, json_message(ident, seq, data))
+def ws_message(ident, seq, data, epoch):
+    """One message as a WebSocket text frame: {"id": ..., "seq": N, "data": ..., "epoch": E}."""
+    return wsframe.encode(wsframe.TEXT, json_message(ident, seq, data, b', "epoch": %d' % epoch))
 
 
 class Streams:
@@ -61,10 +64,14 @@ class Streams:
         self.since = array.array("I", bytes(4 * len(w.state)))   # the last seq sent
         self.sse_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + common +
                          b"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n")
+        self.epoch = epoch = epoch_of(w.cfg)
+        # A named event, without an id: EventSource's Last-Event-ID stays the last seq.
+        self.sse_start = (self.sse_head + b"retry: %d\n\n" % RETRY_MS +
+                          b"event: epoch\ndata: %d\n\n" % epoch)
         self.fragments = {}      # WS fd -> wsframe.Message of a fragmented message in progress
         self.cursors = {}        # fd -> {id: last seq sent}: multiplexed streams only
         self.encode = {protocols.SSE: lambda ident, seq, data: sse_event(seq, data),
-                       protocols.WS: ws_message}
+                       protocols.WS: lambda ident, seq, data: ws_message(ident, seq, data, epoch)}
         self.ping = {protocols.SSE: b": ping\n\n", protocols.WS: wsframe.encode(wsframe.PING)}
 
     def subscribe_sse(self, fd, ident, since, head_only=False):
@@ -73,7 +80,7 @@ class Streams:
             self.w.write(fd, self.sse_head)
             self.w.close_after_output(fd)
             return
-        self._open(fd, ident, since, protocols.SSE, self.sse_head + b"retry: %d\n\n" % RETRY_MS)
+        self._open(fd, ident, since, protocols.SSE, self.sse_start)
 
     def subscribe_ws(self, fd, ident, since, key):
         """Answer the WebSocket handshake and stream as for SSE, one text frame a message."""
@@ -252,7 +259,7 @@ class Streams:
         if self.w.proto[fd] == protocols.WS:
             frame = cache.get(protocols.WS)
             if frame is None:
-                frame = cache[protocols.WS] = ws_message(ident, seq, data)
+                frame = cache[protocols.WS] = ws_message(ident, seq, data, self.epoch)
         else:
             frame = b"id: %s\ndata: %s\n\n" % (
                 b",".join(b"%s:%d" % item for item in cursors.items()),

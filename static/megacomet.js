@@ -5,14 +5,16 @@
  *     onstatus: (state, transport) => { ... },   // "open" | "retrying" | "closed"
  *     transport: "auto",                          // or "websocket", "eventsource", "poll"
  *     query: "exp=...&sig=...",                   // a signed subscription, if the server wants one
+ *     since: 0, epoch: null,                      // resume: a cursor and the epoch it counts in
  *   });
  *   mc.close();
  *
  * It tries WebSocket, then EventSource, then long-polling (fetch, or JSONP
  * script tags where fetch is missing), keeps the last seq of every id, and
  * resumes from it after every reconnect, so nothing is lost or delivered twice
- * while the server keeps the message (its --queue-ttl); a server started again
- * numbers from 1, and what it sends is taken, not dropped as old. While the server is
+ * while the server keeps the message (its --queue-ttl). It also keeps the server's
+ * epoch and sends it back: a server started again numbers from 1, and then sends
+ * everything it holds, which is taken, not dropped as old. While the server is
  * down it retries with exponential backoff and jitter (0.5 s to 30 s).
  * No dependencies; it never touches the page beyond the callbacks it is given.
  */
@@ -28,6 +30,7 @@
     this.options = options || {};
     this.cursors = {};                                   // id -> last seq received
     for (var i = 0; i < ids.length; i++) this.cursors[ids[i]] = this.options.since || 0;
+    this.epoch = this.options.epoch ? Number(this.options.epoch) : null;   // the run they count in
     this.order = this.options.transport && this.options.transport !== "auto"
       ? [this.options.transport] : TRANSPORTS.filter(available);
     this.which = 0;                                      // index in order of the transport in use
@@ -54,22 +57,18 @@
     if (this.options.onstatus) this.options.onstatus(state, this.transport);
   };
 
-  // A connection (or a poll) begins: the first message of each id on it is checked below.
-  MegaComet.prototype._fresh = function () {
-    this.fresh = {};
-    for (var i = 0; i < this.ids.length; i++) this.fresh[this.ids[i]] = true;
+  // The server's epoch, from an answer, a frame or the stream's epoch event, before their
+  // messages.  Another run than the one the cursors count in: it was started again, numbers
+  // from 1, and (told our epoch) has sent everything it holds, so every cursor starts over.
+  MegaComet.prototype._epoch = function (epoch) {
+    if (typeof epoch !== "number" || epoch === this.epoch) return;     // an older server: none
+    if (this.epoch !== null) for (var id in this.cursors) this.cursors[id] = 0;
+    this.epoch = epoch;
   };
 
   // Every message from every transport comes through here: the cursor drops repeats.
   MegaComet.prototype._deliver = function (id, seq, data) {
     if (!(id in this.cursors)) return;
-    if (this.fresh[id]) {
-      // The server sends only what came after the since we gave it, unless that since is
-      // beyond the id's last seq: it restarted and numbers from 1 again.  So an old seq first
-      // on a connection means a new server, whose messages must not be taken for repeats.
-      this.fresh[id] = false;
-      if (seq <= this.cursors[id]) this.cursors[id] = 0;
-    }
     if (seq <= this.cursors[id]) return;                 // had it already (a resumed backlog)
     this.cursors[id] = seq;
     this.failures = 0;
@@ -84,6 +83,7 @@
 
   MegaComet.prototype._path = function (kind) {
     var query = "since=" + encodeURIComponent(this._since());
+    if (this.epoch !== null) query += "&epoch=" + this.epoch;
     if (this.options.query) query += "&" + this.options.query;
     return "/" + kind + "/" + this.ids.join(",") + "?" + query;
   };
@@ -116,11 +116,11 @@
 
   MegaComet.prototype._websocket = function () {
     var self = this, opened = false;
-    this._fresh();
     var ws = new WebSocket(this.base.replace(/^http/, "ws") + this._path("ws"));
     ws.onopen = function () { opened = true; self.failures = 0; self._status("open"); };
     ws.onmessage = function (event) {
       var m = JSON.parse(event.data);
+      self._epoch(m.epoch);
       self._deliver(m.id, m.seq, m.data);
     };
     ws.onclose = function () { if (self.stop) self._retry(opened); };
@@ -129,10 +129,11 @@
 
   MegaComet.prototype._eventsource = function () {
     var self = this, opened = false;
-    this._fresh();
-    // A reconnect of our own (not EventSource's) so that since carries every id's cursor.
+    // A reconnect of our own (not EventSource's) so that since carries every id's cursor, and
+    // the epoch (which an EventSource's own reconnect, with Last-Event-ID, would not update).
     var es = new EventSource(this.base + this._path("sse"));
     es.onopen = function () { opened = true; self.failures = 0; self._status("open"); };
+    es.addEventListener("epoch", function (event) { self._epoch(parseInt(event.data, 10)); });
     es.onmessage = function (event) {
       if (self.ids.length === 1) {
         self._deliver(self.ids[0], parseInt(event.lastEventId, 10), event.data);
@@ -150,10 +151,10 @@
 
   MegaComet.prototype._poll = function () {
     var self = this, live = true;
-    this._fresh();                                       // each poll asks with since anew
     this.stop = function () { live = false; self.stop = null; };
     var done = function (doc) {
       if (!live) return;
+      self._epoch(doc.epoch);
       if (self.ids.length === 1) {
         for (var i = 0; i < doc.messages.length; i++) {
           self._deliver(self.ids[0], doc.messages[i].seq, doc.messages[i].data);

@@ -28,6 +28,7 @@ import time
 import pytest
 
 from conftest import ROOT, Server, raw_request, wait_for
+from test_epoch import server_epoch
 
 _counter = itertools.count()
 
@@ -198,7 +199,7 @@ def test_http_pub_round_trip_through_sub_and_compat(server_factory, workers):
     assert got == list(range(1, len(TRICKY) + 1))
 
     doc = sub_json(server, ident)
-    assert doc == {"id": ident, "last": len(TRICKY),
+    assert doc == {"id": ident, "last": len(TRICKY), "epoch": server_epoch(server),
                    "messages": [{"seq": i + 1, "data": t} for i, t in enumerate(TRICKY)]}
 
     # The compat API hands out the same messages, oldest first, byte for byte.
@@ -222,10 +223,11 @@ def test_held_polls_on_every_worker_receive_http_pub(server_factory, workers):
         wait_held(server, 16 * workers, every_worker=True)
         assert not any(c.readable() for c in subs + compat), "answered before any publish"
         assert server.pub(ident, "to everyone ✓") == 1
+        epoch = server_epoch(server)
         for conn in subs:
             status, headers, body = conn.response(timeout=10)
             assert status == 200
-            assert json.loads(body) == {"id": ident, "last": 1,
+            assert json.loads(body) == {"id": ident, "last": 1, "epoch": epoch,
                                         "messages": [{"seq": 1, "data": "to everyone ✓"}]}
         for conn in compat:
             status, headers, body = conn.response(timeout=10)
@@ -345,10 +347,11 @@ def test_publish_reaches_subscribers_on_every_worker(server_factory, workers):
         assert len(counts) == workers and all(c > 0 for c in counts), counts
         delivered = stat_totals(server)["delivered"]
         assert server.pub(ident, "hello, all %d" % n) == 1
+        epoch = server_epoch(server)
         for poll in polls:
             status, headers, body = poll.response(timeout=10)
             assert status == 200
-            assert json.loads(body) == {"id": ident, "last": 1,
+            assert json.loads(body) == {"id": ident, "last": 1, "epoch": epoch,
                                         "messages": [{"seq": 1, "data": "hello, all %d" % n}]}
         wait_for(lambda: stat_totals(server)["delivered"] >= delivered + n, timeout=10,
                  message="delivered counter")
@@ -381,7 +384,8 @@ def test_one_message_to_held_polls_of_every_format(server_factory):
                 conns.append((kind, conn))
         wait_held(server, len(conns), every_worker=True)
         assert server.pub(ident, "fmt ✓") == 1
-        doc = {"id": ident, "messages": [{"seq": 1, "data": "fmt ✓"}], "last": 1}
+        doc = {"id": ident, "messages": [{"seq": 1, "data": "fmt ✓"}], "last": 1,
+               "epoch": server_epoch(server)}
         for kind, conn in conns:
             status, headers, body = conn.response(head=kind == "head")
             assert status == 200, kind
@@ -541,9 +545,11 @@ def test_since_and_seq_semantics(server_factory):
     started = time.monotonic()
     doc = sub_json(server, ident, since=5, timeout=1)
     assert time.monotonic() - started >= 0.9
-    assert doc == {"id": ident, "messages": [], "last": 5}
+    epoch = server_epoch(server)
+    assert doc == {"id": ident, "messages": [], "last": 5, "epoch": epoch}
     unknown = uid("never")
-    assert sub_json(server, unknown, timeout=1) == {"id": unknown, "messages": [], "last": 0}
+    assert sub_json(server, unknown, timeout=1) == {"id": unknown, "messages": [], "last": 0,
+                                                    "epoch": epoch}
 
     # A held poll with since=last gets exactly the next message.
     poll = Raw(server.client)
@@ -554,7 +560,8 @@ def test_since_and_seq_semantics(server_factory):
         assert server.pub(ident, "m6") == 6
         status, _, body = poll.response()
         assert status == 200
-        assert json.loads(body) == {"id": ident, "messages": [{"seq": 6, "data": "m6"}], "last": 6}
+        assert json.loads(body) == {"id": ident, "messages": [{"seq": 6, "data": "m6"}], "last": 6,
+                                    "epoch": epoch}
     finally:
         poll.close()
     assert seqs(sub_json(server, ident, since=5)) == [6]
@@ -792,6 +799,7 @@ def test_jsonp_callback(server_factory):
     server = server_factory(workers=2)
     ident = uid("jsonp")
     server.pub(ident, 'he said "hi"')
+    epoch = server_epoch(server)
     for callback in ("fn", "jQuery_123.cb$", "$", "_a.b.c", "a" * 64):
         status, headers, body = server.request(
             "GET", "/sub/%s?callback=%s" % (ident, callback), port=server.client)
@@ -802,14 +810,16 @@ def test_jsonp_callback(server_factory):
         prefix = "/**/%s(" % callback
         assert text.startswith(prefix) and text.endswith(");"), text
         assert json.loads(text[len(prefix):-2]) == {
-            "id": ident, "messages": [{"seq": 1, "data": 'he said "hi"'}], "last": 1}
+            "id": ident, "messages": [{"seq": 1, "data": 'he said "hi"'}], "last": 1,
+            "epoch": epoch}
     # On timeout too, with since and timeout in any order.
     status, headers, body = server.request(
         "GET", "/sub/%s?timeout=1&callback=cb&since=1" % ident, port=server.client)
     assert status == 200
     text = body.decode()
     assert text.startswith("/**/cb(") and text.endswith(");"), text
-    assert json.loads(text[len("/**/cb("):-2]) == {"id": ident, "messages": [], "last": 1}
+    assert json.loads(text[len("/**/cb("):-2]) == {"id": ident, "messages": [], "last": 1,
+                                                   "epoch": epoch}
     assert headers["Content-Type"].startswith("application/javascript")
     # Invalid callbacks: 400 with a one-line reason.
     for callback in ("1abc", "a-b", "alert(1)", "a%20b", "a" * 65, "%3Cscript%3E", ""):
@@ -873,6 +883,7 @@ def test_keep_alive_several_polls_on_one_connection(server_factory):
     server = server_factory(workers=2)
     ident = uid("keep")
     server.pub(ident, "one")
+    epoch = server_epoch(server)
     conn = Raw(server.client)
     try:
         conn.get("/sub/%s" % ident)
@@ -888,14 +899,16 @@ def test_keep_alive_several_polls_on_one_connection(server_factory):
         # A timeout answer keeps the connection too.
         conn.get("/sub/%s?since=2&timeout=1" % ident)
         status, headers, body = conn.response(timeout=10)
-        assert status == 200 and json.loads(body) == {"id": ident, "messages": [], "last": 2}
+        assert status == 200 and json.loads(body) == {"id": ident, "messages": [], "last": 2,
+                                                      "epoch": epoch}
         assert headers.get("connection", "").lower() != "close"
         # HEAD: headers (with the Content-Length a GET would have) and no body; still kept alive.
         conn.get("/sub/%s" % ident, method="HEAD")
         status, headers, body = conn.response(head=True)
         assert status == 200 and body == b""
         get_body = json.dumps({"id": ident, "messages": [{"seq": 1, "data": "one"},
-                                                         {"seq": 2, "data": "two"}], "last": 2})
+                                                         {"seq": 2, "data": "two"}], "last": 2,
+                              "epoch": epoch})
         assert int(headers["content-length"]) == len(get_body.encode())
         conn.get("/sub/%s?since=1" % ident)
         status, _, body = conn.response()

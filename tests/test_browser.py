@@ -9,7 +9,10 @@ so that whichever worker held the page's connection has died once) with
 messages published while it is down and after; and the whole server stopped
 (publishing is then refused) and started again on the same ports with fresh
 shared memory, where seqs begin again at 1, with messages published before the
-page is back and after.  The page is read as a person reads it: the demo writes
+page is back (more of them than the page's cursor, so that only the server's
+epoch tells the page that these are not old seqs; Chromium is kept offline
+meanwhile, so that it cannot come back before they are all published) and
+after.  The page is read as a person reads it: the demo writes
 one line per message, "[transport] id #seq: data", and its status
 "state (transport)", which also proves the forced transport is the one in use.
 
@@ -192,17 +195,20 @@ def test_demo_page_gets_every_message_once_in_order_across_worker_kills_and_a_re
     with pytest.raises(ConnectionRefusedError):
         server.request("POST", "/pub/" + ident, b"lost", timeout=5)
 
-    # Started again on the same ports, with fresh shared memory: seqs begin again at 1,
-    # below the page's cursor (10), which must take them all the same.  The first three are
-    # published as soon as the server is ready, while the page is most likely still backing
-    # off (it first resumes with since=10), the last two once it shows them, to an open
-    # connection.  (Ten or more published before the page is back would reach its cursor, and
-    # the server would then send only what is above it: no client can see that restart.)
+    # Started again on the same ports, with fresh shared memory: seqs begin again at 1.  Before
+    # the page can come back (Chromium offline: its every attempt fails, as against a server
+    # that is down) more are published than its cursor, so the new seqs pass it: resuming
+    # with since=<cursor> alone would get only those above it.  The page sends the old epoch
+    # too, so it gets them all; then two more, pushed to its open connection.
+    cursor = len(expected)
+    page.context.set_offline(True)
     server = server_factory(workers=2, port=client_port, app_port=app_port)
-    publish_all(server, ident, ["new1", "new2", "new3"], expected)
-    assert [seq for seq, _ in expected[-3:]] == [1, 2, 3]
+    publish_all(server, ident, ["new%d" % i for i in range(1, cursor + 3)], expected)
+    assert [seq for seq, _ in expected[cursor:]] == list(range(1, cursor + 3))
+    assert server.stats()["totals"]["subscribers"] == 0      # the page is not back yet
+    page.context.set_offline(False)
     expect_shown(page, transport, ident, expected)
-    publish_all(server, ident, ["new4", "new5"], expected)
+    publish_all(server, ident, ["new%d" % i for i in (cursor + 3, cursor + 4)], expected)
     expect_shown(page, transport, ident, expected)
 
     # Nothing more comes later: no repeat of a message, late or resumed.

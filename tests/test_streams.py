@@ -125,6 +125,7 @@ def test_stream_is_pinged_and_a_disconnect_frees_it(server_factory):
     server = server_factory("--heartbeat", 0.5, workers=1)
     stream = Stream(server, "/sse/" + uid("ping"))
     stream.event()                                    # retry:
+    stream.event()                                    # the epoch event
     started = time.monotonic()
     assert stream.event(timeout=3) == [("", "ping")]     # the comment ": ping"
     assert time.monotonic() - started < 1.5
@@ -237,7 +238,7 @@ def test_one_connection_follows_several_ids_on_every_transport(server_factory):
         from conftest import read_response
         status, _, body = read_response(sock, timeout=10)
         assert json.loads(body) == {"messages": [{"id": c, "seq": 1, "data": "c1"}],
-                                    "last": {a: 1, b: 2, c: 1}}
+                                    "last": {a: 1, b: 2, c: 1}, "epoch": doc["epoch"]}
     # SSE: the event's id is the whole cursor, so Last-Event-ID resumes every id.
     stream = Stream(server, "/sse/%s?since=%s:1,%s:2,%s:1" % (ids, a, b, c))
     with ws_connect("ws://127.0.0.1:%d/ws/%s?since=%s:1,%s:2,%s:1" % (server.client, ids, a, b, c)) as ws:
@@ -253,7 +254,8 @@ def test_one_connection_follows_several_ids_on_every_transport(server_factory):
             fields = stream.event()
             assert fields[0] == ("id", "%s:2,%s:3,%s:1" % (a, b, c))
             assert [json.loads(ws.recv(timeout=5)) for _ in range(2)] == [
-                {"id": b, "seq": 3, "data": "b3"}, {"id": a, "seq": 2, "data": "a2"}]
+                {"id": b, "seq": 3, "data": "b3", "epoch": doc["epoch"]},
+                {"id": a, "seq": 2, "data": "a2", "epoch": doc["epoch"]}]
         finally:
             stream.close()
     resumed = Stream(server, "/sse/" + ids, ["Last-Event-ID: %s:1,%s:3,%s:1" % (a, b, c)])

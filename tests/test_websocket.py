@@ -52,10 +52,13 @@ def test_backlog_then_live_messages_as_json_text_frames(srv):
     ident = uid("ws")
     srv.pub(ident, "first")
     with ws_connect(url(srv, "/ws/" + ident)) as ws:
-        assert recv_json(ws) == {"id": ident, "seq": 1, "data": "first"}
+        first = recv_json(ws)
+        epoch = first["epoch"]                         # the server's run: the same in each frame
+        assert first == {"id": ident, "seq": 1, "data": "first", "epoch": epoch}
         for i in range(2, 20):
             srv.pub(ident, "live ✓ %d\n\"quoted\"" % i)
-            assert recv_json(ws) == {"id": ident, "seq": i, "data": "live ✓ %d\n\"quoted\"" % i}
+            assert recv_json(ws) == {"id": ident, "seq": i, "data": "live ✓ %d\n\"quoted\"" % i,
+                                     "epoch": epoch}
 
 
 def test_upgrade_on_sub_path_and_resume_with_since(srv):

@@ -1033,7 +1033,8 @@ class Conn:
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, NLMSG_ERROR = 4, 20, 1, 2
 INET_DIAG_QUEUES = 16 + 4 + 48 + 4
 # A block of an event stream: the retry hint, a ping, a message, or the refusal of a full table.
-SSE_BLOCK = re.compile(rb"retry: \d+|: ping|id: (\d+)(?:\ndata: [^\r\n]*)+|event: error\ndata: [^\r\n]*")
+SSE_BLOCK = re.compile(rb"retry: \d+|: ping|id: (\d+)(?:\ndata: [^\r\n]*)+|event: error\ndata: [^\r\n]*"
+                       rb"|event: epoch\ndata: \d+")
 EVENT_STREAM = re.compile(rb"\r\ncontent-type: *text/event-stream", re.I)
 WS_NAMES = {WS_TEXT: "text", WS_CLOSE: "close", WS_PING: "ping", WS_PONG: "pong"}
 
@@ -1449,14 +1450,16 @@ class Engine:
             self.stream_fault(c, fault)
 
     def message_fault(self, c, payload):
-        """What is wrong with a message on a WebSocket: {"id": ..., "seq": N, "data": ...}."""
+        """What is wrong with a message on a WebSocket: {"id": ..., "seq": N, "data": ...,
+        "epoch": E}."""
         try:
             doc = json.loads(payload)
         except ValueError:
             return "a text frame that is not JSON: %r" % payload[:200]
-        if not (isinstance(doc, dict) and set(doc) == {"id", "seq", "data"} and
-                type(doc["seq"]) is int and isinstance(doc["data"], str)):
-            return "a message not of the form {id, seq, data}: %r" % payload[:200]
+        if not (isinstance(doc, dict) and set(doc) == {"id", "seq", "data", "epoch"} and
+                type(doc["seq"]) is int and isinstance(doc["data"], str) and
+                type(doc["epoch"]) is int):
+            return "a message not of the form {id, seq, data, epoch}: %r" % payload[:200]
         if c.inp.ident is not None and doc["id"] != c.inp.ident:
             return "a message for %r on a stream of %r" % (doc["id"], c.inp.ident)
         return self.seq_fault(c, doc["seq"])
