@@ -8,6 +8,7 @@ aiohttp peer.  Each checks the tools' own correctness verdicts, not speed.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -39,6 +40,64 @@ def test_megatest_mode_against_the_server(server_factory, tmp_path, mode, size):
     # every queued message drained, nothing stalled.
     assert data["ok"] is True and data["problems"] == [], data["summary"]
     assert data["summary"].startswith("megatest %s:" % mode)
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+@pytest.mark.parametrize("mode, size", [("hold", ["-n", "300", "--hold", "2"]),
+                                        ("deliver", ["-n", "300"]), ("fanout", ["-n", "300"])])
+def test_megatest_streams_against_the_server(server_factory, tmp_path, mode, size, transport):
+    # A heartbeat of 1 s: the held streams also get pings (WebSocket ones answered with pongs).
+    server = server_factory("--heartbeat", "1", workers=2)
+    record = tmp_path / "record.json"
+    run_tool([MEGATEST, "--mode", mode, "--transport", transport, *size,
+              "--port", str(server.client), "--app-port", str(server.app),
+              "--server-pid", str(server.proc.pid), "--duration", "30", "--settle", "1.2",
+              "--json", str(record)], timeout=60)
+    data = json.loads(record.read_text())
+    assert data["ok"] is True and data["problems"] == [], data["summary"]
+    assert data["summary"].startswith("megatest %s/%s:" % (mode, transport))
+    phases = data["phases"]
+    if mode == "hold":
+        assert phases["hold"]["client_counts"]["streams"] == 300
+        # Each stream's pings in 2 s (an EventSource's "retry:" event is a comment too).
+        counts = phases["hold"]["client_counts"]
+        assert counts["pings"] >= 300 if transport == "ws" else counts["comments"] >= 600, counts
+    else:
+        for name, phase in phases.items():
+            if name != "open":
+                assert phase["exactly_one"] == phase["expected"] == 300, (name, phase)
+
+
+def test_megatest_streams_against_the_aiohttp_peer(tmp_path):
+    pytest.importorskip("aiohttp")
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(str(s.getsockname()[1]))
+    peer = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "peers", "aiohttp_server.py"),
+                             "--port", ports[0], "--app-port", ports[1]], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert "ready" in peer.stdout.readline()
+        for transport in ("sse", "ws"):
+            record = tmp_path / ("%s.json" % transport)
+            run_tool([MEGATEST, "--mode", "deliver", "--transport", transport, "-n", "200",
+                      "--publish", "batch,single", "--port", ports[0],
+                      "--app-port", ports[1], "--server-pid", str(peer.pid),
+                      "--duration", "30", "--json", str(record)], timeout=60)
+            data = json.loads(record.read_text())
+            assert data["ok"] is True and data["problems"] == [], data["summary"]
+    finally:
+        peer.terminate()
+        peer.wait(10)
+
+
+@pytest.mark.parametrize("mode", ["queue", "churn"])
+def test_megatest_refuses_streams_where_it_only_polls(mode):
+    proc = subprocess.run([sys.executable, MEGATEST, "--mode", mode, "--transport", "ws"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "long-poll" in proc.stderr, proc.stderr
 
 
 def test_bench_quick_deliver_side_by_side(tmp_path):

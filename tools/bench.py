@@ -6,6 +6,12 @@ starts a fresh server on free loopback ports, runs tools/megatest.py against
 it, stops the server, and finally prints one table (metric, megacomet, peer,
 ratio) and writes everything as JSON (--json).
 
+Those modes long-poll. Streaming modes, chosen with --modes, run hold, deliver
+and fanout with EventSource or WebSocket subscribers instead (megatest
+--transport): hold-sse, hold-ws, deliver-sse, deliver-ws, fanout-sse,
+fanout-ws; their rows are labelled with the mode (e.g. "deliver-ws/single:
+CPU us/delivery"). --hold-n N holds N connections in every hold mode.
+
 Servers:
   megacomet  python megacomet.py --workers 8 (this repository)
   aiohttp    tools/peers/aiohttp_server.py (needs aiohttp: tools/requirements-bench.txt)
@@ -15,6 +21,8 @@ Servers:
     python tools/bench.py --quick          # about a minute
     python tools/bench.py                  # about ten minutes
     python tools/bench.py --servers megacomet,aiohttp --modes hold,deliver --json out.json
+    python tools/bench.py --modes hold-sse,hold-ws,deliver-sse,deliver-ws,fanout-ws
+    python tools/bench.py --servers megacomet --modes hold-sse,hold-ws --hold-n 100000
 
 Ratios are megacomet / peer. For memory, CPU and latency lower is better;
 for rates higher is better. A single-process peer cannot hold more than its
@@ -40,16 +48,23 @@ MEGATEST = os.path.join(HERE, "megatest.py")
 PEER = os.path.join(HERE, "peers", "aiohttp_server.py")
 NCHAN_MODULES = ("/usr/lib/nginx/modules/ngx_nchan_module.so",
                  "/usr/share/nginx/modules/ngx_nchan_module.so")
-MODES = ("hold", "deliver", "fanout", "queue", "churn")
+MODES = ("hold", "deliver", "fanout", "queue", "churn")          # the default run: long-polls
+STREAM_MODES = ("hold-sse", "hold-ws", "deliver-sse", "deliver-ws", "fanout-sse", "fanout-ws")
 
 # Per-mode sizes. "n" connections, "m" queued messages; churn: rate msg/s, seconds.
 SIZES = {
     "quick": {"hold": {"n": 5000, "hold": 1}, "deliver": {"n": 5000},
               "fanout": {"n": 5000}, "queue": {"m": 20000},
-              "churn": {"n": 2000, "rate": 2000, "seconds": 4}},
+              "churn": {"n": 2000, "rate": 2000, "seconds": 4},
+              "hold-sse": {"n": 5000, "hold": 1}, "hold-ws": {"n": 5000, "hold": 1},
+              "deliver-sse": {"n": 5000}, "deliver-ws": {"n": 5000},
+              "fanout-sse": {"n": 5000}, "fanout-ws": {"n": 5000}},
     "full": {"hold": {"n": 100000, "hold": 3}, "deliver": {"n": 18000},
              "fanout": {"n": 18000}, "queue": {"m": 200000},
-             "churn": {"n": 10000, "rate": 5000, "seconds": 15}},
+             "churn": {"n": 10000, "rate": 5000, "seconds": 15},
+             "hold-sse": {"n": 20000, "hold": 3}, "hold-ws": {"n": 20000, "hold": 3},
+             "deliver-sse": {"n": 18000}, "deliver-ws": {"n": 18000},
+             "fanout-sse": {"n": 10000}, "fanout-ws": {"n": 10000}},
 }
 # Most subscribers a server can hold here (per-process open-file limit 20 000).
 CAPACITY = {"aiohttp": 18000}
@@ -137,10 +152,15 @@ http {{
   nchan_max_reserved_memory 512M;
   server {{
     listen 127.0.0.1:{self.port} backlog=4096 reuseport;
+    # One location for every transport: Nchan picks EventSource on "Accept:
+    # text/event-stream", WebSocket on "Upgrade: websocket", else long-poll. Streams
+    # are pinged every 15 s, as MegaComet's --heartbeat and the aiohttp peer do.
     location ~ ^/sub/([A-Za-z0-9_~:@-]+)$ {{
-      nchan_subscriber longpoll;
+      nchan_subscriber longpoll eventsource websocket;
       nchan_channel_id $1;
       nchan_subscriber_timeout 120s;
+      nchan_eventsource_ping_interval 15;
+      nchan_websocket_ping_interval 15;
     }}
   }}
   server {{
@@ -236,8 +256,16 @@ http {{
 NCHAN = None
 
 
+def split_mode(mode):
+    """A bench mode's megatest mode and transport: "deliver-ws" -> ("deliver", "ws")."""
+    base, _, transport = mode.partition("-")
+    return base, transport or "poll"
+
+
 def megatest_args(server, mode, size, duration):
-    a = ["--mode", mode, "--port", str(server.port), "--app-port", str(server.app_port),
+    mode, transport = split_mode(mode)
+    a = ["--mode", mode, "--transport", transport, "--port", str(server.port),
+         "--app-port", str(server.app_port),
          "--proto", server.proto, "--stats-path", server.stats_path,
          "--server-pid", str(server.proc.pid), "--duration", str(duration),
          "--id-prefix", mode[:2]]
@@ -298,31 +326,47 @@ def g(rec, *path):
 
 
 # (label, mode, path into the record, better: "low"/"high"/None)
-ROWS = [
-    ("hold: connections", "hold", ("phases", "hold", "opened"), None),
-    ("hold: opens/s (client side)", "hold", ("phases", "hold", "open_per_s"), "high"),
-    ("hold: opens/s (server counted)", "hold", ("phases", "hold", "confirmed_per_s"), "high"),
-    ("hold: RSS B/conn", "hold", ("phases", "hold", "rss_bytes_per_connection"), "low"),
-    ("hold: PSS B/conn", "hold", ("phases", "hold", "pss_bytes_per_connection"), "low"),
-    ("hold: CPU us/conn", "hold", ("phases", "hold", "cpu_us_per_connection"), "low"),
-]
-for _m in ("batch", "binary", "single"):
-    _p = ("phases", "deliver_" + _m)
-    ROWS += [
-        ("deliver/%s: subscribers" % _m, "deliver", _p + ("expected",), None),
-        ("deliver/%s: deliveries/s" % _m, "deliver", _p + ("deliveries_per_s",), "high"),
-        ("deliver/%s: latency p50 ms" % _m, "deliver", _p + ("latency_ms", "p50"), "low"),
-        ("deliver/%s: latency p99 ms" % _m, "deliver", _p + ("latency_ms", "p99"), "low"),
-        ("deliver/%s: latency max ms" % _m, "deliver", _p + ("latency_ms", "max"), "low"),
-        ("deliver/%s: CPU us/delivery" % _m, "deliver", _p + ("cpu_us_per_delivery",), "low"),
-        ("deliver/%s: not exactly once" % _m, "deliver", _p + ("not_exactly_once",), "low"),
+def hold_rows(mode):
+    p = ("phases", "hold")
+    return [
+        ("%s: connections" % mode, mode, p + ("opened",), None),
+        ("%s: opens/s (client side)" % mode, mode, p + ("open_per_s",), "high"),
+        ("%s: opens/s (server counted)" % mode, mode, p + ("confirmed_per_s",), "high"),
+        ("%s: RSS B/conn" % mode, mode, p + ("rss_bytes_per_connection",), "low"),
+        ("%s: PSS B/conn" % mode, mode, p + ("pss_bytes_per_connection",), "low"),
+        ("%s: CPU us/conn" % mode, mode, p + ("cpu_us_per_connection",), "low"),
     ]
-ROWS += [
-    ("fanout: subscribers", "fanout", ("phases", "fanout", "expected"), None),
-    ("fanout: time to all ms", "fanout", ("phases", "fanout", "time_to_all_ms"), "low"),
-    ("fanout: latency p50 ms", "fanout", ("phases", "fanout", "latency_ms", "p50"), "low"),
-    ("fanout: deliveries/s", "fanout", ("phases", "fanout", "deliveries_per_s"), "high"),
-    ("fanout: CPU us/delivery", "fanout", ("phases", "fanout", "cpu_us_per_delivery"), "low"),
+
+
+def deliver_rows(mode):
+    rows = []
+    for m in ("batch", "binary", "single"):
+        p = ("phases", "deliver_" + m)
+        rows += [
+            ("%s/%s: subscribers" % (mode, m), mode, p + ("expected",), None),
+            ("%s/%s: deliveries/s" % (mode, m), mode, p + ("deliveries_per_s",), "high"),
+            ("%s/%s: latency p50 ms" % (mode, m), mode, p + ("latency_ms", "p50"), "low"),
+            ("%s/%s: latency p99 ms" % (mode, m), mode, p + ("latency_ms", "p99"), "low"),
+            ("%s/%s: latency max ms" % (mode, m), mode, p + ("latency_ms", "max"), "low"),
+            ("%s/%s: CPU us/delivery" % (mode, m), mode, p + ("cpu_us_per_delivery",), "low"),
+            ("%s/%s: not exactly once" % (mode, m), mode, p + ("not_exactly_once",), "low"),
+        ]
+    return rows
+
+
+def fanout_rows(mode):
+    p = ("phases", "fanout")
+    return [
+        ("%s: subscribers" % mode, mode, p + ("expected",), None),
+        ("%s: time to all ms" % mode, mode, p + ("time_to_all_ms",), "low"),
+        ("%s: latency p50 ms" % mode, mode, p + ("latency_ms", "p50"), "low"),
+        ("%s: deliveries/s" % mode, mode, p + ("deliveries_per_s",), "high"),
+        ("%s: CPU us/delivery" % mode, mode, p + ("cpu_us_per_delivery",), "low"),
+        ("%s: not exactly once" % mode, mode, p + ("not_exactly_once",), "low"),
+    ]
+
+
+ROWS = hold_rows("hold") + deliver_rows("deliver") + fanout_rows("fanout") + [
     ("queue: messages", "queue", ("phases", "queue", "published"), None),
     ("queue: publish msg/s", "queue", ("phases", "queue", "publish_per_s"), "high"),
     ("queue: RSS B/msg", "queue", ("phases", "queue", "rss_bytes_per_message"), "low"),
@@ -338,6 +382,8 @@ ROWS += [
     ("churn: CPU us/delivery", "churn", ("phases", "churn", "cpu_us_per_delivery"), "low"),
     ("churn: lost", "churn", ("phases", "churn", "lost"), "low"),
 ]
+for _t in ("sse", "ws"):
+    ROWS += hold_rows("hold-" + _t) + deliver_rows("deliver-" + _t) + fanout_rows("fanout-" + _t)
 
 
 def fmt(v):
@@ -386,7 +432,7 @@ def table(results, servers):
 def annotate(rec):
     """Derived fields used by the table."""
     for name, p in (rec.get("phases") or {}).items():
-        if name.startswith("deliver_") and "expected" in p:
+        if name.startswith(("deliver_", "fanout")) and "expected" in p:
             p["not_exactly_once"] = p["expected"] - p.get("exactly_one", 0) + p.get("wrong_id", 0)
 
 
@@ -398,7 +444,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes: about a minute")
     ap.add_argument("--servers", default="megacomet,aiohttp,nchan",
                     help="comma list; unavailable ones are skipped")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma list of %s (default), or of the streaming modes %s"
+                         % (", ".join(MODES), ", ".join(STREAM_MODES)))
+    ap.add_argument("--hold-n", type=int, default=0, metavar="N",
+                    help="connections of every hold mode instead of the size's (e.g. 100000 "
+                         "for hold-sse,hold-ws); peers stay capped at what they can hold")
     ap.add_argument("--workers", type=int, default=8, help="megacomet and nginx workers")
     ap.add_argument("--json", metavar="FILE", help="write all records and the table")
     ap.add_argument("--workdir", help="keep logs and records here (default: a temp dir)")
@@ -408,10 +459,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     sizes = SIZES["quick" if args.quick else "full"]
+    if args.hold_n:
+        sizes = {m: dict(v, n=args.hold_n) if split_mode(m)[0] == "hold" else v
+                 for m, v in sizes.items()}
     duration = args.duration or (60 if args.quick else 240)
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
-        if m not in MODES:
+        if m not in MODES + STREAM_MODES:
             ap.error("unknown mode %r" % m)
     servers = []
     skipped = {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """megatest: load generator for MegaComet (and for peers that speak its HTTP API).
 
-Opens N long-poll connections from P child processes, each a raw select.epoll
+Opens N subscriber connections from P child processes, each a raw select.epoll
 loop over non-blocking sockets bound to its own loopback source addresses
 (127.0.0.2, 127.0.0.3, ...), and measures the server from the outside:
 
@@ -16,7 +16,14 @@ loop over non-blocking sockets bound to its own loopback source addresses
   churn    S subscribers re-polling with since=last after every delivery under
            a steady publish rate: sustained deliveries/s and latency
 
-Server CPU: utime+stime from /proc/<pid>/stat of every server process (the
+Subscribers long-poll (--transport poll, the default) or, in hold, deliver and
+fanout, open one stream each and keep it: an EventSource (--transport sse,
+GET /sse/<id>) or a WebSocket (--transport ws, GET /ws/<id>); with --proto
+nchan both go to Nchan's /sub/<id>, told apart by Accept and Upgrade. Every
+transport checks each message the same way: its own id, this round, exactly
+once, latency from the publish time it carries.
+
+Server CPU: run time (schedstat; else utime+stime) of every server process (the
 pids in /stats, --server-pid and its descendants), before and after a phase.
 Traffic only goes to 127.0.0.0/8; every phase and the whole run are bounded
 in time (--duration). Ctrl-C / SIGTERM stop every child.
@@ -26,9 +33,11 @@ Standard library only.
 
 import argparse
 import array
+import base64
 import collections
 import ctypes
 import errno
+import hashlib
 import json
 import math
 import os
@@ -50,6 +59,13 @@ MONO = time.monotonic_ns
 
 # Connection states in a child.
 PENDING, CONNECTING, OPEN, DEAD = 0, 1, 2, 3
+
+TRANSPORTS = ("poll", "sse", "ws")
+STREAM_MODES = ("hold", "deliver", "fanout")     # the modes a stream transport applies to
+
+# WebSocket (RFC 6455) opcodes, and the GUID of the handshake's accept key.
+WS_CONT, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class Stopped(Exception):
@@ -113,6 +129,15 @@ def header_value(head, low, name):
     s = k + len(name) + 3
     e = low.find(b"\r\n", s)
     return head[s:e if e >= 0 else len(head)].strip()
+
+
+def ws_client_frame(opcode, payload=b""):
+    """One final frame masked as a client must send it; only control frames (<= 125 bytes)."""
+    mask = os.urandom(4)
+    n = len(payload)
+    key = (mask * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return bytes((0x80 | opcode, 0x80 | n)) + mask + masked
 
 
 class HttpConn:
@@ -307,9 +332,25 @@ def descendants(pid):
 
 
 def cpu_by_pid(pids):
-    """{pid: utime+stime seconds}; missing pids are skipped."""
+    """{pid: CPU seconds}; missing pids are skipped.
+
+    The scheduler's run time of each of the process's threads, in ns
+    (/proc/<pid>/task/*/schedstat), where the kernel has it: utime+stime count
+    whole clock ticks (10 ms), so over 9 server processes a phase's figure could
+    be off by up to 90 ms, 9 us a delivery on a 10 000-subscriber fanout.
+    (A thread that exits takes its run time along; servers here do not end
+    threads mid-phase.) Elsewhere utime+stime."""
     out = {}
     for pid in pids:
+        try:
+            ns = 0
+            for tid in os.listdir("/proc/%d/task" % pid):
+                with open("/proc/%d/task/%s/schedstat" % (pid, tid), "rb") as f:
+                    ns += int(f.read().split()[0])
+            out[pid] = ns / 1e9
+            continue
+        except (OSError, ValueError, IndexError):
+            pass
         try:
             with open("/proc/%d/stat" % pid, "rb") as f:
                 stat = f.read()
@@ -321,7 +362,7 @@ def cpu_by_pid(pids):
 
 
 def cpu_seconds(pids):
-    """Sum of utime+stime over pids (seconds); missing pids are skipped."""
+    """CPU seconds summed over pids (cpu_by_pid); missing pids are skipped."""
     return sum(cpu_by_pid(pids).values())
 
 
@@ -423,7 +464,9 @@ def take_msgs(buf):
 
 
 class Child:
-    """Runs in a forked process; talks to the coordinator over `ctl`."""
+    """Runs in a forked process; talks to the coordinator over `ctl`.
+
+    Its subscribers long-poll; StreamChild and its subclasses keep a stream instead."""
 
     def __init__(self, index, ctl, cfg, lo, hi):
         self.index = index
@@ -614,17 +657,24 @@ class Child:
                 self.fail(j, "connect:timeout")
 
     # -- responses ---------------------------------------------------------
-    def readable(self, j, fd):
-        s = self.socks[j]
+    def recv(self, j):
+        """What the socket has for us, or None (nothing yet, or j is dead now)."""
         try:
-            data = s.recv(262144)
+            data = self.socks[j].recv(262144)
         except BlockingIOError:
-            return
+            return None
         except OSError as e:
             self.dead(j, "recv:" + errno.errorcode.get(e.errno, str(e.errno)))
-            return
+            return None
         if not data:
             self.dead(j, "closed by server")
+            return None
+        return data
+
+    def readable(self, j, fd):
+        s = self.socks[j]
+        data = self.recv(j)
+        if data is None:
             return
         pend = self.rbuf.pop(j, None)
         if pend is not None:
@@ -675,15 +725,8 @@ class Child:
                 again = False
             if not msgs:
                 self.counts["empty"] += 1
-            last = self.last[j]
             for m in msgs:
-                seq = m["seq"]
-                if seq <= last:
-                    self.counts["dup_seq"] += 1
-                    continue
-                last = seq
-                self.message(j, m["data"], now)
-            self.last[j] = last
+                self.seen(j, m["seq"], m["data"], now)
         else:
             self.errors["http %d" % status] += 1
             again = False
@@ -692,6 +735,14 @@ class Child:
             return
         if again:
             self.poll_next(j)
+
+    def seen(self, j, seq, data, now):
+        """A message with its seq: one not newer than the last seen is counted, not taken."""
+        if seq <= self.last[j]:
+            self.counts["dup_seq"] += 1
+            return
+        self.last[j] = seq
+        self.message(j, data, now)
 
     def message(self, j, data, now):
         parts = data.split("|", 3)
@@ -824,6 +875,267 @@ class Child:
                 send_msg(self.ctl, self.progress())
 
 
+class StreamChild(Child):
+    """A child whose connections each send one request and keep the stream it opens.
+
+    The answer's head is checked once (``waiting`` then means "subscribed",
+    which is what the coordinator waits for before a round); the body after
+    it is de-chunked if the server chunks it and handed to ``stream``, which
+    the subclass implements for its framing. Messages then go through
+    ``seen``/``message`` like a long-poll's."""
+
+    PATH = None            # MegaComet's path for the transport
+    STATUS = 200           # the status that opens the stream
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        # Nchan serves every transport on its one subscriber location.
+        self.path = b"/sub/" if self.nchan else self.PATH
+        self.chunked = bytearray(self.n)     # the body is chunked (aiohttp's StreamResponse)
+        self.cbuf = {}                       # j -> raw bytes of a chunk not complete yet
+
+    def request(self, j):
+        return (b"GET " + self.path + self.ids[j] + b" HTTP/1.1\r\n" + self.host_hdr
+                + self.headers(j) + b"\r\n")
+
+    def poll_next(self, j):
+        """Open the stream: its only request."""
+        self.counts["requests"] += 1
+        self.send(j, self.request(j))
+
+    def drop(self, j, fd):
+        super().drop(j, fd)
+        self.cbuf.pop(j, None)
+        self.chunked[j] = 0
+
+    def readable(self, j, fd):
+        data = self.recv(j)
+        if data is None:
+            return
+        if not self.waiting[j]:                   # the head has not come (all of it) yet
+            pend = self.rbuf.pop(j, None)
+            if pend is not None:
+                data = pend + data
+            he = data.find(b"\r\n\r\n")
+            if he < 0:
+                self.rbuf[j] = data
+                return
+            if not self.opened(j, data[:he]):
+                return
+            data = data[he + 4:]
+        if self.chunked[j]:
+            data = self.dechunk(j, data)
+        if data:
+            self.stream(j, data)
+
+    def opened(self, j, head):
+        """Check the head of the stream's answer; True when the stream is open."""
+        low = head.lower()
+        try:
+            status = int(head[9:12])
+        except ValueError:
+            status = 0
+        if status != self.STATUS:
+            self.dead(j, "http %d" % status if status else "bad response")
+            return False
+        why = self.check_head(j, head, low)
+        if why:
+            self.dead(j, why)
+            return False
+        self.chunked[j] = b"\r\ntransfer-encoding:" in low and b"chunked" in low
+        self.waiting[j] = 1
+        self.n_waiting += 1
+        self.counts["streams"] += 1
+        return True
+
+    def check_head(self, j, head, low):
+        """Why a head with the right status is still wrong, or None."""
+        return None
+
+    def dechunk(self, j, data):
+        """The payload of the complete chunks in data (the rest waits in cbuf); b"" on the
+        last chunk or bad chunking, after which j is dead."""
+        pend = self.cbuf.pop(j, None)
+        if pend is not None:
+            data = pend + data
+        out = []
+        pos, size = 0, len(data)
+        while pos < size:
+            le = data.find(b"\r\n", pos)
+            if le < 0:
+                break
+            try:
+                n = int(data[pos:le].split(b";")[0], 16)
+            except ValueError:
+                self.dead(j, "bad chunking")
+                return b""
+            if n == 0:
+                self.dead(j, "closed by server (last chunk)")
+                return b""
+            end = le + 2 + n
+            if end + 2 > size:
+                break
+            out.append(data[le + 2:end])
+            pos = end + 2
+        if pos < size:
+            self.cbuf[j] = data[pos:]
+        return b"".join(out)
+
+    def stream(self, j, data):
+        raise NotImplementedError
+
+
+class SseChild(StreamChild):
+    """EventSource subscribers: events are split at blank lines; an event with data
+    lines is a message (its ``id:`` is MegaComet's seq; Nchan's is opaque), one
+    without (``: ping``, ``retry:``) is not, nor is a named one (``event: x``),
+    which a browser hands to its own listener, not to onmessage."""
+
+    PATH = b"/sse/"
+
+    def headers(self, j):
+        return b"Accept: text/event-stream\r\nCache-Control: no-cache\r\n"
+
+    def stream(self, j, data):
+        pend = self.rbuf.pop(j, None)
+        if pend is not None:
+            data = pend + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.rbuf[j] = data
+            return
+        if end + 2 < len(data):
+            self.rbuf[j] = data[end + 2:]
+        now = MONO()
+        for event in data[:end].split(b"\n\n"):
+            self.event(j, event, now)
+
+    def event(self, j, event, now):
+        ident = None
+        lines = []
+        for line in event.split(b"\n"):
+            if line.startswith(b"data:"):
+                lines.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line.startswith(b"id:"):
+                ident = line[3:].strip()
+            elif line.startswith(b"event:") and line[6:].strip() != b"message":
+                self.counts["named_events"] += 1
+                return
+        if not lines:
+            if event:
+                self.counts["comments"] += 1
+            return
+        data = b"\n".join(lines).decode("utf-8", "replace")
+        if self.nchan:
+            self.message(j, data, now)
+            return
+        try:
+            seq = int(ident)
+        except (TypeError, ValueError):
+            self.counts["foreign"] += 1
+            return
+        self.seen(j, seq, data, now)
+
+
+class WsChild(StreamChild):
+    """WebSocket subscribers: a handshake with a random key, then unmasked frames from the
+    server. A text frame is a message (MegaComet's JSON {"id", "seq", "data"}, or Nchan's
+    raw text); pings get a pong, a close frame is answered and ends the connection."""
+
+    PATH = b"/ws/"
+    STATUS = 101
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.accept = {}         # j -> the Sec-WebSocket-Accept its handshake must bring
+        self.fragments = {}      # j -> payloads of a fragmented message so far
+
+    def headers(self, j):
+        key = base64.b64encode(os.urandom(16))
+        self.accept[j] = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        return (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: " + key + b"\r\n")
+
+    def check_head(self, j, head, low):
+        if header_value(head, low, b"sec-websocket-accept") != self.accept.pop(j, None):
+            return "bad Sec-WebSocket-Accept"
+        return None
+
+    def drop(self, j, fd):
+        super().drop(j, fd)
+        self.accept.pop(j, None)
+        self.fragments.pop(j, None)
+
+    def stream(self, j, data):
+        s = self.socks[j]
+        pend = self.rbuf.pop(j, None)
+        if pend is not None:
+            data = pend + data
+        pos, size = 0, len(data)
+        now = MONO()
+        while size - pos >= 2:
+            b0, n = data[pos], data[pos + 1]
+            if n & 0x80:
+                self.dead(j, "websocket: masked frame from the server")
+                return
+            p = pos + 2
+            if n == 126:
+                if size - p < 2:
+                    break
+                n = int.from_bytes(data[p:p + 2], "big")
+                p += 2
+            elif n == 127:
+                if size - p < 8:
+                    break
+                n = int.from_bytes(data[p:p + 8], "big")
+                p += 8
+            if size - p < n:
+                break
+            pos = p + n
+            self.frame(j, b0 & 0x80, b0 & 0x0F, data[p:pos], now)
+            if self.socks[j] is not s:
+                return
+        if pos < size:
+            self.rbuf[j] = data[pos:]
+
+    def frame(self, j, fin, opcode, payload, now):
+        if opcode == WS_PING:
+            self.counts["pings"] += 1
+            self.send(j, ws_client_frame(WS_PONG, payload))
+        elif opcode == WS_CLOSE:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self.send(j, ws_client_frame(WS_CLOSE, payload[:2]))
+            self.dead(j, "closed by server (websocket close %d)" % code)
+        elif opcode in (WS_TEXT, WS_BINARY, WS_CONT):
+            if not fin or j in self.fragments:
+                parts = self.fragments.setdefault(j, [])
+                parts.append(payload)
+                if not fin:
+                    return
+                payload = b"".join(self.fragments.pop(j))
+            self.text(j, payload, now)
+        elif opcode != WS_PONG:
+            self.dead(j, "websocket: unknown opcode %d" % opcode)
+
+    def text(self, j, payload, now):
+        if self.nchan:
+            self.message(j, payload.decode("utf-8", "replace"), now)
+            return
+        try:
+            obj = json.loads(payload)
+            seq, data = obj["seq"], obj["data"]
+            if obj["id"] != self.names[j]:
+                self.counts["wrong"] += 1
+                return
+        except (ValueError, KeyError, TypeError):
+            self.counts["foreign"] += 1
+            return
+        self.seen(j, seq, data, now)
+
+
+CHILDREN = {"poll": Child, "sse": SseChild, "ws": WsChild}
+
+
 def child_main(index, ctl, cfg, lo, hi):
     set_pdeathsig()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -832,7 +1144,7 @@ def child_main(index, ctl, cfg, lo, hi):
     code = 0
     try:
         ctl.settimeout(60)
-        Child(index, ctl, cfg, lo, hi).run()
+        CHILDREN[cfg["transport"]](index, ctl, cfg, lo, hi).run()
     except BaseException as e:  # report, then die: the coordinator sees EOF
         code = 1
         try:
@@ -876,7 +1188,8 @@ class Coordinator:
         self.seq = 0
         self.replies = {}
         self.problems = []
-        self.record = {"tool": "megatest", "mode": args.mode,
+        self.streaming = args.transport != "poll"
+        self.record = {"tool": "megatest", "mode": args.mode, "transport": args.transport,
                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        "args": {k: v for k, v in vars(args).items() if k != "func"},
                        "phases": {}}
@@ -1017,6 +1330,7 @@ class Coordinator:
             return ip_add(args.source_base, 1 + i // per_src)
         n_src = max(1, math.ceil(n / per_src))
         cfg = {"host": args.host, "port": args.port, "proto": args.proto,
+               "transport": args.transport,
                "poll_timeout": args.poll_timeout, "id_of": id_of, "src_of": src_of,
                "inflight": max(1, math.ceil(args.inflight / procs)),
                "connect_rate": args.connect_rate / procs if args.connect_rate else 0,
@@ -1200,6 +1514,9 @@ class Coordinator:
             seen = [None]
 
             def confirmed():
+                # A stream is open once its answer's head has come: the client knows.
+                if self.streaming and self.agg()[0]["waiting"] < opened:
+                    return False
                 if not self.counts_subscribers:
                     return True
                 v = self.totals(self.stats(), "subscribers")
@@ -1223,7 +1540,7 @@ class Coordinator:
         return res
 
     def await_polls(self, what):
-        """All open connections hold a request, and the server counts them."""
+        """All open connections hold a request (or an open stream), and the server counts them."""
         self.phase = "re-poll"
         self.wait(lambda: self.agg()[0]["waiting"] >= self.agg()[0]["open"], 30,
                   what + ": re-polls sent")
@@ -1352,6 +1669,7 @@ class Coordinator:
         at_n = self.snapshot()
         tot, errs = self.agg()
         res["still_open"] = tot["open"]
+        res["client_counts"] = dict(tot)      # streams: heads, pings and comments seen
         res["lost_during_hold"] = res["opened"] - tot["open"]
         res.update(self.cost(base, at_n, res["opened"], "connection"))
         res.update(self.memory_delta(base, at_n, res["opened"], "connection"))
@@ -1546,7 +1864,9 @@ class Coordinator:
 
 
 def summary_line(rec):
-    bits = ["megatest %s:" % rec["mode"]]
+    transport = rec.get("transport", "poll")
+    bits = ["megatest %s:" % (rec["mode"] if transport == "poll"
+                              else "%s/%s" % (rec["mode"], transport))]
     for name, p in rec["phases"].items():
         f = []
         for k in ("opened", "target", "open_per_s", "confirmed_per_s", "delivered", "expected",
@@ -1576,12 +1896,15 @@ def loopback(host):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Load generator for MegaComet long-poll servers (loopback only).",
+        description="Load generator for MegaComet and servers speaking its API (loopback only).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mode", choices=("hold", "deliver", "fanout", "queue", "churn"),
                    default="hold")
+    p.add_argument("--transport", choices=TRANSPORTS, default="poll",
+                   help="how subscribers subscribe: long-poll, EventSource or WebSocket "
+                        "(sse and ws: hold, deliver and fanout modes)")
     p.add_argument("--connections", "-n", type=int, default=10000,
-                   help="long-poll connections (subscribers)")
+                   help="subscriber connections")
     p.add_argument("--messages", "-m", type=int, default=100000, help="queue mode: messages")
     p.add_argument("--host", default="127.0.0.1", help="server address (127.0.0.0/8 only)")
     p.add_argument("--port", type=int, default=8000, help="client port")
@@ -1644,6 +1967,9 @@ def parse_args(argv=None):
             p.error("unknown publish method %r" % x)
     if args.proto == "nchan" and set(args.publish) - {"single"}:
         p.error("nchan supports only --publish single")
+    if args.transport != "poll" and args.mode not in STREAM_MODES:
+        p.error("--transport %s applies to the %s modes; %s subscribers only long-poll"
+                % (args.transport, "/".join(STREAM_MODES), args.mode))
     if args.connections < 1 or args.messages < 1:
         p.error("--connections and --messages must be positive")
     return args

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""A plain single-process aiohttp long-poll pub/sub server: MegaComet's benchmark peer.
+"""A plain single-process aiohttp pub/sub server: MegaComet's benchmark peer.
 
 It speaks MegaComet's HTTP API (not the binary protocol) the way one would
 write it idiomatically with aiohttp: one asyncio task per request, one future
 per waiting subscriber, a deque of recent messages per id.
 
     GET  /sub/<id>[?since=N][&timeout=S]   long-poll, JSON
+    GET  /sse/<id>[?since=N]               EventSource: "id: <seq>" and "data:" lines per
+                                           message, resumes after Last-Event-ID
+    GET  /ws/<id>[?since=N]                WebSocket: a text frame {"id", "seq", "data"} per message
     POST /pub/<id>                         body = message text -> 202 {"id", "seq"}
     POST /pub                              NDJSON {"id", "data"} lines -> 202 {"published", "errors"}
     GET  /stats                            {"workers": [{"pid", ...}], "totals", "shm", "uptime_s"}
@@ -29,18 +32,22 @@ import time
 from aiohttp import web
 
 ID_RE = re.compile(r"[A-Za-z0-9_~:@-]{1,128}")
+LINE_BREAK = re.compile(r"\r\n|\r|\n")      # what starts a new data: line of an event
 MAX_BATCH = 10000
 STAT_NAMES = ("connections", "subscribers", "accepted", "published",
               "delivered", "expired", "dropped", "rss_bytes")
 
 
 class Channel:
-    __slots__ = ("messages", "seq", "waiters")
+    __slots__ = ("messages", "seq", "waiters", "streams")
 
     def __init__(self, max_queued):
         self.messages = collections.deque(maxlen=max_queued)  # (seq, expires_at, data)
         self.seq = 0
         self.waiters = set()
+        # Open streams of this id: the sweeper keeps the channel (and its seqs) while any
+        # is open, even in the instant none of them waits.
+        self.streams = 0
 
 
 class TooManyIds(Exception):
@@ -98,8 +105,35 @@ class Hub:
             for ident in list(self.channels):
                 ch = self.channels[ident]
                 self.expire(ch, now)
-                if not ch.messages and not ch.waiters:
+                if not ch.messages and not ch.waiters and not ch.streams:
                     del self.channels[ident]
+
+    async def follow(self, ident, since, idle=None):
+        """Every message of ident after since, as it is published: yields (seq, data),
+        or None after `idle` seconds without one (time for a heartbeat)."""
+        ch = self.channel(ident)
+        ch.streams += 1
+        self.subscribers += 1
+        try:
+            while True:
+                for seq, _, data in self.pending(ch, since):
+                    since = seq
+                    self.delivered += 1
+                    yield seq, data
+                fut = asyncio.get_running_loop().create_future()
+                ch.waiters.add(fut)
+                try:
+                    await asyncio.wait_for(fut, idle)
+                    quiet = False
+                except asyncio.TimeoutError:
+                    quiet = True
+                finally:
+                    ch.waiters.discard(fut)
+                if quiet:
+                    yield None
+        finally:
+            ch.streams -= 1
+            self.subscribers -= 1
 
 
 def rss_bytes():
@@ -107,7 +141,7 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def make_app(hub, default_timeout, runners):
+def make_app(hub, default_timeout, heartbeat, runners):
     started = time.monotonic()
     routes = web.RouteTableDef()
 
@@ -149,6 +183,55 @@ def make_app(hub, default_timeout, runners):
             "messages": [{"seq": seq, "data": data} for seq, _, data in msgs],
             "last": msgs[-1][0] if msgs else since,
         })
+
+    def stream_args(request):
+        """(id, since) of a stream request, its channel made; refused with 400 or 503."""
+        ident = request.match_info["id"]
+        if not ID_RE.fullmatch(ident):
+            raise web.HTTPBadRequest(text="invalid id")
+        try:
+            since = int(request.headers.get("Last-Event-ID") or request.query.get("since", 0))
+        except ValueError:
+            raise web.HTTPBadRequest(text="invalid since") from None
+        try:
+            hub.channel(ident)      # refused now, while the answer can still be a status
+        except TooManyIds:
+            raise web.HTTPServiceUnavailable(text="too many ids") from None
+        return ident, since
+
+    @routes.get("/sse/{id}")
+    async def sse(request):
+        ident, since = stream_args(request)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-store"})
+        await resp.prepare(request)
+        await resp.write(b"retry: 2000\n\n")
+        async for message in hub.follow(ident, since, idle=heartbeat):
+            if message is None:
+                await resp.write(b": ping\n\n")
+                continue
+            seq, data = message
+            lines = "".join("data: %s\n" % line for line in LINE_BREAK.split(data))
+            await resp.write(("id: %d\n%s\n" % (seq, lines)).encode())
+        return resp
+
+    @routes.get("/ws/{id}")
+    async def ws(request):
+        ident, since = stream_args(request)
+        sock = web.WebSocketResponse(heartbeat=heartbeat)
+        await sock.prepare(request)
+
+        async def push():
+            async for seq, data in hub.follow(ident, since):
+                await sock.send_json({"id": ident, "seq": seq, "data": data})
+        pusher = asyncio.create_task(push())
+        try:
+            async for _ in sock:         # pings and close are handled by aiohttp; data ignored
+                pass
+        finally:
+            pusher.cancel()
+            await asyncio.gather(pusher, return_exceptions=True)
+        return sock
 
     @routes.post("/pub/{id}")
     async def pub_one(request):
@@ -210,7 +293,7 @@ def make_app(hub, default_timeout, runners):
 async def main(args):
     hub = Hub(args.max_queued, args.queue_ttl, args.max_ids)
     runners = []
-    app = make_app(hub, args.poll_timeout, runners)
+    app = make_app(hub, args.poll_timeout, args.heartbeat, runners)
     # One runner per port so each has its own connection list; both share the app.
     for port in dict.fromkeys((args.port, args.app_port)):
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0,
@@ -258,6 +341,8 @@ def parse_args(argv=None):
     p.add_argument("--max-queued", type=int, default=100, help="messages kept per id")
     p.add_argument("--queue-ttl", type=float, default=60.0, help="seconds a message is kept")
     p.add_argument("--poll-timeout", type=float, default=30.0, help="default long-poll timeout")
+    p.add_argument("--heartbeat", type=float, default=15.0,
+                   help="seconds between pings on EventSource and WebSocket streams")
     p.add_argument("--backlog", type=int, default=4096)
     return p.parse_args(argv)
 
