@@ -114,3 +114,20 @@ def test_bench_quick_deliver_side_by_side(tmp_path):
         assert row["megacomet"] == "0" and row["aiohttp"] == "0", row
         assert int(table["deliver/%s: subscribers" % publish]["megacomet"]) > 0
     assert table["deliver/binary: not exactly once"]["megacomet"] == "0"
+
+
+def test_scale_small_size(tmp_path):
+    """tools/scale.py at one small size: its table has every column, and every message
+    arrived exactly once."""
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "scale.py"),
+                           "--sizes", "1500", "--workers", "2", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    header, row = doc["table"].splitlines()
+    assert "not exactly once" in header
+    cells = row.split()
+    assert cells[0] == "1500" and cells[-1] == "0", row
+    phases = doc["records"][0]["phases"]
+    assert phases["hold"]["opened"] == 1500 and phases["deliver_batch"]["delivered"] == 1500

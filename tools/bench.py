@@ -290,10 +290,13 @@ def megatest_args(server, mode, size, duration):
     return a
 
 
-def run_megatest(server, mode, size, workdir, duration, verbose):
-    out = os.path.join(workdir, "%s-%s.json" % (server.name, mode))
-    errlog = os.path.join(workdir, "%s-%s.log" % (server.name, mode))
-    cmd = [sys.executable, MEGATEST, "--json", out] + megatest_args(server, mode, size, duration)
+def run_megatest(server, mode, size, workdir, duration, verbose, extra=(), tag=None):
+    """One megatest run; ``extra`` arguments come last (so they win), ``tag`` names its files."""
+    tag = tag or "%s-%s" % (server.name, mode)
+    out = os.path.join(workdir, tag + ".json")
+    errlog = os.path.join(workdir, tag + ".log")
+    cmd = ([sys.executable, MEGATEST, "--json", out] + megatest_args(server, mode, size, duration)
+           + list(extra))
     log("%s %s: %s" % (server.name, mode, " ".join(cmd[2:])))
     with open(errlog, "wb") as ef:
         try:

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""scale: how MegaComet's costs grow with the number of held long-polls.
+
+For each size it starts a fresh ``megacomet.py --workers W`` on free loopback
+ports and opens that many long-polls (each on an id of its own, spread over
+as many load-generator processes and loopback source addresses as the fd
+and port limits need) and holds them: memory and CPU per connection.  Then,
+on another fresh server, the same again, and one message published to every
+one of them (batch API), each checked to arrive exactly once: CPU per
+delivery and the time until the last arrived.  It prints one table:
+
+    held  PSS B/conn  CPU us/conn  CPU us/delivery  time to all ms  deliveries/s  not exactly once
+
+    python tools/scale.py                                  # 10k, 50k, 150k, 300k; 16 workers
+    python tools/scale.py --sizes 10000,50000 --workers 8 --json scale.json
+
+Flat columns are the goal: what one held connection or one delivery costs
+should not depend on how many others there are.  The full run needs about
+20 GB of free memory for 300 000 connections on both ends of loopback and
+takes a few minutes; it is a tool, not a test (tests/test_tools.py runs a
+small size once).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import bench
+
+SIZES = (10000, 50000, 150000, 300000)
+COLUMNS = (("held", ("phases", "hold", "opened")),
+           ("PSS B/conn", ("phases", "hold", "pss_bytes_per_connection")),
+           ("CPU us/conn", ("phases", "hold", "cpu_us_per_connection")),
+           ("CPU us/delivery", ("phases", "deliver_batch", "cpu_us_per_delivery")),
+           ("time to all ms", ("phases", "deliver_batch", "latency_ms", "max")),
+           ("deliveries/s", ("phases", "deliver_batch", "deliveries_per_s")),
+           ("not exactly once", ("phases", "deliver_batch", "not_exactly_once")))
+
+
+def run_size(n, workers, workdir, duration, verbose):
+    """Hold n long-polls (memory, CPU per connection), then, on a fresh server, n again and
+    one message to each (CPU per delivery, time to all): one record with both phases."""
+    record = {"phases": {}, "problems": []}
+    for mode, size, extra in (("hold", {"n": n, "hold": 2}, ()),
+                              ("deliver", {"n": n}, ("--publish", "batch"))):
+        server = bench.Server("megacomet", workdir, workers)
+        server.start()
+        try:
+            rec = bench.run_megatest(server, mode, size, workdir, duration, verbose,
+                                     extra=extra, tag="scale-%d-%s" % (n, mode))
+        finally:
+            server.stop()
+        bench.annotate(rec)
+        record["phases"].update(rec.get("phases", {}))
+        record["problems"] += rec.get("problems", [])
+    return record
+
+
+def table(records):
+    rows = [[name for name, _ in COLUMNS]]
+    for rec in records:
+        rows.append([bench.fmt(bench.g(rec, *path)) for _, path in COLUMNS])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths))
+                     for row in rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                    help="comma list of held connections")
+    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--duration", type=float, default=600, help="cap per size in seconds")
+    ap.add_argument("--json", metavar="FILE", help="write the records and the table")
+    ap.add_argument("--workdir", help="keep logs and records here (default: a temp dir)")
+    ap.add_argument("--verbose", "-v", action="store_true", help="show megatest progress")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    workdir = args.workdir or tempfile.mkdtemp(prefix="megascale-")
+    os.makedirs(workdir, exist_ok=True)
+    started = time.monotonic()
+    records = []
+    for n in sizes:
+        bench.log("scale: %d held, %d workers" % (n, args.workers))
+        records.append(run_size(n, args.workers, workdir, args.duration, args.verbose))
+    text = table(records)
+    print("\nMegaComet scaling (--workers %d, %d cores): one message to every held long-poll"
+          % (args.workers, os.cpu_count()))
+    print(text)
+    problems = [p for rec in records for p in rec.get("problems", [])]
+    for problem in problems:
+        print("  - " + problem)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"tool": "scale", "workers": args.workers, "sizes": sizes,
+                       "elapsed_s": round(time.monotonic() - started, 1), "table": text,
+                       "records": records}, f, indent=1)
+    bench.log("scale: %.0f s; logs in %s" % (time.monotonic() - started, workdir))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
