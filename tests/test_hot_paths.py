@@ -48,3 +48,12 @@ def test_ring_push_pop(benchmark):
     case = perf.RingCase()
     benchmark(case.run, 1000)
     assert case.ring.pop() is None and case.ring.pending_bytes() == 0
+
+
+def test_publish_pipeline(benchmark):
+    case = perf.PipelineCase(n=16)
+    benchmark(case.run, 1)
+    publish = perf.appport.Publish(1, b"user:12345", 1, 0)
+    publish.seq = 7
+    status, body, _ = perf.appport.answer_of(publish)
+    assert status == 202 and json.loads(body) == {"id": "user:12345", "seq": 7}

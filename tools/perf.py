@@ -15,6 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import appport  # noqa: E402
 import shmqueue  # noqa: E402
 import wire  # noqa: E402
 import longpoll  # noqa: E402
@@ -93,6 +94,30 @@ class RingCase:
             ring.commit(len(got))
 
 
+class PipelineCase:
+    """A publisher's pipeline of POST /pub/<id> requests as the app port takes it: each
+    request parsed off the front of the connection's buffer, then, their ACKs in, every
+    answer built and joined for one write."""
+
+    def __init__(self, n=128):
+        self.data = (b"POST /pub/user:12345 HTTP/1.1\r\nHost: push.example.com\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(MESSAGE), MESSAGE)) * n
+
+    def run(self, count):
+        for _ in range(count):
+            buf = bytearray(self.data)
+            publishes = []
+            while buf:
+                req = wire.parse_head(buf)
+                body, end = wire.parse_body(buf, req, 1 << 20)
+                del buf[:end]
+                publish = appport.Publish(len(publishes) + 1, req.path[5:], 1, 1)
+                publish.waiting, publish.published, publish.seq = 0, 1, len(publishes) + 1
+                publishes.append(publish)
+            b"".join(wire.response(*appport.answer_of(publish), True)
+                     for publish in publishes)
+
+
 def _time_loops(func):
     def timed(loops):
         t0 = time.perf_counter()
@@ -120,6 +145,7 @@ def main():
     runner.bench_time_func("table_sub_find_unsub_x1000", _time_case(TableCase(), 1000))
     runner.bench_time_func("publish_x1000", _time_case(PublishCase(), 1000))
     runner.bench_time_func("ring_push_pop_x1000", _time_case(RingCase(), 1000))
+    runner.bench_time_func("publish_pipeline_x128", _time_case(PipelineCase(), 1))
 
 
 if __name__ == "__main__":
