@@ -54,7 +54,8 @@ class AppPort:
         # (fd, serial) -> Publish for their ACKs.
         self.owed = {}
         self.publishes = {}
-        self.held_back = {}      # fd -> what came behind its publishes: (req, body) or HttpError
+        # fd -> what came behind its publishes: (req, body, flags), or (HttpError, None, flags)
+        self.held_back = {}
         self.frames_in = {}      # binary fd -> frames taken from it (logged when it closes)
         self.half_closed = set()  # binary fds told (EOF) that this worker is stopping
 
@@ -207,9 +208,11 @@ class AppPort:
         owed = self.owed.get(fd)
         if owed is None:
             owed = self.owed[fd] = collections.deque()
+            # The deadline is the head's: a request behind it is no progress of it (nor, in
+            # on_ack, its ACKs), else a trickle of them would keep a dead home's request waiting.
+            w.set_deadline(fd, CONFIRM_TIMEOUT)
         owed.append(publish)
         self.publishes[fd, publish.serial] = publish
-        w.set_deadline(fd, CONFIRM_TIMEOUT)
         if self.parse_no_more(fd, owed):
             w.state[fd] = BUSY
         return publish
@@ -228,7 +231,7 @@ class AppPort:
     def refuse(self, fd, error):
         """A refused request: answered (and the connection closed) in its turn."""
         if fd in self.owed:
-            self.hold_back(fd, error)
+            self.hold_back(fd, (error, None, self.http.flags[fd]))
         else:
             self.http.fail(fd, error.status, error.reason)
 
@@ -237,14 +240,16 @@ class AppPort:
         publish = self.publishes.get((fd, serial))
         if publish is None:
             return                                   # the publisher went away meanwhile
-        self.w.set_deadline(fd, CONFIRM_TIMEOUT)     # progress: the wait starts again
+        head = self.owed[fd][0]
+        if publish is head:
+            self.w.set_deadline(fd, CONFIRM_TIMEOUT)  # progress: the wait starts again
         publish.waiting -= stored + len(refused)
         publish.published += stored
         if stored:
             publish.seq = last
         for line in refused:
             publish.errors.append({"line": line, "error": "id table full"})
-        if not publish.waiting and publish is self.owed[fd][0]:
+        if not publish.waiting and publish is head:
             self.answer_ready(fd)
 
     def answer_ready(self, fd, resume=True):
@@ -261,14 +266,21 @@ class AppPort:
                 publish = owed.popleft()
                 del self.publishes[fd, publish.serial]
                 http.flags[fd] = publish.flags
-                response, keep = http.answer(fd, *answer_of(publish), last=not owed)
+                # (what is held back behind it is owed an answer too, and closes if stopping)
+                response, keep = http.answer(fd, *answer_of(publish),
+                                             last=not owed and fd not in self.held_back)
                 answers.append(response)
             http.send_response(fd, b"".join(answers), keep)
             if w.state[fd] != READING:
-                return              # its request said close, or the peer left: no more to say
+                # Its request said close, or the peer left: no more to say.  Nothing is owed
+                # now: a connection CLOSING on a peer that does not read meets its deadline
+                # as one that owes nothing (timeout_http closes it; it has no answer to give).
+                self.closed_http(fd)
+                return
+            if owed:
+                # respond() gave it a header timeout: the new head waits for its ACKs.
+                w.set_deadline(fd, CONFIRM_TIMEOUT)
         if owed:
-            # respond() gave it a header timeout: the rest still waits for ACKs.
-            w.set_deadline(fd, CONFIRM_TIMEOUT)
             if self.parse_no_more(fd, owed):
                 w.state[fd] = BUSY
                 return
@@ -278,10 +290,10 @@ class AppPort:
             held = self.held_back.pop(fd, None)
             if held is not None:
                 w.state[fd] = READING
-                if isinstance(held, wire.HttpError):
-                    http.fail(fd, held.status, held.reason)
+                req, body, http.flags[fd] = held     # its own flags: a HEAD gets no body
+                if isinstance(req, wire.HttpError):
+                    http.fail(fd, req.status, req.reason)
                     return
-                req, body, http.flags[fd] = held
                 try:
                     self.route(fd, req, body)
                 except wire.HttpError as e:
@@ -305,6 +317,10 @@ class AppPort:
         for publish in owed:
             http.flags[fd] = publish.flags
             answers.append(http.answer(fd, *answer_of(publish), last=publish is owed[-1])[0])
+        # The deadline that brought us here is spent (another entry of it may still be in this
+        # tick's bucket, and would close the connection before its answers are out): these
+        # answers get their own, so a peer that does not read them is closed, later.
+        w.set_deadline(fd, w.cfg.header_timeout)
         http.send_response(fd, b"".join(answers), False)
 
     # -- the binary protocol -------------------------------------------------------------

@@ -40,20 +40,25 @@ class Http:
             buf = inbuf.get(fd)
             if buf is None or w.output_full(fd):
                 return
+            req = None
             try:
                 req = wire.parse_head(buf)
                 if req is None:
                     return
+                # Its flags from its head on: a request refused on its head or body is answered
+                # as it asked (a HEAD without a body), not as the one before it on this fd.
+                self.flags[fd] = (KEEP_ALIVE if req.keep_alive else 0) | \
+                    (HEAD_ONLY if req.method == b"HEAD" else 0)
                 check_head(req)
                 parsed = wire.parse_body(buf, req, max_body)
                 if parsed is None:
                     return
                 body, end = parsed
                 w.consumed(fd, end)
-                self.flags[fd] = (KEEP_ALIVE if req.keep_alive else 0) | \
-                    (HEAD_ONLY if req.method == b"HEAD" else 0)
                 route(fd, req, body)
             except wire.HttpError as e:
+                if req is None:
+                    self.flags[fd] = 0            # a head we could not read: a plain answer
                 if refuse is None:
                     self.fail(fd, e.status, e.reason, error_headers)
                 else:

@@ -7,14 +7,19 @@ request order, each with its own seq.  A request of another kind pipelined
 behind publishes (a GET, a refused request) is answered after them.
 """
 
+import io
 import json
 import os
+import re
 import select
 import signal
+import socket
+import threading
 import time
+from contextlib import contextmanager
 
 from conftest import wait_for
-from test_bad_input import connect, uid
+from test_bad_input import connect, read_until_close, uid
 from test_hardening import home_of
 
 
@@ -99,39 +104,326 @@ def answered_within(sock, seconds):
     return bool(select.select([sock], [], [], seconds)[0])
 
 
-def test_a_publish_to_a_stopped_home_does_not_hold_up_the_ones_behind_it(server_factory):
-    """With B's home stopped (SIGSTOP), a publish to A pipelined behind one to B is stored
-    and delivered at once; the answers wait, in order, until B's home runs again."""
-    server = server_factory("--worker-timeout", 120, workers=2)
+@contextmanager
+def worker_stopped(pid):
+    """Worker ``pid`` stopped (SIGSTOP) for the block: its ACKs and answers do not come."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def two_homes(server):
+    """(a, b): an id whose home is worker 0 and one whose home is worker 1."""
     homes = {}
     while len(homes) < 2:
         ident = uid("home")
         homes.setdefault(home_of(server, ident), ident)
-    a, b = homes[0], homes[1]
+    return homes[0], homes[1]
+
+
+def connect_to_live_worker(server):
+    """(socket, its buffered reader) on a connection answered while worker 1 is stopped, so
+    held by worker 0 (the kernel hashes connections to workers: retry until one lands)."""
+    for _ in range(40):
+        sock = connect(server.app, timeout=10)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        if answered_within(sock, 0.5):
+            stream = sock.makefile("rb")
+            assert read_answers(stream, 1)[0][0] == 200
+            return sock, stream
+        sock.close()
+    raise AssertionError("every connection landed on the stopped worker")
+
+
+def test_a_publish_to_a_stopped_home_does_not_hold_up_the_ones_behind_it(server_factory):
+    """With B's home stopped (SIGSTOP), a publish to A pipelined behind one to B is stored
+    and delivered at once; the answers wait, in order, until B's home runs again."""
+    server = server_factory("--worker-timeout", 120, workers=2)
+    a, b = two_homes(server)
     stopped = server.worker_pids()[1]
-    os.kill(stopped, signal.SIGSTOP)
-    try:
-        for _ in range(40):                           # a publisher connection on the live worker
-            sock = connect(server.app, timeout=10)
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-            if answered_within(sock, 0.5):
-                break
-            sock.close()
-        else:
-            raise AssertionError("every connection landed on the stopped worker")
-        stream = sock.makefile("rb")
-        assert read_answers(stream, 1)[0][0] == 200
+    with worker_stopped(stopped):
+        sock, stream = connect_to_live_worker(server)
         published = lambda: live_stats(server)["workers"][0]["published"]
         before = published()
         sock.sendall(post(b, "to-b") + post(a, "to-a") + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         # A's home (the live worker) stores and counts its message while B's ACK is owed.
         wait_for(lambda: published() > before, timeout=5, message="A stored")
         assert not answered_within(sock, 0.3)        # nothing answered: B's answer comes first
-    finally:
-        os.kill(stopped, signal.SIGCONT)
     answers = read_answers(stream, 3)
     sock.close()
     assert [status for status, _, _ in answers] == [202, 202, 200], answers
     assert json.loads(answers[0][2])["id"] == b and json.loads(answers[1][2])["id"] == a
     status, _, body = server.sub(a, since=1)
     assert [m["data"] for m in json.loads(body)["messages"]] == ["to-a"]
+
+
+# -- review: a connection's end, the stop, timeouts, HEAD, fd reuse, back-pressure -----------
+
+def test_a_closing_answer_its_peer_does_not_read_costs_no_worker(server_factory):
+    """The last answer (Connection: close) waits in the output of a peer that does not read:
+    the connection is CLOSING and owes nothing.  Its confirm deadline used to find an empty
+    queue of answers owed and raise IndexError in the loop, killing the worker.  Two ways in:
+    a batch of invalid lines answered at once, and the same behind a pipelined publish."""
+    server = server_factory(workers=2)
+    pids = server.worker_pids()
+    body = b"x\n" * 100000                 # 100 000 line errors: an answer of some 4 MB
+    batch = (b"POST /pub HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+             % len(body) + body)
+    socks = []
+    for request in (batch, post(uid("cl"), "first") + batch):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", server.app))
+        sock.sendall(request)
+        socks.append(sock)
+    time.sleep(4.5)                        # past CONFIRM_TIMEOUT, reading nothing
+    assert server.worker_pids() == pids, server.stderr()
+    for sock in socks:                     # the peer-less connection was closed at its deadline
+        data, closed, _ = read_until_close(sock, 5)
+        sock.close()
+        assert closed and data.count(b"HTTP/1.1 202") in (1, 2) and len(data) < 4000000
+    assert "died" not in server.stderr()
+
+
+def test_a_stopping_worker_answers_what_was_held_back_behind_publishes(server_factory):
+    """Stopping, only the last answer owed closes the connection: a GET held back behind a
+    publish in flight is that last answer, not the publish's (it was dropped)."""
+    server = server_factory("--worker-timeout", 120, workers=2)
+    a, b = two_homes(server)
+    pids = server.worker_pids()
+    with worker_stopped(pids[1]):
+        sock, stream = connect_to_live_worker(server)
+        sock.sendall(post(b, "to-b") + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.3)
+        os.kill(pids[0], signal.SIGTERM)   # it stops, waiting for B's ACK (SHUTDOWN_DRAIN)
+        time.sleep(0.5)
+    answers = read_answers(stream, 3)
+    sock.close()
+    assert [status for status, _, _ in answers] == [202, 200], answers
+    assert answers[0][1].get(b"connection") is None
+    assert answers[1][1].get(b"connection") == b"close" and answers[1][2] == b"ok\n"
+
+
+def test_a_stuck_publish_is_answered_after_the_confirm_timeout_whatever_follows_it(
+        server_factory):
+    """A publish whose home stopped is answered 503 after CONFIRM_TIMEOUT without progress of
+    its own: publishes pipelined behind it (and their ACKs) are not its progress.  A trickle
+    of them, one a second, used to keep it waiting until PIPELINE_MAX of them had come."""
+    server = server_factory("--worker-timeout", 120, workers=2)
+    a, b = two_homes(server)
+    stopped = server.worker_pids()[1]
+    with worker_stopped(stopped):
+        sock, stream = connect_to_live_worker(server)
+        started = time.monotonic()
+        sock.sendall(post(b, "to-b"))
+        sent = 0
+        while not answered_within(sock, 1.0) and time.monotonic() - started < 8:
+            sock.sendall(post(a, "a%d" % sent))
+            sent += 1
+        took = time.monotonic() - started
+    answers = read_answers(stream, sent + 1)
+    sock.close()
+    assert 2.5 < took < 5, took
+    assert [status for status, _, _ in answers] == [503] + [202] * sent, answers
+    assert answers[0][2].startswith(b"not confirmed")
+    assert answers[-1][1].get(b"connection") == b"close"
+    assert [json.loads(body)["seq"] for _, _, body in answers[1:]] == list(range(2, sent + 2))
+
+
+def test_a_refused_head_request_is_answered_without_a_body(server_factory):
+    """A HEAD refused on its head (403 here) gets no body, and a GET refused after a HEAD gets
+    its body: the refusal answers the request as it asked, not as the one before it did.
+    Behind publishes too, where the refusal is held back and answered in its turn."""
+    server = server_factory(workers=1)
+    browser = b"Origin: http://example.com\r\n"
+    for pipeline, expected in (
+            (b"HEAD /health HTTP/1.1\r\nHost: t\r\n\r\nGET /stats HTTP/1.1\r\nHost: t\r\n"
+             + browser + b"\r\n", [(200, False), (403, True)]),
+            (b"GET /health HTTP/1.1\r\nHost: t\r\n\r\nHEAD /stats HTTP/1.1\r\nHost: t\r\n"
+             + browser + b"\r\n", [(200, True), (403, False)]),
+            (post(uid("hd"), "x") + b"HEAD /stats HTTP/1.1\r\nHost: t\r\n" + browser + b"\r\n",
+             [(202, True), (403, False)]),
+            (post(uid("hd"), "x") + b"HEAD /health HTTP/1.1\r\nHost: t\r\n\r\n",
+             [(202, True), (200, False)])):
+        with connect(server.app, timeout=5) as sock:
+            sock.sendall(pipeline)
+            data, closed, _ = read_until_close(sock, 2 if expected[-1][0] == 200 else 5)
+        got = []
+        while data:
+            head, _, data = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            has_body = data[:4] != b"HTTP" and len(data) >= length > 0
+            got.append((int(head.split()[1]), has_body))
+            data = data[length:] if has_body else data
+        assert got == expected, (pipeline, got)
+
+
+def server_fd(pid, sock):
+    """The fd of worker ``pid`` that holds the server side of the loopback connection ``sock``."""
+    port = "%04X" % sock.getsockname()[1]
+    with open("/proc/net/tcp") as f:
+        inode = next(line.split()[9] for line in f
+                     if line.split()[2].endswith(":" + port) and line.split()[1].endswith(
+                         ":%04X" % sock.getpeername()[1]))
+    for name in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, name)) == "socket:[%s]" % inode:
+                return int(name)
+        except OSError:
+            continue
+    return None
+
+
+def connect_reading_little(server, pid):
+    """A connection to the app port held by worker ``pid``, with a small receive buffer (what
+    is not read stays in the server's output)."""
+    for _ in range(40):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", server.app))
+        fd = wait_for(lambda: server_fd(pid, sock) or "other", timeout=2, interval=0.01,
+                      message="the connection accepted")
+        if fd != "other":
+            return sock, fd
+        sock.close()
+    raise AssertionError("no connection landed on worker pid %d" % pid)
+
+
+def test_unconfirmed_answers_all_go_out_and_a_peer_that_reads_none_is_closed(server_factory):
+    """The answers given on CONFIRM_TIMEOUT (503 for the stuck request, the ones behind it)
+    are big here (a batch's 100 000 line errors), and the peer reads them late, or never.
+    The deadline that fired had a twin in the same tick (set by the batch's begin and by the
+    live home's ACK), which closed the connection at once and cut the answers off; and with
+    no deadline after them, a peer that never read held its connection for ever."""
+    server = server_factory("--worker-timeout", 120, "--header-timeout", 2, workers=2)
+    a, b = two_homes(server)
+    pids = server.worker_pids()
+    stuck = b"\n".join(json.dumps({"id": ident, "data": "x"}).encode() for ident in (a, b))
+    invalid = b"x\n" * 100000
+    with worker_stopped(pids[1]):
+        late, _ = connect_reading_little(server, pids[0])
+        never, fd = connect_reading_little(server, pids[0])
+        for sock in (late, never):
+            sock.sendall(b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                         % len(stuck) + stuck)
+        time.sleep(0.1)                    # the live home's ACK came: the batch behind waits
+        for sock in (late, never):
+            sock.sendall(b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                         % len(invalid) + invalid)
+        time.sleep(4.0)                    # answered at 3 s, read at 4 s (header timeout: 2 s)
+        data, closed, _ = read_until_close(late, 5)
+        late.close()
+        assert server_fd(pids[0], never) == fd
+        wait_for(lambda: server_fd(pids[0], never) != fd, timeout=5,
+                 message="the peer that reads nothing closed")
+        never.close()
+    answers = read_answers(io.BytesIO(data), 3)
+    assert closed and [status for status, _, _ in answers] == [503, 202]
+    assert json.loads(answers[0][2]) == {"published": 1, "unconfirmed": 1, "errors": []}
+    assert len(answers[1][2]) == int(answers[1][1][b"content-length"]) > 4000000
+    assert len(json.loads(answers[1][2])["errors"]) == 100000
+
+
+def test_a_late_ack_for_a_closed_connection_misses_the_next_one_on_its_fd(server_factory):
+    """A publisher leaves with a publish in flight; the next connection on the same fd
+    publishes to the same id.  The first ACK (its serial) must not answer the second: each
+    request is found by (fd, serial), and a serial is never reused by the next owner."""
+    server = server_factory("--worker-timeout", 120, workers=2)
+    a, b = two_homes(server)
+    pids = server.worker_pids()
+    with worker_stopped(pids[1]):
+        first, _ = connect_to_live_worker(server)
+        fd = server_fd(pids[0], first)
+        first.sendall(post(b, "from-the-first"))
+        time.sleep(0.2)
+        first.close()                      # gone with its publish in flight
+        for _ in range(20):
+            second, stream = connect_to_live_worker(server)
+            if server_fd(pids[0], second) == fd:
+                break
+            second.close()
+        else:
+            raise AssertionError("no connection got fd %d again" % fd)
+        second.sendall(post(b, "from-the-second") + post(a, "and-then"))
+        time.sleep(0.3)
+    answers = read_answers(stream, 2)
+    second.close()
+    assert [json.loads(body) for _, _, body in answers] == [
+        {"id": b, "seq": 3}, {"id": a, "seq": 2}], answers     # probes were 1; the first's 2
+    status, _, body = server.sub(b, since=1)
+    assert [m["data"] for m in json.loads(body)["messages"]] == [
+        "from-the-first", "from-the-second"]
+
+
+def test_a_token_is_checked_on_every_pipelined_request(server_factory):
+    """With an app token, a request without it behind publishes gets its 401 in its turn and
+    closes the connection; nothing behind it runs."""
+    server = server_factory("--app-token", "T0k3n", workers=2)
+    auth = b"Authorization: Bearer T0k3n\r\n"
+    a, b = uid("ta"), uid("tb")
+    signed = lambda ident, data: post(ident, data).replace(b"Host: t\r\n", b"Host: t\r\n" + auth)
+    with connect(server.app, timeout=10) as sock:
+        sock.sendall(signed(a, "1") + post(b, "unsigned") + signed(a, "never"))
+        answers = read_answers(sock.makefile("rb"), 3)
+    assert [status for status, _, _ in answers] == [202, 401], answers
+    assert answers[1][1].get(b"connection") == b"close"
+    status, _, body = server.sub(a, since=0)
+    assert [m["data"] for m in json.loads(body)["messages"]] == ["1"]
+    status, _, body = server.sub(b, since=0, timeout=1)
+    assert json.loads(body)["messages"] == []
+
+
+def test_batches_of_invalid_lines_answered_at_once_keep_their_turn(server_factory):
+    """A batch whose every line is refused waits for nothing: at the head it is answered from
+    within the request loop, behind a publish in flight it waits its turn; either way the
+    requests pipelined behind it go on, in order."""
+    server = server_factory(workers=2)
+    bad = b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nnope"
+    empty = b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
+    a = uid("iv")
+    pipeline = [bad, post(a, "1"), bad, empty, post(a, "2"),
+                b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n", bad] * 30 + [post(a, "end", close=True)]
+    with connect(server.app, timeout=10) as sock:
+        sock.sendall(b"".join(pipeline))
+        answers = read_answers(sock.makefile("rb"), len(pipeline) + 1)
+    expected, seq = [], 0
+    for request in pipeline:
+        if request in (bad, empty):
+            errors = [{"line": 1, "error": "invalid JSON"}] if request == bad else []
+            expected.append((202, {"published": 0, "errors": errors}))
+        elif request.startswith(b"GET"):
+            expected.append((200, "ok\n"))
+        else:
+            seq += 1
+            expected.append((202, {"id": a, "seq": seq}))
+    got = [(status, body.decode() if status == 200 else json.loads(body))
+           for status, _, body in answers]
+    assert got == expected
+    assert answers[-1][1].get(b"connection") == b"close"
+
+
+def test_a_pipelining_publisher_that_reads_late_gets_every_answer_in_order(server_factory):
+    """12 000 pipelined publishes, their answers unread for two seconds: the answers stop at
+    1 MiB of unsent output (nothing more is parsed), and once the publisher reads, the rest
+    are parsed, published and answered, in order, with nothing lost or stalled."""
+    server = server_factory(workers=2)
+    ids = [uid("late%d-" % i) for i in range(10)]
+    count = 12000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", server.app))
+    data = b"".join(post(ids[i % 10], "m%d" % i) for i in range(count))
+    sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
+    sender.start()
+    time.sleep(2.0)
+    answers = read_answers(sock.makefile("rb"), count)
+    sender.join(10)
+    sock.close()
+    assert len(answers) == count
+    assert all(status == 202 for status, _, _ in answers)
+    assert [json.loads(body)["seq"] for _, _, body in answers] == [i // 10 + 1 for i in range(count)]
