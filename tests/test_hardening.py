@@ -211,15 +211,28 @@ def home_of(server, ident):
     return moved[0]
 
 
+def settled_counts(server, field):
+    """The workers' counts once two reads 0.1 s apart agree: the baseline must not be a count
+    that was flushed a moment late (the probe poll of home_of, answered and gone)."""
+    last = None
+
+    def agree():
+        nonlocal last
+        now = worker_counts(server, field)
+        same, last = now == last, now
+        return now if same else None
+    return wait_for(agree, timeout=5, interval=0.1, message="the %s counts to settle" % field)
+
+
 def hold_compat_on(server, ident, index):
     """A compat poll for ident held by worker ``index`` (connections land where the kernel
     hashes them: retry until one lands there)."""
     for _ in range(60):
-        before = worker_counts(server, "subscribers")
+        before = settled_counts(server, "subscribers")
         sock = open_poll(server.client, "/%s.js" % ident)
-        after = wait_for(lambda: (lambda c: c if sum(c) > sum(before) else None)(
-            worker_counts(server, "subscribers")), timeout=5, message="the poll to be held")
-        if after[index] > before[index]:
+        landed = wait_for(lambda: [i for i, (a, b) in enumerate(zip(before, worker_counts(
+            server, "subscribers"))) if b > a], timeout=5, message="the poll to be held")
+        if landed == [index]:
             time.sleep(0.1)                         # let its CPOLL register at the home
             return sock
         sock.close()

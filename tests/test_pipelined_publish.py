@@ -427,3 +427,31 @@ def test_a_pipelining_publisher_that_reads_late_gets_every_answer_in_order(serve
     assert len(answers) == count
     assert all(status == 202 for status, _, _ in answers)
     assert [json.loads(body)["seq"] for _, _, body in answers] == [i // 10 + 1 for i in range(count)]
+
+
+def test_answers_before_a_close_reach_a_late_reader_that_sent_more(server_factory):
+    """A publisher pipelines 12 000 publishes, the last with ``Connection: close``, then bytes
+    the server will never answer, and reads nothing for a second.  Its answers must not be
+    lost to a reset (closing with input unread drops what is still queued for the peer):
+    every answer arrives, in order, then EOF."""
+    server = server_factory(workers=1)
+    ident = uid("linger")
+    count = 12000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", server.app))
+    data = b"".join(post(ident, "m%d" % i, close=i == count - 1) for i in range(count))
+    after = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * 20000     # never answered
+    sender = threading.Thread(target=sock.sendall, args=(data + after,), daemon=True)
+    sender.start()
+    time.sleep(1.0)
+    stream = sock.makefile("rb")
+    answers = read_answers(stream, count)
+    assert stream.read() == b""                     # EOF, not a reset
+    sock.close()
+    sender.join(10)
+    assert len(answers) == count
+    assert answers[-1][1][b"connection"] == b"close"
+    assert [json.loads(body)["seq"] for _, _, body in answers] == list(range(1, count + 1))
+    assert "died" not in server.stderr()
