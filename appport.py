@@ -229,10 +229,11 @@ class AppPort:
 
     def parse_no_more(self, fd, owed):
         """Must fd's next requests wait until answers go out? When its last request asked to
-        close, something is held back, or as many publishes as a connection may have are in
-        flight."""
+        close, something is held back, as many publishes as a connection may have are in
+        flight, or records pile up for homes that do not take them (then each publisher has
+        one request in flight, as binary publishers are not read)."""
         return (not owed[-1].flags & KEEP_ALIVE or fd in self.held_back
-                or len(owed) >= PIPELINE_MAX)
+                or len(owed) >= PIPELINE_MAX or self.w.backlogged > worker.BACKLOG_PAUSE)
 
     def hold_back(self, fd, what):
         self.held_back[fd] = what

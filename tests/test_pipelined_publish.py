@@ -484,3 +484,38 @@ def test_a_publisher_far_ahead_of_its_answers_is_slowed_not_closed(server_factor
     for part in (seqs[:200], seqs[200:]):            # each id's seqs, one after the other
         assert part == list(range(part[0], part[0] + len(part)))
     assert "died" not in server.stderr()
+
+
+def test_http_publishers_wait_while_records_pile_up_for_a_stopped_home(server_factory):
+    """B's home stopped: a batch of 30 000 messages for B fills the ring to it and piles up
+    in the edge's backlog.  Another publisher's pipelined requests then go one at a time (the
+    first is taken, the rest wait for its answer), as binary publishers stop being read, so a
+    stuck home costs the edge a bounded backlog; once B's home runs, everything is answered."""
+    server = server_factory("--worker-timeout", 120, workers=2)
+    a, b = two_homes(server)
+    lines = 30000
+    batch = "\n".join(json.dumps({"id": b, "data": "m%d" % i}) for i in range(lines)).encode()
+
+    def received(sock, stream):
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: t\r\n\r\n")
+        _, _, body = read_answers(stream, 1)[0]
+        return json.loads(body)["workers"][0]["received"]
+
+    with worker_stopped(server.worker_pids()[1]):
+        probe = connect_to_live_worker(server)
+        first = received(*probe)
+        batcher, batch_answers = connect_to_live_worker(server)
+        batcher.sendall(b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(batch), batch))
+        wait_for(lambda: received(*probe) >= first + lines, timeout=2, message="the batch")
+        sock, stream = connect_to_live_worker(server)
+        sock.sendall(b"".join(post(b, "p%d" % i) for i in range(10)))
+        time.sleep(0.5)
+        taken = received(*probe) - first - lines
+    assert taken == 1
+    answers = read_answers(stream, 10)
+    assert [status for status, _, _ in answers] == [202] * 10
+    status, _, body = read_answers(batch_answers, 1)[0]
+    assert status == 202 and json.loads(body)["published"] == lines
+    for s in (probe[0], batcher, sock):
+        s.close()
