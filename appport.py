@@ -383,7 +383,7 @@ class AppPort:
 
     def stats_document(self):
         w = self.w
-        w.flush_stats()
+        w.refresh_stats()
         workers = []
         totals = dict.fromkeys(shmqueue.COUNTER_FIELDS, 0)
         now_ms = time.time() * 1000

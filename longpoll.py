@@ -20,6 +20,7 @@ import wire
 from front import epoch_of
 from httpconn import CLIENT_INBUF_LIMIT, HEAD_ONLY, KEEP_ALIVE
 from records import DELIVER_COMPAT
+from shmqueue import DELIVERED
 from worker import HELD, PENDING
 
 JSON_TYPE = b"application/json"
@@ -177,7 +178,7 @@ class LongPoll:
                                                           self.common, variant & HEAD_ONLY)
             self.router.unhold(fd)
             http.send_response(fd, response, variant & KEEP_ALIVE)
-            self.w.counters["delivered"] += 1
+            self.w.counters[DELIVERED] += 1
             http.resume(fd)
         return False
 
@@ -205,7 +206,7 @@ class LongPoll:
         body = json_body_of(self.router.held_id[fd], messages, last, callback, self.epoch)
         self.router.unhold(fd)
         self.http.respond(fd, 200, body, JSON_TYPE if callback is None else JS_TYPE, self.common)
-        self.w.counters["delivered"] += len(messages)
+        self.w.counters[DELIVERED] += len(messages)
         self.http.resume(fd)
 
     def answer_many(self, fd, items):
@@ -217,13 +218,13 @@ class LongPoll:
         body = json_many_of(items, cursors, callback, self.epoch)
         self.router.unhold(fd)
         self.http.respond(fd, 200, body, JSON_TYPE if callback is None else JS_TYPE, self.common)
-        self.w.counters["delivered"] += len(items)
+        self.w.counters[DELIVERED] += len(items)
         self.http.resume(fd)
 
     def answer_compat(self, fd, data):
         self.router.unhold(fd)
         self.http.respond(fd, 200, data, JS_TYPE, self.common)
-        self.w.counters["delivered"] += 1
+        self.w.counters[DELIVERED] += 1
 
     def answer_timeout(self, fd):
         if self.w.proto[fd] == protocols.POLL_COMPAT:

@@ -16,6 +16,7 @@ from records import (ACK_REFUSED_MAX, CGIVE, CPOLL, DELIVER, DELIVER_COMPAT, MSG
                      MSGS, MSGS_FINAL, MSGS_HEADER, MSGS_REFUSED, PUB, RESET, RESET_RECORD, SUB,
                      SUB_QUIET, UNSUB, UNSUB_ALL, UNSUB_COMPAT)
 import records
+from shmqueue import PUBLISHED, RECEIVED, REFUSED, SUBSCRIBERS
 from worker import HELD, PENDING, READING
 
 
@@ -86,7 +87,7 @@ class Router:
     def publish(self, ident, data, fd=0, serial=0, line=0):
         """Send a message to its home; with a serial, the home ACKs it back to (fd, serial)."""
         w = self.w
-        w.counters["received"] += 1
+        w.counters[RECEIVED] += 1
         w.send_home(ident, records.pub(fd, serial, line, ident, data))
 
     # -- home side -----------------------------------------------------------------
@@ -99,10 +100,10 @@ class Router:
                                                   self.stale_workers)
         except shmqueue.TableFull:
             seq = targets = compat = 0
-            w.counters["refused"] += 1
+            w.counters[REFUSED] += 1
             w.log("publish: id table full, message for %s refused" % ident.decode())
         else:
-            w.counters["published"] += 1
+            w.counters[PUBLISHED] += 1
         if serial:                                 # acknowledged in bulk by flush_acks
             tally = self.acks.get((src, fd, serial))
             if tally is None:
@@ -262,7 +263,7 @@ class Router:
                 held[ident] = {entry, fd}
         if compat:
             self.compat_held[idents] = self.compat_held.get(idents, 0) + 1
-        w.counters["subscribers"] += 1
+        w.counters[SUBSCRIBERS] += 1
         w.set_deadline(fd, timeout)
 
     def unhold(self, fd):
@@ -293,7 +294,7 @@ class Router:
             else:                                 # no compat poll here now: stop taking
                 del self.compat_held[idents]      # messages off the compat cursor for us
                 w.send_home(idents, records.unsub(UNSUB_COMPAT, idents))
-        w.counters["subscribers"] -= 1
+        w.counters[SUBSCRIBERS] -= 1
         w.state[fd] = READING
         w.proto[fd] = self.client_proto
         self.held_id[fd] = b""

@@ -33,7 +33,6 @@ beyond the bytes it returns, and never writes a partition it does not own.  Memo
 ``tail`` is seen after the stores of the record it publishes.
 """
 
-import array
 import mmap
 import struct
 
@@ -56,6 +55,10 @@ _RING_WRAP = 0xFFFFFFFF
 PROCESS_FIELDS = ("pid", "started_ms", "heartbeat_ms", "restarts")
 COUNTER_FIELDS = ("connections", "subscribers", "accepted", "received", "published", "refused",
                   "delivered", "slow_closed", "expired", "dropped", "rss_bytes")
+# Their places in StatsBlock.counters(), where the worker counts in place: /stats is always
+# current, and nothing is copied per loop turn.  (A field without a name here fails import.)
+(CONNECTIONS, SUBSCRIBERS, ACCEPTED, RECEIVED, PUBLISHED, REFUSED, DELIVERED, SLOW_CLOSED,
+ EXPIRED, DROPPED, RSS_BYTES) = range(len(COUNTER_FIELDS))
 STAT_FIELDS = PROCESS_FIELDS + COUNTER_FIELDS
 _STAT_BLOCK = 128
 # Partition header (u64 each).  "dirty" is the slot whose fields are being
@@ -180,9 +183,10 @@ class StatsBlock:
     def set(self, name, value):
         self._words[self._INDEX[name]] = value
 
-    def set_counters(self, values):
-        """Write every counter at once, in COUNTER_FIELDS order."""
-        self._words[len(PROCESS_FIELDS):len(STAT_FIELDS)] = array.array("Q", values)
+    def counters(self):
+        """The counters themselves, indexed by CONNECTIONS, SUBSCRIBERS, ...: its worker
+        writes them in place (aligned u64 words: a reader sees each old or new, never torn)."""
+        return self._words[len(PROCESS_FIELDS):len(STAT_FIELDS)]
 
     def as_dict(self):
         return dict(zip(STAT_FIELDS, self._words[:len(STAT_FIELDS)]))

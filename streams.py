@@ -32,6 +32,7 @@ import protocols
 import records
 import wsframe
 from front import epoch_of
+from shmqueue import DELIVERED, SLOW_CLOSED
 from worker import CLOSING, HELD, PENDING
 
 STREAM_OUT_LIMIT = 1 << 20       # bytes queued for one stream before it counts as too slow
@@ -146,7 +147,7 @@ class Streams:
         pending = w.outbuf.get(fd)
         if pending is None or len(pending) <= STREAM_OUT_LIMIT:
             return False
-        w.counters["slow_closed"] += 1
+        w.counters[SLOW_CLOSED] += 1
         w.log("stream: a subscriber of %s reads too slowly (%d bytes queued); closed"
               % (b",".join(self.router.ids_of(self.router.held_id[fd])).decode(), len(pending)))
         w.close(fd)
@@ -272,5 +273,5 @@ class Streams:
         if not w.state[fd]:
             return
         self.since[fd] = seq
-        w.counters["delivered"] += 1
+        w.counters[DELIVERED] += 1
         self._bound_output(fd)

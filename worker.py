@@ -33,9 +33,9 @@ import time
 
 import logs
 import shmqueue
+from shmqueue import ACCEPTED, CONNECTIONS, DROPPED, EXPIRED, RSS_BYTES, SUBSCRIBERS
 
 TICK = 0.25                      # seconds between housekeeping passes
-STATS_LAG = 0.01                 # /stats may lag a busy worker's counters by this much
 READ_SIZE = 65536
 ACCEPT_BATCH = 128
 EVENT_BATCH = 1024
@@ -118,7 +118,6 @@ class Worker:
         self.deadline = array.array("I", bytes(4 * limit))
         self.inbuf = {}          # fd -> bytes received and not yet parsed
         self.outbuf = {}         # fd -> bytearray the socket did not take yet
-        self.open = 0
         self.paused = []         # publisher fds not read while the backlog is over the limit
         self.wheel = {}          # tick number -> [fd]; an fd counts only if deadline[fd] matches
         self.wheel_at = 0
@@ -126,9 +125,8 @@ class Worker:
         self.stopping = False
         self.now = time.monotonic()
         self.stats = region.stats(index)
-        self.counters = dict.fromkeys(shmqueue.COUNTER_FIELDS, 0)
+        self.counters = self.stats.counters()   # in shared memory: written once we serve
         self.rss_at = 0.0
-        self.stats_at = 0.0
         self.log_budget = LOG_LINES_PER_SECOND
         self.log_window_end = 0.0
         self.log_suppressed = 0
@@ -184,7 +182,7 @@ class Worker:
         self.stats.set("started_ms", int(time.time() * 1000))
         self.stats.set("heartbeat_ms", int(time.time() * 1000))
         self.stats.set("pid", os.getpid())        # alive for /health from now: it listens
-        self.flush_stats()
+        self.refresh_stats()
         gc.freeze()                               # start-up objects: never scanned, never copied
         self._tell_ready()
         self.wheel_at = self._tick_of(self.now)
@@ -195,13 +193,12 @@ class Worker:
         self._shutdown()
 
     def _continue_counters(self):
-        """A restarted worker continues its predecessor's counters (read once it has exited)."""
-        saved = self.stats.as_dict()
-        for name in self.counters:
-            self.counters[name] = saved[name]
-        self.counters["connections"] = self.counters["subscribers"] = 0
-        self.part.expired = saved["expired"]
-        self.part.dropped = saved["dropped"]
+        """A restarted worker counts on from its predecessor's counters (touched only once it
+        has exited), holding no connection yet."""
+        counters = self.counters
+        counters[CONNECTIONS] = counters[SUBSCRIBERS] = 0
+        self.part.expired = counters[EXPIRED]
+        self.part.dropped = counters[DROPPED]
 
     def _tell_ready(self):
         if self.ready_fd is not None:
@@ -244,8 +241,6 @@ class Worker:
             step()
         self._flush_backlog()
         self._notify()
-        if self.now - self.stats_at >= STATS_LAG or not (busy or self.local):
-            self.flush_stats()                    # at least before sleeping: /stats is current
         if self.now >= self.next_tick:
             self._tick()
             self.next_tick = self.now + TICK
@@ -291,7 +286,7 @@ class Worker:
             step()
         self._flush_backlog()
         self._notify()
-        self.flush_stats()
+        self.refresh_stats()
         for fd in self._connections():
             self.close(fd)
 
@@ -333,24 +328,23 @@ class Worker:
             if self.log_suppressed:
                 self.log("%d log lines suppressed" % self.log_suppressed, force=True)
                 self.log_suppressed = 0
-        self.flush_stats()
+        self.refresh_stats()
         self._flush_backlog()
         self._notify()
 
-    def flush_stats(self):
+    def refresh_stats(self):
+        """The counters that are not counted where they happen: what the partition expired
+        and dropped, and the RSS (every 2 s).  At each tick, and for /stats."""
         counters = self.counters
         if self.now >= self.rss_at:
             self.rss_at = self.now + 2.0
             try:
                 with open("/proc/self/statm", "rb") as f:
-                    counters["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                    counters[RSS_BYTES] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             except OSError:
                 pass
-        self.stats_at = self.now
-        counters["connections"] = self.open
-        counters["expired"] = self.part.expired
-        counters["dropped"] = self.part.dropped
-        self.stats.set_counters(counters.values())
+        counters[EXPIRED] = self.part.expired
+        counters[DROPPED] = self.part.dropped
 
     def now_ms(self):
         return int(self.now * 1000)
@@ -368,9 +362,10 @@ class Worker:
 
     def _accept(self, sock, proto, client):
         for _ in range(ACCEPT_BATCH):
-            if client and self.open >= self.client_cap:
+            if client and self.counters[CONNECTIONS] >= self.client_cap:
                 self.log("client port: %d connections; the fds left are the app port's, "
-                         "accepting again below %d" % (self.open, self.client_cap - CLIENT_CAP_SLACK))
+                         "accepting again below %d"
+                         % (self.counters[CONNECTIONS], self.client_cap - CLIENT_CAP_SLACK))
                 self._set_listening(client=False)
                 return
             try:
@@ -395,9 +390,9 @@ class Worker:
             self.proto[fd] = proto
             self.serial[fd] = 0                   # replies meant for a former owner of the fd miss
             self.ep.register(fd, IN)
-            self.open += 1
             self.set_deadline(fd, self.cfg.header_timeout)
-            self.counters["accepted"] += 1
+            self.counters[CONNECTIONS] += 1
+            self.counters[ACCEPTED] += 1
 
     def _set_listening(self, client=True, app=True):
         """Turn accepting on or off per port (the listeners stay open and keep their queues)."""
@@ -413,7 +408,7 @@ class Worker:
             if self.now < self.accept_paused_until:
                 return
             self.accept_paused_until = 0.0
-        self._set_listening(client=self.open < self.client_cap - CLIENT_CAP_SLACK)
+        self._set_listening(client=self.counters[CONNECTIONS] < self.client_cap - CLIENT_CAP_SLACK)
 
     def _read(self, fd):
         """Append what the socket has to inbuf[fd]; False if the connection ended (closed)."""
@@ -504,7 +499,7 @@ class Worker:
         self.state[fd] = FREE
         self.inbuf.pop(fd, None)
         self.outbuf.pop(fd, None)
-        self.open -= 1
+        self.counters[CONNECTIONS] -= 1
         os.close(fd)                              # also leaves the epoll set
 
     def stop_reading(self, fd):
