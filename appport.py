@@ -24,7 +24,6 @@ from worker import BUSY, READING
 
 CONFIRM_TIMEOUT = 3.0            # seconds a publish may wait for its home's ACK without progress
 PIPELINE_MAX = 128               # pipelined publishes in flight per connection
-BUSY_INPUT_MAX = 1 << 20         # unparsed input read from a connection that waits for answers
 
 
 class Publish:
@@ -57,7 +56,6 @@ class AppPort:
         self.publishes = {}
         # fd -> what came behind its publishes: (req, body, flags), or (HttpError, None, flags)
         self.held_back = {}
-        self.not_reading = set()  # fds whose input waits in the kernel until they are answered
         self.frames_in = {}      # binary fd -> frames taken from it (logged when it closes)
         self.half_closed = set()  # binary fds told (EOF) that this worker is stopping
 
@@ -99,14 +97,7 @@ class AppPort:
             self.http.serve(fd, self.check_caller, self.route, w.cfg.max_body,
                             refuse=self.refuse)
         buf = w.inbuf.get(fd)                     # what is left unparsed: pipelined far ahead
-        if buf is None:
-            return
-        if w.state[fd] == BUSY:
-            # Its requests wait for answers owed before them: so does the publisher.
-            if len(buf) > BUSY_INPUT_MAX and fd not in self.not_reading:
-                self.not_reading.add(fd)
-                w.stop_reading(fd)
-        elif len(buf) > wire.MAX_HEAD + w.cfg.max_body:
+        if buf is not None and len(buf) > wire.MAX_HEAD + w.cfg.max_body:
             w.close(fd)
 
     def timeout_http(self, fd):
@@ -119,7 +110,6 @@ class AppPort:
         for publish in self.owed.pop(fd, ()):
             del self.publishes[fd, publish.serial]
         self.held_back.pop(fd, None)
-        self.not_reading.discard(fd)
 
     def stop_http(self, fd):
         """Stopping: a connection still owed answers is kept (the drain waits for them)."""
@@ -310,9 +300,6 @@ class AppPort:
                 except wire.HttpError as e:
                     http.fail(fd, e.status, e.reason)
                     return
-        if fd in self.not_reading:                # its turn came: take its requests again
-            self.not_reading.discard(fd)
-            w.read_again(fd)
         if resume:
             http.resume(fd)
 

@@ -502,14 +502,6 @@ class Worker:
         self.counters[CONNECTIONS] -= 1
         os.close(fd)                              # also leaves the epoll set
 
-    def stop_reading(self, fd):
-        """Read nothing more from fd until ``read_again``: its protocol has enough unparsed
-        input waiting its turn (TCP then slows the peer down)."""
-        self.ep.modify(fd, OUT if fd in self.outbuf else 0)
-
-    def read_again(self, fd):
-        self.ep.modify(fd, IN | OUT if fd in self.outbuf else IN)
-
     def pause_reading(self, fd):
         """Back-pressure: read fd again once the backlog of records has drained."""
         self.ep.modify(fd, 0)
