@@ -422,6 +422,10 @@ class Supervisor:
                         self._wait_signal(0.05)
                         self._reap()
                 self.standby.discard(new)
+                # If the old one died meanwhile, _reap scheduled its restart: the new one is
+                # that restart (a second would make two owners of one partition).
+                self.restart_at.pop(index, None)
+                self.retiring.discard(old)
                 os.write(go_w, b"g")              # the partition is free: take it over
                 if self._read_line(ready_r, RELOAD_STEP_TIMEOUT) != str(index).encode():
                     logs.write("error", "reload: worker %d did not come up" % index)

@@ -294,7 +294,8 @@ class Router:
             else:                                 # no compat poll here now: stop taking
                 del self.compat_held[idents]      # messages off the compat cursor for us
                 w.send_home(idents, records.unsub(UNSUB_COMPAT, idents))
-        w.counters[SUBSCRIBERS] -= 1
+        if w.counters[SUBSCRIBERS]:                # (shared: never below 0, whatever happened)
+            w.counters[SUBSCRIBERS] -= 1
         w.state[fd] = READING
         w.proto[fd] = self.client_proto
         self.held_id[fd] = b""

@@ -499,8 +499,11 @@ class Worker:
         self.state[fd] = FREE
         self.inbuf.pop(fd, None)
         self.outbuf.pop(fd, None)
-        self.counters[CONNECTIONS] -= 1
+        if self.paused and fd in self.paused:     # its next owner must not be "unpaused"
+            self.paused = [p for p in self.paused if p != fd]
         os.close(fd)                              # also leaves the epoll set
+        if self.counters[CONNECTIONS]:            # (shared: never below 0, whatever happened)
+            self.counters[CONNECTIONS] -= 1
 
     def pause_reading(self, fd):
         """Back-pressure: read fd again once the backlog of records has drained."""
