@@ -123,11 +123,16 @@ def two_homes(server):
     return homes[0], homes[1]
 
 
-def connect_to_live_worker(server):
+def connect_to_live_worker(server, rcvbuf=None):
     """(socket, its buffered reader) on a connection answered while worker 1 is stopped, so
-    held by worker 0 (the kernel hashes connections to workers: retry until one lands)."""
+    held by worker 0 (the kernel hashes connections to workers: retry until one lands).
+    ``rcvbuf``: a receive buffer that small, set before connecting (a peer that reads late)."""
     for _ in range(40):
-        sock = connect(server.app, timeout=10)
+        sock = socket.socket()
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", server.app))
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         if answered_within(sock, 0.5):
             stream = sock.makefile("rb")

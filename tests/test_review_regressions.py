@@ -10,13 +10,17 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 
-from conftest import wait_for
+from conftest import ROOT, wait_for
 from test_bad_input import uid
-from test_pipelined_publish import (post, read_answers, two_homes, worker_stopped,
-                                    answered_within, live_stats)
+from test_pipelined_publish import (connect_to_live_worker, live_stats, post, two_homes,
+                                    worker_stopped)
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from chaos import children_of  # noqa: E402
 
 
 def read_raw_answers(sock, count, timeout):
@@ -47,13 +51,7 @@ def late_reading_publisher(server, count, delay, ident=None):
     sock.connect(("127.0.0.1", server.app))
     data = b"".join(post(ident, "m%d" % i) for i in range(count))
 
-    def send():
-        try:
-            sock.sendall(data)
-        except OSError:
-            pass
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
+    sender = send_in_background(sock, data)
     time.sleep(delay)
     answers, closed = read_raw_answers(sock, count, 10)
     sender.join(10)
@@ -77,25 +75,21 @@ def vm_rss(pid):
     return 0
 
 
-def connect_small_rcvbuf_to_live_worker(server):
-    """Like connect_to_live_worker, with a 4 KiB receive buffer (set before connecting)."""
-    for _ in range(40):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(10)
-        sock.connect(("127.0.0.1", server.app))
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-        if answered_within(sock, 0.5):
-            stream = sock.makefile("rb")
-            assert read_answers(stream, 1)[0][0] == 200
-            return sock, stream
-        sock.close()
-    raise AssertionError("every connection landed on the stopped worker")
+def send_in_background(sock, data):
+    """sendall on a daemon thread, ending quietly if the server closes: the thread."""
+    def send():
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
 
 
 def test_a_closing_last_answer_on_a_not_reading_connection_is_not_lost_to_a_reset(
         server_factory):
-    """32e8599: B's home stopped; a publisher (4 KiB receive buffer) pipelines 128 publishes,
+    """Found in 32e8599 (reverted in edc1721). B's home stopped; a publisher (4 KiB receive buffer) pipelines 128 publishes,
     the last with Connection: close, then 3 MB more that will never be answered.  Past 1 MiB
     the worker stops reading it.  When B's home runs, the 128 answers go out and the
     connection is closed (answer_ready: state is not READING -> closed_http, no read_again)
@@ -106,17 +100,11 @@ def test_a_closing_last_answer_on_a_not_reading_connection_is_not_lost_to_a_rese
     pids = server.worker_pids()
     count = 128
     with worker_stopped(pids[1]):
-        sock, stream = connect_small_rcvbuf_to_live_worker(server)
+        sock, stream = connect_to_live_worker(server, rcvbuf=4096)
         data = b"".join(post(b, "m%d" % i, close=i == count - 1) for i in range(count))
         after = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * 100000     # 3.4 MB, never answered
 
-        def send():
-            try:
-                sock.sendall(data + after)
-            except OSError:
-                pass
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
+        send_in_background(sock, data + after)
         time.sleep(1.0)
     time.sleep(0.5)                       # B answers: 128 answers, then the close
     answers, closed = read_raw_answers(sock, count, 5)
@@ -126,7 +114,7 @@ def test_a_closing_last_answer_on_a_not_reading_connection_is_not_lost_to_a_rese
 
 def test_unconfirmed_answers_on_a_not_reading_connection_are_not_lost_to_a_reset(
         server_factory):
-    """32e8599, the timeout path: B's home stays stopped past CONFIRM_TIMEOUT; a publisher
+    """Found in 32e8599 (reverted), the timeout path: B's home stays stopped past CONFIRM_TIMEOUT; a publisher
     (4 KiB receive buffer) has 128 publishes in flight and 3 MB more sent, unread (stopped
     reading).  answer_unconfirmed gives the 128 503s and closes after output, with the peer's
     bytes unread in the kernel: a reset that drops most of those answers."""
@@ -135,29 +123,15 @@ def test_unconfirmed_answers_on_a_not_reading_connection_are_not_lost_to_a_reset
     pids = server.worker_pids()
     count = 128
     with worker_stopped(pids[1]):
-        sock, stream = connect_small_rcvbuf_to_live_worker(server)
+        sock, stream = connect_to_live_worker(server, rcvbuf=4096)
         data = b"".join(post(b, "m%d" % i) for i in range(count))
         after = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * 100000     # 3.4 MB
 
-        def send():
-            try:
-                sock.sendall(data + after)
-            except OSError:
-                pass
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
+        send_in_background(sock, data + after)
         time.sleep(4.0)                   # CONFIRM_TIMEOUT (3 s) passes: 128 x 503, close
         answers, closed = read_raw_answers(sock, count, 3)
     sock.close()
     assert answers == count, (answers, closed)
-
-
-def children_of(pid):
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 def cpu_ticks(pid):
@@ -251,7 +225,7 @@ def test_a_paused_binary_publishers_fd_reused_keeps_its_epollout(server_factory)
         pub.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         pub.close()                                                 # RST: closed, still "paused"
         time.sleep(0.3)
-        sock, stream = connect_small_rcvbuf_to_live_worker(server)  # the lowest free fd: its
+        sock, stream = connect_to_live_worker(server, rcvbuf=4096)  # the lowest free fd: its
         sock.sendall(batch)                                         # fd, most likely
         time.sleep(1.0)                   # answered: most of it in the kernel, ~0.5 MB waits
     time.sleep(1.5)                       # B runs: the backlog drains, "paused" fds get IN only
