@@ -89,7 +89,8 @@ def send_in_background(sock, data):
 
 def test_a_closing_last_answer_on_a_not_reading_connection_is_not_lost_to_a_reset(
         server_factory):
-    """Found in 32e8599 (reverted in edc1721). B's home stopped; a publisher (4 KiB receive buffer) pipelines 128 publishes,
+    """Found in 32e8599 (reverted in edc1721).  B's home stopped; a publisher (4 KiB receive
+    buffer) pipelines 128 publishes,
     the last with Connection: close, then 3 MB more that will never be answered.  Past 1 MiB
     the worker stops reading it.  When B's home runs, the 128 answers go out and the
     connection is closed (answer_ready: state is not READING -> closed_http, no read_again)
@@ -114,7 +115,8 @@ def test_a_closing_last_answer_on_a_not_reading_connection_is_not_lost_to_a_rese
 
 def test_unconfirmed_answers_on_a_not_reading_connection_are_not_lost_to_a_reset(
         server_factory):
-    """Found in 32e8599 (reverted), the timeout path: B's home stays stopped past CONFIRM_TIMEOUT; a publisher
+    """Found in 32e8599 (reverted), the timeout path: B's home stays stopped past
+    CONFIRM_TIMEOUT; a publisher
     (4 KiB receive buffer) has 128 publishes in flight and 3 MB more sent, unread (stopped
     reading).  answer_unconfirmed gives the 128 503s and closes after output, with the peer's
     bytes unread in the kernel: a reset that drops most of those answers."""
