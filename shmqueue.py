@@ -47,6 +47,7 @@ _REC = struct.Struct("<qqIII")
 REC_HEADER = _REC.size
 _RING_LEN = _U32
 _RING_WRAP = 0xFFFFFFFF
+_RING_REWIND = 16384      # an empty ring whose tail is this far in wraps to 0 (over 2 records)
 
 # Per-worker stats block (all u64).  The first fields say who runs the worker: pid (the
 # supervisor zeroes it when the worker dies), when it started, when its loop last turned
@@ -216,7 +217,15 @@ class Ring:
         tail = self._pos[8]
         phys = tail & self._mask
         room_to_end = self.size - phys
-        pad = room_to_end if room_to_end < need else 0
+        if room_to_end < need:
+            pad = room_to_end
+        elif phys >= _RING_REWIND and tail == self._pos[0]:
+            # Empty, and this far in: start again at 0, so that a ring drained as it goes
+            # keeps to its first pages instead of walking (and keeping resident) all of them.
+            # Until the consumer reads the wrap marker, the room is the phys bytes before it.
+            pad = room_to_end
+        else:
+            pad = 0
         if tail + pad + need - self._pos[0] > self.size:
             return False
         data = self._data

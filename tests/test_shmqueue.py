@@ -1135,27 +1135,30 @@ def test_repair_after_kill_at_every_store(name):
 # -- 5. rings -------------------------------------------------------------------------
 
 def test_ring_fifo_byte_exact_with_wraparound():
-    region = SharedRegion(2, 1, 8192, 4096, 1000, 8)
+    region = SharedRegion(2, 1, 8192, 32768, 1000, 8)
     ring = region.ring(0, 1)
     size = ring.size
-    assert size == 4096
+    assert size == 32768
     rng = random.Random(3)
     queue = deque()              # (payload, start position) in the model
     tail = head = 0
-    wraps = fulls = exact = 0
+    wraps = fulls = exact = rewinds = 0
     assert ring.pop() is None
-    for _ in range(20000):
-        if rng.random() < 0.55:
+    for step in range(20000):
+        # Phases that fill the ring, and phases that keep it nearly empty (where it rewinds).
+        if rng.random() < (0.55 if step // 1000 % 2 else 0.4):
             n = rng.choice((0, 1, 3, 4, 5, rng.randrange(0, 64), rng.randrange(0, 1500),
-                            rng.randrange(1500, 2044)))
+                            rng.randrange(1500, 8000), rng.randrange(8000, 16380)))
             payload = rng.randbytes(n)
             need = ring_need(n)
             room = size - tail % size
-            pad = room if room < need else 0
+            # Past the end, or an empty ring far enough in: wrap to 0.
+            pad = room if room < need or (tail == head and size - room >= sq._RING_REWIND) else 0
             fits = tail + pad + need - head <= size
             assert ring.push(payload) is fits
             if fits:
                 wraps += pad > 0
+                rewinds += pad > 0 and room >= need
                 exact += room == need
                 queue.append((payload, tail + pad))
                 tail += pad + need
@@ -1176,7 +1179,25 @@ def test_ring_fifo_byte_exact_with_wraparound():
         assert ring.pop() == payload
         ring.commit(len(payload))
     assert ring.pop() is None and ring.pending_bytes() == 0
-    assert wraps > 50 and fulls > 50
+    assert wraps > 50 and fulls > 50 and rewinds > 10, (wraps, fulls, rewinds)
+
+
+def test_a_ring_drained_as_it_goes_keeps_to_its_first_page():
+    """An empty ring starts again at 0: a lightly used ring touches one page, not all of
+    them (each touched page of the shared region stays resident in every worker's PSS)."""
+    region = SharedRegion(2, 1, 8192, 1 << 18, 1000, 8)
+    ring = region.ring(0, 1)
+    highest = 0
+    for i in range(20000):
+        records = [b"sub %d" % i + b"." * (i % 50)] * (1 + i % 3)
+        for record in records:
+            assert ring.push(record)
+            highest = max(highest, (ring._pos[8] - 1) % ring.size)
+        for record in records:
+            assert ring.pop() == record
+            ring.commit(len(record))
+    assert ring.pop() is None and ring.pending_bytes() == 0
+    assert highest < sq._RING_REWIND + 4096
 
 
 def test_ring_full_then_room_after_pops_and_exact_fit():
