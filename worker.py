@@ -117,6 +117,12 @@ class Worker:
         self.serial = array.array("I", bytes(4 * limit))   # which request a reply is for
         self.deadline = array.array("I", bytes(4 * limit))
         self.inbuf = {}          # fd -> bytes received and not yet parsed
+        # Every read lands in this one buffer and is copied out at its size.  (os.read would
+        # malloc READ_SIZE each time and shrink it: with thousands of connections the heap
+        # fragments and keeps about 400 KB more per worker resident.)
+        self.read_buffer = bytearray(READ_SIZE)
+        self.read_buffers = (self.read_buffer,)
+        self.read_view = memoryview(self.read_buffer)
         self.outbuf = {}         # fd -> bytearray the socket did not take yet
         self.paused = []         # publisher fds not read while the backlog is over the limit
         self.wheel = {}          # tick number -> [fd]; an fd counts only if deadline[fd] matches
@@ -413,21 +419,21 @@ class Worker:
     def _read(self, fd):
         """Append what the socket has to inbuf[fd]; False if the connection ended (closed)."""
         try:
-            data = os.read(fd, READ_SIZE)
+            n = os.readv(fd, self.read_buffers)
         except BlockingIOError:
             return False
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self.close(fd)
             return False
         buf = self.inbuf.get(fd)
         if buf is None:
-            self.inbuf[fd] = data
+            self.inbuf[fd] = self.read_view[:n].tobytes()
         else:
             if type(buf) is bytes:                # growing: append in place, not by copying
                 buf = self.inbuf[fd] = bytearray(buf)
-            buf += data
+            buf += self.read_view[:n]
         return True
 
     def consumed(self, fd, used):
