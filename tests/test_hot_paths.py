@@ -50,6 +50,12 @@ def test_ring_push_pop(benchmark):
     assert case.ring.pop() is None and case.ring.pending_bytes() == 0
 
 
+def test_read_request(benchmark):
+    case = perf.ReadCase()
+    benchmark(case.run, 1000)
+    assert case.got == perf.REQUEST and case.fd not in case.w.inbuf
+
+
 def test_publish_pipeline(benchmark):
     case = perf.PipelineCase(n=16)
     benchmark(case.run, 1)

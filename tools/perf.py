@@ -4,12 +4,13 @@
     python -m pyperf compare_to old.json new.json
 
 Each benchmark times one operation of the loop a worker runs per request or
-per message, on the real code (no server, no sockets), so a regression shows
+per message, on the real code (no server; one socketpair for the read), so a regression shows
 up here before it shows up in tools/bench.py.  tests/test_hot_paths.py runs
 the same cases once in CI so they never rot.
 """
 
 import os
+import socket
 import sys
 import time
 
@@ -19,6 +20,7 @@ import appport  # noqa: E402
 import shmqueue  # noqa: E402
 import wire  # noqa: E402
 import longpoll  # noqa: E402
+import worker  # noqa: E402
 
 REQUEST = (b"GET /sub/user:12345?since=41&timeout=30 HTTP/1.1\r\nHost: push.example.com\r\n"
            b"User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\nAccept: */*\r\n"
@@ -118,6 +120,27 @@ class PipelineCase:
                      for publish in publishes)
 
 
+class ReadCase:
+    """A subscriber's request read off its socket into the connection's input buffer by
+    the worker's own read (Worker._read), then taken as the parser would take it."""
+
+    def __init__(self):
+        self.w = worker.Worker(0, None, make_region(1), [])
+        self.client, server = socket.socketpair()
+        self.server = server                     # kept: closing it would close the fd
+        server.setblocking(False)
+        self.fd = server.fileno()
+        self.w.state[self.fd] = worker.READING
+        self.got = b""
+
+    def run(self, count):
+        w, fd, send = self.w, self.fd, self.client.send
+        for _ in range(count):
+            send(REQUEST)
+            w._read(fd)
+            self.got = w.inbuf.pop(fd)
+
+
 def _time_loops(func):
     def timed(loops):
         t0 = time.perf_counter()
@@ -146,6 +169,7 @@ def main():
     runner.bench_time_func("publish_x1000", _time_case(PublishCase(), 1000))
     runner.bench_time_func("ring_push_pop_x1000", _time_case(RingCase(), 1000))
     runner.bench_time_func("publish_pipeline_x128", _time_case(PipelineCase(), 1))
+    runner.bench_time_func("read_request_x1000", _time_case(ReadCase(), 1000))
 
 
 if __name__ == "__main__":
