@@ -219,10 +219,11 @@ class Ring:
         room_to_end = self.size - phys
         if room_to_end < need:
             pad = room_to_end
-        elif phys >= _RING_REWIND and tail == self._pos[0]:
+        elif phys >= _RING_REWIND and phys >= need and tail == self._pos[0]:
             # Empty, and this far in: start again at 0, so that a ring drained as it goes
             # keeps to its first pages instead of walking (and keeping resident) all of them.
-            # Until the consumer reads the wrap marker, the room is the phys bytes before it.
+            # Until the consumer reads the wrap marker, the room is the phys bytes before it:
+            # a record that would not fit there goes where it is, as before.
             pad = room_to_end
         else:
             pad = 0

@@ -1153,8 +1153,10 @@ def test_ring_fifo_byte_exact_with_wraparound():
             need = ring_need(n)
             room = size - tail % size
             # Past the end, or an empty ring far enough in: wrap to 0.
-            pad = room if room < need or (tail == head and size - room >= sq._RING_REWIND) else 0
+            pad = room if room < need or (tail == head and size - room >= max(
+                sq._RING_REWIND, need)) else 0
             fits = tail + pad + need - head <= size
+            assert fits or tail != head, "an empty ring refused a record"
             assert ring.push(payload) is fits
             if fits:
                 wraps += pad > 0
@@ -1198,6 +1200,25 @@ def test_a_ring_drained_as_it_goes_keeps_to_its_first_page():
             ring.commit(len(record))
     assert ring.pop() is None and ring.pending_bytes() == 0
     assert highest < sq._RING_REWIND + 4096
+
+
+def test_an_empty_ring_takes_a_record_bigger_than_the_room_a_rewind_would_leave():
+    """Rewinding leaves only the bytes before the tail until the consumer reads on: a record
+    bigger than that must go where the tail is, not be refused for ever (a ring that says
+    "full" while empty stops everything sent to its worker)."""
+    region = SharedRegion(2, 1, 8192, 1 << 18, 1000, 8)
+    ring = region.ring(0, 1)
+    filler = b"f" * (sq._RING_REWIND + 100)
+    assert ring.push(filler)
+    assert ring.pop() == filler
+    ring.commit(len(filler))
+    big = b"B" * (sq._RING_REWIND + 5000)            # bigger than the 16 KiB before the tail
+    assert ring.push(big)
+    assert ring.pop() == big
+    ring.commit(len(big))
+    small = b"s" * 10                                 # and a small one rewinds again
+    assert ring.push(small) and ring._pos[8] % ring.size == 16
+    assert ring.pop() == small
 
 
 def test_ring_full_then_room_after_pops_and_exact_fit():
