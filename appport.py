@@ -96,9 +96,17 @@ class AppPort:
         if w.state[fd] == READING:
             self.http.serve(fd, self.check_caller, self.route, w.cfg.max_body,
                             refuse=self.refuse)
-        buf = w.inbuf.get(fd)                     # what is left unparsed: pipelined far ahead
-        if buf is not None and len(buf) > wire.MAX_HEAD + w.cfg.max_body:
-            w.close(fd)
+        if fd not in w.inbuf:
+            w.read_again(fd)
+        elif w.state[fd] == BUSY:
+            # What is pipelined behind waits for answers: leave the rest in the socket (TCP
+            # holds the publisher back) until they are out and parsing goes on.
+            w.stop_reading(fd)
+        elif w.state[fd] == READING:
+            if len(w.inbuf[fd]) > wire.MAX_HEAD + w.cfg.max_body:
+                w.close(fd)                       # (a complete request is parsed before this)
+            else:
+                w.read_again(fd)
 
     def timeout_http(self, fd):
         if fd in self.owed:

@@ -5,9 +5,10 @@ HTTP requests (CLIENT_HTTP), is held as a long-poll in one of three answer
 formats, and reads requests again after a keep-alive answer; an app-port
 connection starts undecided (APP_NEW) until its first byte says HTTP or the
 binary protocol.  An EventSource (SSE) or WebSocket (WS) stream stays held for as long as it is
-open.  ``server.assemble`` fills the table; nothing else here.
+open.  A connection closed while its peer may still be sending lingers (LINGER)
+until the peer closes too.  ``server.assemble`` fills the table; nothing else here.
 """
 
 (CLIENT_HTTP, POLL_JSON, POLL_JSONP, POLL_COMPAT, APP_NEW, APP_HTTP, APP_BINARY, SSE,
- WS) = range(9)
-COUNT = 9
+ WS, LINGER) = range(10)
+COUNT = 10

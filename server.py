@@ -41,7 +41,10 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
                                          closed=app.closed_http, stop=app.stop_http)
     table[protocols.APP_BINARY] = Protocol("app", app.readable_binary, app.timeout_reading,
                                            closed=app.closed_binary, stop=app.stop_binary)
+    table[protocols.LINGER] = Protocol("lingering", w.linger_readable, w.close,
+                                       stop=lambda fd: True)   # the drain waits for its FIN
     w.protocols = table
+    w.linger_proto = protocols.LINGER
     router.deliver_to = {protocols.POLL_JSON: poll.deliver_json,
                          protocols.POLL_JSONP: poll.deliver_jsonp,
                          protocols.POLL_COMPAT: poll.deliver_compat}

@@ -4,8 +4,10 @@ Each worker listens on the client and app ports itself (SO_REUSEPORT: the
 kernel spreads connections), owns one partition of the shared region and
 talks to the other workers only through the rings of ``shmqueue``.  This
 module is the loop and nothing else: it accepts, reads into a connection's
-input buffer, writes (keeping what the socket does not take), closes, runs
-the timeout wheel, sends records and hands received ones to their handler.
+input buffer (or stops reading it when its protocol says so), writes
+(keeping what the socket does not take), closes (lingering while the peer
+may still be sending), runs the timeout wheel, sends records and hands
+received ones to their handler.
 
 What a connection *means* is its protocol: one byte per fd (``proto``)
 picks a ``Protocol`` from ``protocols``, a table of functions (readable,
@@ -47,6 +49,7 @@ APP_FD_RESERVE = 64              # fds only the app port may use (fewer under a 
 CLIENT_CAP_SLACK = 4             # clients accept again this far below their cap
 SHUTDOWN_DRAIN = 3.0             # seconds a stopping worker may take to deliver what it owes
 SHUTDOWN_REQUEST_GRACE = 0.3     # ... and gives a connection it accepted to send its request
+LINGER_TIMEOUT = 2.0             # seconds a closing connection reads (and drops) its peer's input
 
 IN = select.EPOLLIN | select.EPOLLRDHUP
 OUT = select.EPOLLOUT
@@ -115,6 +118,7 @@ class Worker:
         self.state = bytearray(limit)
         self.proto = bytearray(limit)
         self.serial = array.array("I", bytes(4 * limit))   # which request a reply is for
+        self.unread = bytearray(limit)     # 1: its protocol stopped reading it (stop_reading)
         self.deadline = array.array("I", bytes(4 * limit))
         self.inbuf = {}          # fd -> bytes received and not yet parsed
         # Every read lands in this one buffer and is copied out at its size.  (os.read would
@@ -149,6 +153,7 @@ class Worker:
         self.on_tick = []
         self.on_start = []
         self.owes = lambda: False   # does a protocol still wait for something (an ACK)?
+        self.linger_proto = None    # the protocol byte of lingering connections (_finish)
 
     # -- start, loop, stop ----------------------------------------------------
 
@@ -395,6 +400,7 @@ class Worker:
             self.state[fd] = READING
             self.proto[fd] = proto
             self.serial[fd] = 0                   # replies meant for a former owner of the fd miss
+            self.unread[fd] = 0
             self.ep.register(fd, IN)
             self.set_deadline(fd, self.cfg.header_timeout)
             self.counters[CONNECTIONS] += 1
@@ -459,7 +465,7 @@ class Worker:
             return
         if n < len(data):
             self.outbuf[fd] = bytearray(memoryview(data)[n:])
-            self.ep.modify(fd, IN | OUT)
+            self.ep.modify(fd, self._mask(fd))
 
     def _flush_out(self, fd):
         pending = self.outbuf.get(fd)
@@ -477,9 +483,9 @@ class Worker:
             return
         del self.outbuf[fd]
         if self.state[fd] == CLOSING:
-            self.close(fd)
+            self._finish(fd)
             return
-        self.ep.modify(fd, IN)
+        self.ep.modify(fd, self._mask(fd))
         self.protocols[self.proto[fd]].drained(fd)
 
     def output_full(self, fd):
@@ -491,18 +497,60 @@ class Worker:
         self.ep.modify(fd, OUT)
         return True
 
+    def _mask(self, fd):
+        """fd's epoll events: input unless its protocol stopped reading it or its output is
+        over OUT_LIMIT (then it reads again once all is written: ``drained``); output while
+        any waits."""
+        pending = self.outbuf.get(fd)
+        if pending is None:
+            return 0 if self.unread[fd] else IN
+        return OUT if self.unread[fd] or len(pending) > OUT_LIMIT else IN | OUT
+
+    def stop_reading(self, fd):
+        """Take no more input from fd for now: it stays in the socket, and TCP makes the peer
+        wait.  Output still goes out.  Until ``read_again``."""
+        if not self.unread[fd]:
+            self.unread[fd] = 1
+            self.ep.modify(fd, self._mask(fd))
+
+    def read_again(self, fd):
+        if self.unread[fd]:
+            self.unread[fd] = 0
+            self.ep.modify(fd, self._mask(fd))
+
     def close_after_output(self, fd):
         """Close once what is queued for fd is written (at once if nothing is)."""
         if fd in self.outbuf:
             self.state[fd] = CLOSING
         else:
+            self._finish(fd)
+
+    def _finish(self, fd):
+        """Close fd, all its output written.  If its peer may have sent more than we read, it
+        lingers instead: FIN, then its input is read and dropped until the peer closes or
+        LINGER_TIMEOUT, since closing with input unread would send a reset, and a reset
+        can destroy the answers the peer has not read yet."""
+        if not (self.unread[fd] or fd in self.inbuf):
             self.close(fd)
+            return
+        self.protocols[self.proto[fd]].closed(fd)   # closed, as far as its protocol knows
+        half_close(fd)
+        self.state[fd] = CLOSING
+        self.proto[fd] = self.linger_proto
+        self.inbuf.pop(fd, None)
+        self.unread[fd] = 0
+        self.ep.modify(fd, IN)
+        self.set_deadline(fd, LINGER_TIMEOUT)
+
+    def linger_readable(self, fd):
+        self.inbuf.pop(fd, None)
 
     def close(self, fd):
         if not self.state[fd]:
             return
         self.protocols[self.proto[fd]].closed(fd)
         self.state[fd] = FREE
+        self.unread[fd] = 0
         self.inbuf.pop(fd, None)
         self.outbuf.pop(fd, None)
         if self.paused and fd in self.paused:     # its next owner must not be "unpaused"
@@ -513,7 +561,7 @@ class Worker:
 
     def pause_reading(self, fd):
         """Back-pressure: read fd again once the backlog of records has drained."""
-        self.ep.modify(fd, 0)
+        self.stop_reading(fd)
         self.paused.append(self.fd_int[fd])
 
     def new_serial(self, fd):
@@ -529,6 +577,7 @@ class Worker:
             self.close(fd)
         except Exception:                            # half-closed state: at least drop the fd
             self.state[fd] = FREE
+            self.unread[fd] = 0
             os.close(fd)
 
     # -- talking to other workers ------------------------------------------------
@@ -561,7 +610,7 @@ class Worker:
             paused, self.paused = self.paused, []
             for fd in paused:
                 if self.state[fd]:
-                    self.ep.modify(fd, IN)
+                    self.read_again(fd)
                     if fd in self.inbuf:
                         self.protocols[self.proto[fd]].readable(fd)
 

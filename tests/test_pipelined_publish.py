@@ -462,6 +462,57 @@ def test_answers_before_a_close_reach_a_late_reader_that_sent_more(server_factor
     assert "died" not in server.stderr()
 
 
+def test_a_publisher_far_ahead_of_its_answers_is_held_back_not_closed(server_factory):
+    """With --max-body 64 KiB, a publisher pipelines 4 000 publishes (about 300 KB) and reads
+    nothing for 2 s.  What it sent while its requests waited for answers stays in the socket
+    (the server stops reading it) instead of piling up past MAX_HEAD + max-body, where the
+    connection used to be closed with answers owed: every answer arrives, in order."""
+    server = server_factory("--max-body", 65536, workers=2)
+    ident = uid("ahead")
+    count = 4000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", server.app))
+    data = b"".join(post(ident, "m%d" % i) for i in range(count))
+    assert len(data) > 3 * (65536 + 8192)
+    sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
+    sender.start()
+    time.sleep(2.0)
+    answers = read_answers(sock.makefile("rb"), count)
+    sender.join(10)
+    sock.close()
+    assert len(answers) == count
+    assert [json.loads(body)["seq"] for _, _, body in answers] == list(range(1, count + 1))
+
+
+def test_a_closed_connection_whose_peer_keeps_sending_lingers_then_closes(server_factory):
+    """A request that says close, with more bytes behind it: the answer comes, then EOF
+    (the server half-closes and reads on, so no reset can destroy the answer), and a peer
+    that never closes its side is closed after the linger timeout, not kept for ever."""
+    server = server_factory(workers=1)
+    def connections():                              # (counting the /stats request's own)
+        return live_stats(server)["totals"]["connections"]
+
+    idle = connections()
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", server.app))
+    sock.sendall(post(uid("lg"), "x", close=True) + b"GET /health HTTP/1.1\r\n" * 200)
+    stream = sock.makefile("rb")
+    answers = read_answers(stream, 1)
+    assert answers[0][0] == 202 and answers[0][1][b"connection"] == b"close"
+    assert stream.read() == b""                     # FIN after the answer
+    fin_at = time.monotonic()
+    assert connections() == idle + 1                # still reading what we send
+    sock.sendall(b"more bytes, dropped" * 100)
+    wait_for(lambda: connections() == idle, timeout=6,
+             message="the lingering connection closed")
+    assert time.monotonic() - fin_at > 1.0          # it lingered (2 s) before closing
+    sock.close()
+    assert "died" not in server.stderr() and "internal error" not in server.stderr()
+
+
 def test_http_publishers_wait_while_records_pile_up_for_a_stopped_home(server_factory):
     """B's home stopped: a batch of 30 000 messages for B fills the ring to it and piles up
     in the edge's backlog.  Another publisher's pipelined requests then go one at a time (the
