@@ -5,6 +5,7 @@ Each starts the real server as its own process tree, as an operator would.
 """
 
 import json
+import math
 import os
 import select
 import shutil
@@ -77,8 +78,10 @@ def test_log_lines_are_bounded_per_second_and_structured(server_factory):
     time.sleep(1.2)                                   # the worker sums up what it suppressed
     lines = server.stderr()[before:].splitlines()
     records = [json.loads(line) for line in lines]
-    per_second = 20 * (took + 1.5)
-    assert len(records) <= per_second + 2, (len(records), took)
+    # 20 lines per one-second window, plus one line saying how many it suppressed; a burst
+    # shorter than a second may still straddle two windows.
+    windows = math.ceil(took) + 1
+    assert len(records) <= 21 * windows, (len(records), took)
     assert {"ts", "level", "pid", "worker", "msg"} <= set(records[0])
     suppressed = sum(int(r["msg"].split()[0]) for r in records if "suppressed" in r["msg"])
     assert suppressed + len([r for r in records if "404" in r["msg"]]) == 400
