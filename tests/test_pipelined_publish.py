@@ -411,6 +411,26 @@ def test_batches_of_invalid_lines_answered_at_once_keep_their_turn(server_factor
     assert answers[-1][1].get(b"connection") == b"close"
 
 
+@contextmanager
+def read_late(server, data, count, wait):
+    """Pipeline ``data`` to the app port from a peer with a small receive buffer that reads
+    nothing for ``wait`` seconds, then reads ``count`` answers: yields (answers, the stream
+    for what follows them)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", server.app))
+    sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
+    sender.start()
+    try:
+        time.sleep(wait)
+        stream = sock.makefile("rb")
+        yield read_answers(stream, count), stream
+    finally:
+        sock.close()
+        sender.join(10)
+
+
 def test_a_pipelining_publisher_that_reads_late_gets_every_answer_in_order(server_factory):
     """12 000 pipelined publishes, their answers unread for two seconds: the answers stop at
     1 MiB of unsent output (nothing more is parsed), and once the publisher reads, the rest
@@ -418,17 +438,9 @@ def test_a_pipelining_publisher_that_reads_late_gets_every_answer_in_order(serve
     server = server_factory(workers=2)
     ids = [uid("late%d-" % i) for i in range(10)]
     count = 12000
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(20)
-    sock.connect(("127.0.0.1", server.app))
     data = b"".join(post(ids[i % 10], "m%d" % i) for i in range(count))
-    sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
-    sender.start()
-    time.sleep(2.0)
-    answers = read_answers(sock.makefile("rb"), count)
-    sender.join(10)
-    sock.close()
+    with read_late(server, data, count, wait=2.0) as (answers, _):
+        pass
     assert len(answers) == count
     assert all(status == 202 for status, _, _ in answers)
     assert [json.loads(body)["seq"] for _, _, body in answers] == [i // 10 + 1 for i in range(count)]
@@ -442,20 +454,10 @@ def test_answers_before_a_close_reach_a_late_reader_that_sent_more(server_factor
     server = server_factory(workers=1)
     ident = uid("linger")
     count = 12000
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(20)
-    sock.connect(("127.0.0.1", server.app))
     data = b"".join(post(ident, "m%d" % i, close=i == count - 1) for i in range(count))
     after = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * 20000     # never answered
-    sender = threading.Thread(target=sock.sendall, args=(data + after,), daemon=True)
-    sender.start()
-    time.sleep(1.0)
-    stream = sock.makefile("rb")
-    answers = read_answers(stream, count)
-    assert stream.read() == b""                     # EOF, not a reset
-    sock.close()
-    sender.join(10)
+    with read_late(server, data + after, count, wait=1.0) as (answers, stream):
+        assert stream.read() == b""                 # EOF, not a reset
     assert len(answers) == count
     assert answers[-1][1][b"connection"] == b"close"
     assert [json.loads(body)["seq"] for _, _, body in answers] == list(range(1, count + 1))
@@ -470,18 +472,10 @@ def test_a_publisher_far_ahead_of_its_answers_is_held_back_not_closed(server_fac
     server = server_factory("--max-body", 65536, workers=2)
     ident = uid("ahead")
     count = 4000
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(20)
-    sock.connect(("127.0.0.1", server.app))
     data = b"".join(post(ident, "m%d" % i) for i in range(count))
     assert len(data) > 3 * (65536 + 8192)
-    sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
-    sender.start()
-    time.sleep(2.0)
-    answers = read_answers(sock.makefile("rb"), count)
-    sender.join(10)
-    sock.close()
+    with read_late(server, data, count, wait=2.0) as (answers, _):
+        pass
     assert len(answers) == count
     assert [json.loads(body)["seq"] for _, _, body in answers] == list(range(1, count + 1))
 
