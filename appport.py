@@ -98,11 +98,11 @@ class AppPort:
                             refuse=self.refuse)
         if fd not in w.inbuf:
             w.read_again(fd)
-        elif w.state[fd] == BUSY:
-            # What is pipelined behind waits for answers: leave the rest in the socket (TCP
-            # holds the publisher back) until they are out and parsing goes on.
+        elif w.state[fd] != READING:
+            # What is pipelined behind waits for answers, or the connection closes: leave the
+            # rest in the socket (TCP holds the publisher back) until parsing goes on.
             w.stop_reading(fd)
-        elif w.state[fd] == READING:
+        elif w.output_waiting(fd) <= worker.OUT_LIMIT:   # (over it, serve stopped: not read)
             if len(w.inbuf[fd]) > wire.MAX_HEAD + w.cfg.max_body:
                 w.close(fd)                       # (a complete request is parsed before this)
             else:

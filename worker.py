@@ -488,6 +488,11 @@ class Worker:
         self.ep.modify(fd, self._mask(fd))
         self.protocols[self.proto[fd]].drained(fd)
 
+    def output_waiting(self, fd):
+        """How many bytes queued for fd the socket has not taken yet."""
+        pending = self.outbuf.get(fd)
+        return 0 if pending is None else len(pending)
+
     def output_full(self, fd):
         """Has fd more unsent output than OUT_LIMIT? Then it gets no new answer and nothing
         more is read from it until it reads (``drained`` tells its protocol)."""

@@ -480,6 +480,56 @@ def test_a_publisher_far_ahead_of_its_answers_is_held_back_not_closed(server_fac
     assert [json.loads(body)["seq"] for _, _, body in answers] == list(range(1, count + 1))
 
 
+def test_a_publisher_whose_answers_fill_the_output_is_not_closed(server_factory):
+    """--max-body 4096, 40 000 pipelined publishes, nothing read for 4 s: the unsent answers
+    pass OUT_LIMIT, parsing stops there with up to a read's worth of requests unparsed, and
+    that is no oversized request (it used to be closed as one, answers and publishes owed
+    lost to a reset): every answer arrives, in order.  (Found in review.)"""
+    server = server_factory("--max-body", 4096, workers=2)
+    ident, count = "ofc", 40000                   # a fresh server: seqs start at 1
+    data = b"".join(post(ident, "m%d" % i) for i in range(count))
+    with read_late(server, data, count, wait=4.0) as (answers, _):
+        pass
+    assert len(answers) == count
+    assert [json.loads(body)["seq"] for _, _, body in answers] == list(range(1, count + 1))
+
+
+def test_a_closing_connection_that_is_not_read_takes_no_more_input(server_factory):
+    """A batch answered 'Connection: close' with a 3.4 MB error list the peer does not read
+    (about 0.6 MB stays queued, under OUT_LIMIT), then the peer keeps sending: what it sends
+    stays in its socket (reading stopped), where it used to pile up in the worker until the
+    deadline, hundreds of MB.  (Found in review.)"""
+    server = server_factory(workers=1)
+    pid = server.worker_pids()[0]
+
+    def rss_kb():
+        for line in open("/proc/%d/status" % pid):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1])
+
+    before = rss_kb()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.app))
+    body = b"x\n" * 80000
+    sock.sendall(b"POST /pub HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    time.sleep(1.0)
+    sock.settimeout(0.5)
+    sent, peak, end = 0, before, time.monotonic() + 1.5
+    while time.monotonic() < end:
+        try:
+            sent += sock.send(b"J" * 65536)
+        except socket.timeout:
+            pass
+        except OSError:
+            break
+        peak = max(peak, rss_kb())
+    sock.close()
+    assert sent < 16 << 20, "the server took %d MB after its closing answer" % (sent >> 20)
+    assert peak - before < 32 << 10, "worker RSS grew %d MB" % ((peak - before) >> 10)
+
+
 def test_a_closed_connection_whose_peer_keeps_sending_lingers_then_closes(server_factory):
     """A request that says close, with more bytes behind it: the answer comes, then EOF
     (the server half-closes and reads on, so no reset can destroy the answer), and a peer
