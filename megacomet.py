@@ -259,7 +259,8 @@ class Supervisor:
         self.args = args
         self.n = args.workers
         self.pids = {}                   # pid -> worker index
-        self.started = [0.0] * self.n    # when each worker was last forked
+        self.started = {}                # pid -> when it was forked (a reload's standby is a
+                                         # second process of one index: its own start)
         self.backoff = [0.0] * self.n
         self.restart_at = {}             # index -> when to fork it again
         self.stopping = False
@@ -375,7 +376,7 @@ class Supervisor:
             finally:
                 os._exit(code)
         self.pids[pid] = index
-        self.started[index] = time.monotonic()   # the worker writes its pid once it listens
+        self.started[pid] = time.monotonic()     # the worker writes its pid once it listens
         return pid
 
     def _on_signal(self, signum, frame):
@@ -471,6 +472,7 @@ class Supervisor:
             if pid == 0:
                 return
             index = self.pids.pop(pid, None)
+            forked_at = self.started.pop(pid, None)
             if index is None:
                 continue
             block = self.region.stats(index)
@@ -487,7 +489,7 @@ class Supervisor:
             if self.stopping:
                 continue
             block.set("restarts", block.get("restarts") + 1)
-            lived = time.monotonic() - self.started[index]
+            lived = time.monotonic() - forked_at
             if lived < CRASH_LOOP_WINDOW:
                 self.backoff[index] = min(RESTART_BACKOFF_MAX, max(0.1, self.backoff[index] * 2))
             else:
