@@ -472,7 +472,7 @@ class Supervisor:
             if pid == 0:
                 return
             index = self.pids.pop(pid, None)
-            forked_at = self.started.pop(pid, None)
+            forked_at = self.started.pop(pid, time.monotonic())
             if index is None:
                 continue
             block = self.region.stats(index)

@@ -47,7 +47,7 @@ _REC = struct.Struct("<qqIII")
 REC_HEADER = _REC.size
 _RING_LEN = _U32
 _RING_WRAP = 0xFFFFFFFF
-_RING_REWIND = 16384      # an empty ring whose tail is this far in wraps to 0 (over 2 records)
+_RING_REWIND = 16384      # an empty ring whose tail is at least this far in starts again at 0
 
 # Per-worker stats block (all u64).  The first fields say who runs the worker: pid (the
 # supervisor zeroes it when the worker dies), when it started, when its loop last turned
