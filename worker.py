@@ -123,7 +123,7 @@ class Worker:
         self.inbuf = {}          # fd -> bytes received and not yet parsed
         # Every read lands in this one buffer and is copied out at its size.  (os.read would
         # malloc READ_SIZE each time and shrink it: with thousands of connections the heap
-        # fragments and keeps about 400 KB more per worker resident.)
+        # fragments and keeps about 370 KB more per worker resident.)
         self.read_buffer = bytearray(READ_SIZE)
         self.read_buffers = (self.read_buffer,)
         self.read_view = memoryview(self.read_buffer)
