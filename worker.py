@@ -496,8 +496,7 @@ class Worker:
     def output_full(self, fd):
         """Has fd more unsent output than OUT_LIMIT? Then it gets no new answer and nothing
         more is read from it until it reads (``drained`` tells its protocol)."""
-        pending = self.outbuf.get(fd)
-        if pending is None or len(pending) <= OUT_LIMIT:
+        if self.output_waiting(fd) <= OUT_LIMIT:
             return False
         self.ep.modify(fd, OUT)
         return True
@@ -506,10 +505,10 @@ class Worker:
         """fd's epoll events: input unless its protocol stopped reading it or its output is
         over OUT_LIMIT (then it reads again once all is written: ``drained``); output while
         any waits."""
-        pending = self.outbuf.get(fd)
-        if pending is None:
+        waiting = self.output_waiting(fd)
+        if not waiting:
             return 0 if self.unread[fd] else IN
-        return OUT if self.unread[fd] or len(pending) > OUT_LIMIT else IN | OUT
+        return OUT if self.unread[fd] or waiting > OUT_LIMIT else IN | OUT
 
     def stop_reading(self, fd):
         """Take no more input from fd for now: it stays in the socket, and TCP makes the peer
