@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 from conftest import ROOT, wait_for
 from test_bad_input import uid
@@ -87,6 +88,18 @@ def send_in_background(sock, data):
     return sender
 
 
+@contextmanager
+def flooding_publisher(server, requests_for):
+    """For the block, B's home is stopped and a publisher (4 KiB receive buffer) held by the
+    live worker sends ``requests_for(b)``, then 3.4 MB that will never be answered: its socket."""
+    a, b = two_homes(server)
+    with worker_stopped(server.worker_pids()[1]):
+        sock, _ = connect_to_live_worker(server, rcvbuf=4096)
+        send_in_background(sock, requests_for(b)
+                           + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * 100000)
+        yield sock
+
+
 def test_a_closing_last_answer_on_a_not_reading_connection_is_not_lost_to_a_reset(
         server_factory):
     """Found in 32e8599 (reverted in edc1721).  B's home stopped; a publisher (4 KiB receive
@@ -97,15 +110,9 @@ def test_a_closing_last_answer_on_a_not_reading_connection_is_not_lost_to_a_rese
     with the peer's bytes still unread in the kernel: close() sends a reset, which drops the
     answers still queued for the peer (what 5e6e7af's test guards against when it is read)."""
     server = server_factory("--worker-timeout", 120, workers=2)
-    a, b = two_homes(server)
-    pids = server.worker_pids()
     count = 128
-    with worker_stopped(pids[1]):
-        sock, stream = connect_to_live_worker(server, rcvbuf=4096)
-        data = b"".join(post(b, "m%d" % i, close=i == count - 1) for i in range(count))
-        after = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * 100000     # 3.4 MB, never answered
-
-        send_in_background(sock, data + after)
+    with flooding_publisher(server, lambda b: b"".join(
+            post(b, "m%d" % i, close=i == count - 1) for i in range(count))) as sock:
         time.sleep(1.0)
     time.sleep(0.5)                       # B answers: 128 answers, then the close
     answers, closed = read_raw_answers(sock, count, 5)
@@ -121,15 +128,9 @@ def test_unconfirmed_answers_on_a_not_reading_connection_are_not_lost_to_a_reset
     reading).  answer_unconfirmed gives the 128 503s and closes after output, with the peer's
     bytes unread in the kernel: a reset that drops most of those answers."""
     server = server_factory("--worker-timeout", 120, workers=2)
-    a, b = two_homes(server)
-    pids = server.worker_pids()
     count = 128
-    with worker_stopped(pids[1]):
-        sock, stream = connect_to_live_worker(server, rcvbuf=4096)
-        data = b"".join(post(b, "m%d" % i) for i in range(count))
-        after = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * 100000     # 3.4 MB
-
-        send_in_background(sock, data + after)
+    with flooding_publisher(server, lambda b: b"".join(
+            post(b, "m%d" % i) for i in range(count))) as sock:
         time.sleep(4.0)                   # CONFIRM_TIMEOUT (3 s) passes: 128 x 503, close
         answers, closed = read_raw_answers(sock, count, 3)
     sock.close()
