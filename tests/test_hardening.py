@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, Server, is_closed, read_response, wait_for
 from test_bad_input import assert_serving, connect, exchange, open_poll, status_of, uid
 
-import signing
+from megacomet import signing
 
 
 def worker_rss(pid):

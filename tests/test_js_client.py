@@ -1,4 +1,4 @@
-"""The browser client (static/megacomet.js), served by the workers and run for real.
+"""The browser client (megacomet/static/megacomet.js), served by the workers and run for real.
 
 Node (20, which has fetch but neither WebSocket nor EventSource) runs the
 client unchanged: "auto" falls back to long-polling, and the client must
@@ -27,7 +27,7 @@ def test_client_and_demo_are_served(server_factory):
     server = server_factory(workers=1)
     status, headers, body = server.request("GET", "/megacomet.js", port=server.client)
     assert status == 200 and headers["Content-Type"].startswith("application/javascript")
-    assert body == open(os.path.join(ROOT, "static", "megacomet.js"), "rb").read()
+    assert body == open(os.path.join(ROOT, "megacomet", "static", "megacomet.js"), "rb").read()
     for path in ("/", "/demo"):
         status, headers, body = server.request("GET", path, port=server.client)
         assert status == 200 and headers["Content-Type"].startswith("text/html")
@@ -40,7 +40,7 @@ def test_client_resumes_across_a_killed_worker_exactly_once_in_order(server_fact
     a, b = uid("jsa"), uid("jsb")
     server.pub(a, "a1")                               # buffered before the client starts
     follower = subprocess.Popen(
-        [NODE, os.path.join(ROOT, "tests", "js", "follow.js"), os.path.join(ROOT, "static", "megacomet.js"),
+        [NODE, os.path.join(ROOT, "tests", "js", "follow.js"), os.path.join(ROOT, "megacomet", "static", "megacomet.js"),
          "http://127.0.0.1:%d" % server.client, "%s,%s" % (a, b), "41", "40"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -23,8 +23,8 @@ from operator import itemgetter
 
 import pytest
 
-import shmqueue as sq
-from shmqueue import EMPTY, NO_SLOT, REC_HEADER, SharedRegion, TableFull, id_key
+from megacomet import shmqueue as sq
+from megacomet.shmqueue import EMPTY, NO_SLOT, REC_HEADER, SharedRegion, TableFull, id_key
 
 H_WRITE, H_TAIL, H_IDS, H_MESSAGES, H_DIRTY, H_JOURNAL, H_BUMP, H_FREE, H_PENDING = (
     sq._H_WRITE, sq._H_TAIL, sq._H_IDS, sq._H_MESSAGES, sq._H_DIRTY, sq._H_JOURNAL,

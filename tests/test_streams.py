@@ -200,7 +200,7 @@ def test_head_and_signatures_on_streams(server_factory, tmp_path):
     ident = uid("signed")
     status, _, _ = server.request("GET", "/sse/" + ident, port=server.client)
     assert status == 403
-    import signing
+    from megacomet import signing
     query = signing.query(b"k", [ident], 60, time.time())
     status, headers, body = server.request("HEAD", "/sse/%s?%s" % (ident, query), port=server.client)
     assert status == 200 and headers["Content-Type"] == "text/event-stream" and body == b""

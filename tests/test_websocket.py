@@ -24,7 +24,7 @@ from test_bad_input import assert_serving, uid
 
 from websockets.sync.client import connect as ws_connect
 
-import wsframe
+from megacomet import wsframe
 
 
 def url(server, path):

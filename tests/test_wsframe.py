@@ -6,7 +6,7 @@ import struct
 
 from hypothesis import given, settings, strategies as st
 
-import wsframe
+from megacomet import wsframe
 from test_websocket import client_frame
 
 PROPS = settings(max_examples=300, deadline=None)

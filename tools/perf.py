@@ -16,11 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import appport  # noqa: E402
-import shmqueue  # noqa: E402
-import wire  # noqa: E402
-import longpoll  # noqa: E402
-import worker  # noqa: E402
+from megacomet import appport, longpoll, shmqueue, wire, worker  # noqa: E402
 
 REQUEST = (b"GET /sub/user:12345?since=41&timeout=30 HTTP/1.1\r\nHost: push.example.com\r\n"
            b"User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\nAccept: */*\r\n"

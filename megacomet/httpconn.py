@@ -11,8 +11,8 @@ that cannot answer at once moves the connection out of READING and answers
 later through ``respond``.
 """
 
-import wire
-from worker import READING
+from . import wire
+from .worker import READING
 
 KEEP_ALIVE, HEAD_ONLY = 1, 2
 TEXT = b"text/plain; charset=utf-8"

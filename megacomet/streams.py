@@ -28,12 +28,12 @@ import array
 import json
 import re
 
-import protocols
-import records
-import wsframe
-from front import epoch_of
-from shmqueue import DELIVERED, SLOW_CLOSED
-from worker import CLOSING, HELD, PENDING
+from . import protocols
+from . import records
+from . import wsframe
+from .front import epoch_of
+from .shmqueue import DELIVERED, SLOW_CLOSED
+from .worker import CLOSING, HELD, PENDING
 
 STREAM_OUT_LIMIT = 1 << 20       # bytes queued for one stream before it counts as too slow
 RETRY_MS = 2000                  # what EventSource waits before reconnecting

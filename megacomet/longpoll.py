@@ -14,14 +14,14 @@ message goes (``routing`` does).
 import array
 import json
 
-import protocols
-import records
-import wire
-from front import epoch_of
-from httpconn import CLIENT_INBUF_LIMIT, HEAD_ONLY, KEEP_ALIVE
-from records import DELIVER_COMPAT
-from shmqueue import DELIVERED
-from worker import HELD, PENDING
+from . import protocols
+from . import records
+from . import wire
+from .front import epoch_of
+from .httpconn import CLIENT_INBUF_LIMIT, HEAD_ONLY, KEEP_ALIVE
+from .records import DELIVER_COMPAT
+from .shmqueue import DELIVERED
+from .worker import HELD, PENDING
 
 JSON_TYPE = b"application/json"
 JS_TYPE = b"application/javascript; charset=utf-8"

@@ -7,15 +7,15 @@ objects (``routing.Router``, ``httpconn.Http``, ``front.FrontDoor``,
 transport means adding its module and a line here, not growing the loop.
 """
 
-import appport
-import front
-import httpconn
-import longpoll
-import protocols
-import routing
-import streams
-import worker
-from worker import Protocol
+from . import appport
+from . import front
+from . import httpconn
+from . import longpoll
+from . import protocols
+from . import routing
+from . import streams
+from . import worker
+from .worker import Protocol
 
 
 def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):

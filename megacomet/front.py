@@ -12,15 +12,14 @@ from: those of another run count as 0 (``since_of``).
 It never answers a subscription itself: ``longpoll`` and ``streams`` do.
 """
 
-import os
-import sys
+import importlib.resources
 import time
 
-import signing
-import wire
-import wsframe
-from httpconn import CLIENT_INBUF_LIMIT
-from worker import READING
+from . import signing
+from . import wire
+from . import wsframe
+from .httpconn import CLIENT_INBUF_LIMIT
+from .worker import READING
 
 MAX_IDS = 16                     # ids in one subscription (a page: a user channel and rooms)
 PREFLIGHT = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
@@ -176,14 +175,12 @@ def epoch_of(cfg):
 
 
 def static_file(name):
-    """A file of static/: beside this module (a clone, or inside the .pyz, read through the
-    module's loader), or where ``pip install .`` puts data files; None if neither has it."""
-    for folder in (os.path.dirname(__file__), os.path.join(sys.prefix, "share", "megacomet")):
-        try:
-            return __loader__.get_data(os.path.join(folder, "static", name))
-        except OSError:
-            continue
-    return None
+    """A file of the package's static/ (the browser client, the demo page), read through the
+    package's loader: from a clone, an installed package or the .pyz alike; None if missing."""
+    try:
+        return importlib.resources.files(__package__).joinpath("static", name).read_bytes()
+    except OSError:
+        return None
 
 
 def check_websocket(req):

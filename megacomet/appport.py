@@ -14,13 +14,13 @@ import hmac
 import json
 import time
 
-import protocols
-import records
-import shmqueue
-import wire
-import worker
-from httpconn import JSON, KEEP_ALIVE, TEXT
-from worker import BUSY, READING
+from . import protocols
+from . import records
+from . import shmqueue
+from . import wire
+from . import worker
+from .httpconn import JSON, KEEP_ALIVE, TEXT
+from .worker import BUSY, READING
 
 CONFIRM_TIMEOUT = 3.0            # seconds a publish may wait for its home's ACK without progress
 PIPELINE_MAX = 128               # pipelined publishes in flight per connection

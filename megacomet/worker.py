@@ -33,9 +33,9 @@ import signal
 import socket
 import time
 
-import logs
-import shmqueue
-from shmqueue import ACCEPTED, CONNECTIONS, DROPPED, EXPIRED, RSS_BYTES, SUBSCRIBERS
+from . import logs
+from . import shmqueue
+from .shmqueue import ACCEPTED, CONNECTIONS, DROPPED, EXPIRED, RSS_BYTES, SUBSCRIBERS
 
 TICK = 0.25                      # seconds between housekeeping passes
 READ_SIZE = 65536

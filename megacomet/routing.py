@@ -11,13 +11,13 @@ always precedes the DELIVERs of messages published after it.
 It never touches a socket: answering is the protocols' job.
 """
 
-import shmqueue
-from records import (ACK_REFUSED_MAX, CGIVE, CPOLL, DELIVER, DELIVER_COMPAT, MSG_HEADER,
+from . import shmqueue
+from .records import (ACK_REFUSED_MAX, CGIVE, CPOLL, DELIVER, DELIVER_COMPAT, MSG_HEADER,
                      MSGS, MSGS_FINAL, MSGS_HEADER, MSGS_REFUSED, PUB, RESET, RESET_RECORD, SUB,
                      SUB_QUIET, UNSUB, UNSUB_ALL, UNSUB_COMPAT)
-import records
-from shmqueue import PUBLISHED, RECEIVED, REFUSED, SUBSCRIBERS
-from worker import HELD, PENDING, READING
+from . import records
+from .shmqueue import PUBLISHED, RECEIVED, REFUSED, SUBSCRIBERS
+from .worker import HELD, PENDING, READING
 
 
 class Router:
