@@ -13,8 +13,12 @@ import re
 from urllib.parse import unquote_to_bytes
 
 MAX_HEAD = 8192
-ID_PATTERN = re.compile(rb"[A-Za-z0-9_~:@-]{1,128}\Z")
-_ID_CHARS = re.compile(rb"[A-Za-z0-9_~:@-]*\Z")
+# Bytes in an id, at most: the one limit every check of an id uses.  (Records between workers
+# carry an id's length in one byte: it must stay under 256.)
+MAX_ID_LENGTH = 128
+_ID_CLASS = rb"[A-Za-z0-9_~:@-]"
+ID_PATTERN = re.compile(_ID_CLASS + rb"{1,%d}\Z" % MAX_ID_LENGTH)
+_ID_CHARS = re.compile(_ID_CLASS + rb"*\Z")
 CALLBACK_PATTERN = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,63}\Z")
 
 REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
@@ -25,7 +29,8 @@ REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
 
-ID_RULE = "id must be 1-128 characters of A-Z a-z 0-9 _ ~ : @ -"   # what a 400 says
+ID_TEXT = "1-%d characters of A-Z a-z 0-9 _ ~ : @ -" % MAX_ID_LENGTH   # what an id is
+ID_RULE = "id must be " + ID_TEXT                                   # what a 400 says
 
 
 def valid_id(ident: bytes) -> bool:
@@ -274,11 +279,13 @@ def parse_frames(buf, max_message):
             continue
         if kind != FRAME_PUBLISH:
             raise FrameError("unknown frame byte 0x%02x" % kind, frames)
-        id_end = buf.find(b"\0", pos + 1, pos + 130)
+        # The id and its terminator: at most MAX_ID_LENGTH + 1 bytes after the frame byte.
+        id_limit = pos + MAX_ID_LENGTH + 2
+        id_end = buf.find(b"\0", pos + 1, id_limit)
         if id_end < 0:
-            partial = bytes(buf[pos + 1:pos + 130])
-            if len(partial) > 128:
-                raise FrameError("id over 128 bytes", frames)
+            partial = bytes(buf[pos + 1:id_limit])
+            if len(partial) > MAX_ID_LENGTH:
+                raise FrameError("id over %d bytes" % MAX_ID_LENGTH, frames)
             if not _ID_CHARS.match(partial):
                 raise FrameError("invalid id", frames)
             break
