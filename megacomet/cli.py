@@ -17,12 +17,15 @@ import gc
 import importlib
 import ipaddress
 import os
+import platform
+import re
 import resource
 import select
 import signal
 import socket
 import sys
 import time
+import traceback
 import zipimport
 
 from . import config
@@ -35,22 +38,58 @@ from . import signing
 from . import wire
 from . import worker
 
+PROG = "megacomet.py"
 TOKEN_ENV = "MEGACOMET_APP_TOKEN"
 SECRET_ENV = "MEGACOMET_SECRET"
+DEFAULT_WORKERS = os.cpu_count() or 1
+
+# Restarts.  A worker that dies young waits RESTART_BACKOFF_MIN, then twice as long each time
+# it dies young again, up to RESTART_BACKOFF_MAX: a crash loop costs little CPU and log.
+RESTART_BACKOFF_MIN = 0.1      # seconds before the first restart of a crash-looping worker
 RESTART_BACKOFF_MAX = 30.0     # seconds between restarts of a worker that keeps dying
 CRASH_LOOP_WINDOW = 1.0        # a worker that dies younger than this is crash-looping
 RESTART_DELAY = 0.05           # before restarting a worker that is not
-STOP_GRACE = 4.0               # seconds workers get to answer held polls on shutdown
+
+# Stopping.  The README promises that SIGTERM/Ctrl-C ends everything within EXIT_PROMISE:
+# the workers get STOP_GRACE to answer held polls and confirm publishes, the last second is
+# for SIGKILLing and reaping whatever is left.  A reload's old worker gets the whole of it.
+EXIT_PROMISE = 5.0
+STOP_GRACE = EXIT_PROMISE - 1.0
+STOP_POLL = 0.02               # seconds between reaps while the workers stop
+
+# The supervisor's waits.  It sleeps in select() on its signal pipe (SIGCHLD wakes it), so
+# these bound only how late it notices what sends no signal.
+SUPERVISE_INTERVAL = 1.0       # a hung worker (its heartbeat in shared memory) is seen this late
+REAP_POLL = 0.05               # while a reload waits on a worker: how often deaths are reaped
+READY_TIMEOUT = 30.0           # seconds the workers get to listen at start
+READY_POLL = 0.2               # how often deaths are reaped meanwhile
 RELOAD_STEP_TIMEOUT = 10.0     # seconds a reloaded worker may take to listen, then to serve
+PIPE_READ = 4096               # bytes read at once from the signal and ready pipes: all they hold
+
+# Limits of the settings, and the room the shared memory must have beside the messages.
+MAX_QUEUE_TTL = 2 ** 31 / 1000     # seconds: the TTL is kept in ms in a signed 32-bit field
+MIN_HEARTBEAT, MAX_HEARTBEAT = 0.5, 3600.0
+MIN_WORKER_TIMEOUT = SUPERVISE_INTERVAL   # the supervisor checks no more often than that
+LOG_RECORD_ROOM = 64           # a message log record's header (shmqueue.REC_HEADER), with room
+RING_RECORD_ROOM = 256         # a worker-to-worker record's header and id (wire.MAX_ID_LENGTH)
+BANNER_FDS_BESIDES = 32        # the banner's estimate of a worker's fds that are not connections
+
+# Machines whose stores other cores see in program order (TSO), as shmqueue's rings need: a
+# record's bytes are stored before the index that publishes it, and Python has no fence to
+# keep another core from seeing the index first where stores may be reordered (ARM, POWER).
+TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686"})
+# What a header value may not hold: the controls (CR and LF would end the header line).
+_HEADER_VALUE_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="megacomet.py",
+        prog=PROG,
         description="A comet (HTTP long-poll push) server: pre-forked epoll workers sharing "
                     "routing and message queues through shared memory.")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="worker processes (default: CPU count, %(default)s here; at most 64)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="worker processes (default: CPU count, %%(default)s here; at most %d)"
+                        % shmqueue.MAX_WORKERS)
     p.add_argument("--host", default="0.0.0.0", help="client port address (default %(default)s)")
     p.add_argument("--port", type=int, default=8000,
                    help="client port for subscribers (default %(default)s; 0 picks a free one)")
@@ -86,7 +125,7 @@ def parse_args(argv=None):
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection may take to send request headers, and may idle "
                         "between keep-alive requests (default %(default)s)")
-    p.add_argument("--cors-origin", default="*",
+    p.add_argument("--cors-origin", default="*", type=header_value,
                    help="Access-Control-Allow-Origin sent to subscribers (default %(default)s)")
     p.add_argument("--app-token", default=None,
                    help="require 'Authorization: Bearer TOKEN' on the app port (not for "
@@ -122,25 +161,55 @@ def parse_args(argv=None):
                  "max_body"):
         if getattr(args, name) < 1:
             p.error("--%s must be positive" % name.replace("_", "-"))
-    if not 0 < args.queue_ttl < 2 ** 31 / 1000:
-        p.error("--queue-ttl must be between 0 and 24 days")
+    if not 0 < args.queue_ttl < MAX_QUEUE_TTL:
+        p.error("--queue-ttl must be between 0 and %d days" % (MAX_QUEUE_TTL // 86400))
     if not 0 < args.header_timeout:
         p.error("--header-timeout must be positive")
     if args.compat_ports and not args.port:
         p.error("--compat-ports needs a fixed --port (the original's pages count from it)")
-    if not 0.5 <= args.heartbeat <= 3600:
-        p.error("--heartbeat must be 0.5..3600 seconds")
-    if not args.worker_timeout >= 1:
-        p.error("--worker-timeout must be at least 1 second")
-    if args.max_message * 2 + 64 > (args.shm_mb << 20) // args.workers:
+    if not MIN_HEARTBEAT <= args.heartbeat <= MAX_HEARTBEAT:
+        p.error("--heartbeat must be %g..%g seconds" % (MIN_HEARTBEAT, MAX_HEARTBEAT))
+    if not args.worker_timeout >= MIN_WORKER_TIMEOUT:
+        p.error("--worker-timeout must be at least %g second" % MIN_WORKER_TIMEOUT)
+    if args.max_message * 2 + LOG_RECORD_ROOM > (args.shm_mb << 20) // args.workers:
         p.error("--max-message must fit twice in each worker's share of --shm-mb")
-    args.ring_kb = max(args.ring_kb, (2 * (args.max_message + 256) + 1023) // 1024)
+    args.ring_kb = max(args.ring_kb, (2 * (args.max_message + RING_RECORD_ROOM) + 1023) // 1024)
     return args
+
+
+def header_value(value):
+    """An argparse type: ``value`` if it can be an HTTP header's value as it is.
+
+    A CR or LF in it would end the header line and start headers of its own (in every
+    subscriber answer): refuse it, and every other control, and what latin-1 cannot encode.
+    """
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            "%r is not latin-1 text: it cannot be a header value" % value) from None
+    if _HEADER_VALUE_CONTROLS.search(value):
+        raise argparse.ArgumentTypeError(
+            "%r holds a control character (CR, LF, ...): it cannot be a header value" % value)
+    return value
+
+
+def check_memory_ordering(machine=None):
+    """None if this machine (default: platform.machine()) orders stores as shmqueue's rings
+    need (x86's TSO), else the text that says why the server cannot run here."""
+    machine = platform.machine() if machine is None else machine
+    if machine.lower() in TSO_MACHINES:
+        return None
+    return ("this machine is %s: MegaComet runs only on x86-64 (or 32-bit x86). Its workers "
+            "share rings in memory that rely on x86's store ordering (TSO: a record's bytes "
+            "are seen by other cores before the index that publishes it); this machine does "
+            "not promise that ordering, so a worker could read a record before its bytes"
+            % (machine or "of an unknown architecture"))
 
 
 def add_secret_arguments(p):
     p.add_argument("--secret", default=None,
-                   help="sign subscriptions: each must carry exp and sig (see 'megacomet.py "
+                   help="sign subscriptions: each must carry exp and sig (see '" + PROG + " "
                         "sign'). Visible in ps: prefer --secret-file or " + SECRET_ENV)
     p.add_argument("--secret-file", default=None,
                    help="read the subscription secret from this file (its first line)")
@@ -173,7 +242,7 @@ def is_loopback(host):
 def sign_main(argv):
     """``megacomet.py sign ID... [--ttl S]``: print the query string a subscription carries."""
     p = argparse.ArgumentParser(
-        prog="megacomet.py sign",
+        prog=PROG + " sign",
         description="Print 'exp=...&sig=...' for a subscription to the given ids, signed with "
                     "the secret from --secret-file, --secret or " + SECRET_ENV + ".")
     p.add_argument("ids", nargs="+", help="one or more ids (several: one signature over all)")
@@ -186,7 +255,7 @@ def sign_main(argv):
         p.error("no secret: give --secret-file or set " + SECRET_ENV)
     for ident in args.ids:
         if not wire.valid_id(ident.encode()):
-            p.error("%r is not an id (1-128 characters of A-Z a-z 0-9 _ ~ : @ -)" % ident)
+            p.error("%r is not an id (%s)" % (ident, wire.ID_TEXT))
     print(signing.query(secret.encode(), args.ids, args.ttl, time.time()))
     return 0
 
@@ -194,12 +263,12 @@ def sign_main(argv):
 def check_main(argv):
     """``megacomet.py check [--connections N] [--workers W]``: can this host hold them?"""
     p = argparse.ArgumentParser(
-        prog="megacomet.py check",
+        prog=PROG + " check",
         description="Read this host's limits and say whether it can hold N connections, with "
                     "the exact fix for each limit that falls short. Exit status 1 if any does.")
     p.add_argument("--connections", type=int, default=100_000,
                    help="connections to hold (default %(default)s)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="worker processes (default: CPU count, %(default)s here)")
     args = p.parse_args(argv)
     if args.connections < 1 or not 1 <= args.workers <= shmqueue.MAX_WORKERS:
@@ -210,7 +279,7 @@ def check_main(argv):
 def reload_main(argv):
     """``megacomet.py reload --pid-file F``: SIGHUP the running server (a graceful reload)."""
     p = argparse.ArgumentParser(
-        prog="megacomet.py reload",
+        prog=PROG + " reload",
         description="Ask a running server to replace its workers, one at a time, with ones "
                     "running the worker code now on disk (the same as kill -HUP).")
     p.add_argument("--pid-file", required=True, help="the file the server wrote (--pid-file)")
@@ -304,7 +373,7 @@ class Supervisor:
             self._reap()
             self._kill_hung()
             self._restart_due()
-            timeout = 1.0
+            timeout = SUPERVISE_INTERVAL
             if self.restart_at:
                 timeout = max(0.0, min(self.restart_at.values()) - time.monotonic())
             self._wait_signal(timeout)
@@ -328,7 +397,7 @@ class Supervisor:
         print("megacomet: app port    http://%s:%d  (POST /pub, /stats, /metrics, /health, "
               "binary protocol%s)" % (a.app_host, a.app_port, "; token required" if a.app_token else ""))
         print("megacomet: fd limit %d per worker: up to ~%d connections in all" %
-              (fd_limit, (fd_limit - 32) * self.n))
+              (fd_limit, (fd_limit - BANNER_FDS_BESIDES) * self.n))
         print("megacomet: shared memory %.1f MiB (ids %d, messages %d MiB, rings %d x %d KiB)" %
               (lay.total / 2 ** 20, lay.slots * self.n,
                lay.log_size * self.n >> 20, self.n * self.n, lay.ring_size >> 10))
@@ -337,11 +406,11 @@ class Supervisor:
     def _wait_ready(self, ready_r):
         """Print 'ready' once every worker listens (tests and scripts wait for that line)."""
         seen = set()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + READY_TIMEOUT
         while len(seen) < self.n and time.monotonic() < deadline and not self.stopping:
-            readable, _, _ = select.select([ready_r], [], [], 0.2)
+            readable, _, _ = select.select([ready_r], [], [], READY_POLL)
             if readable:
-                data = os.read(ready_r, 4096)
+                data = os.read(ready_r, PIPE_READ)
                 if not data:
                     break
                 seen.update(int(x) for x in data.split())
@@ -367,7 +436,8 @@ class Supervisor:
                 module.assemble(index, self.config, self.region, self.eventfds, ready_w,
                                 standby_r).run()
             except BaseException as e:   # noqa: BLE001 - anything must end in _exit
-                logs.write("error", "died: %r" % e, index)
+                # One entry, traceback included (logs keeps it one line / one JSON object).
+                logs.write("error", "died: %r\n%s" % (e, traceback.format_exc().rstrip()), index)
                 code = 1
             finally:
                 os._exit(code)
@@ -409,14 +479,14 @@ class Supervisor:
                     return
                 self.retiring.add(old)
                 self._kill(old, signal.SIGTERM)
-                deadline = time.monotonic() + STOP_GRACE + 1
+                deadline = time.monotonic() + EXIT_PROMISE
                 while old in self.pids and time.monotonic() < deadline:
-                    self._wait_signal(0.05)
+                    self._wait_signal(REAP_POLL)
                     self._reap()
                 if old in self.pids:
                     self._kill(old)
                     while old in self.pids:
-                        self._wait_signal(0.05)
+                        self._wait_signal(REAP_POLL)
                         self._reap()
                 self.standby.discard(new)
                 # If the old one died meanwhile, _reap scheduled its restart: the new one is
@@ -437,7 +507,7 @@ class Supervisor:
         data = b""
         deadline = time.monotonic() + timeout
         while not data.endswith(b"\n") and time.monotonic() < deadline:
-            readable, _, _ = select.select([fd], [], [], 0.05)
+            readable, _, _ = select.select([fd], [], [], REAP_POLL)
             if readable:
                 chunk = os.read(fd, 1)
                 if not chunk:
@@ -455,7 +525,7 @@ class Supervisor:
     def _wait_signal(self, timeout):
         try:
             select.select([self.sig_r], [], [], timeout)
-            os.read(self.sig_r, 4096)
+            os.read(self.sig_r, PIPE_READ)
         except (BlockingIOError, InterruptedError):
             pass
 
@@ -487,7 +557,8 @@ class Supervisor:
             block.set("restarts", block.get("restarts") + 1)
             lived = time.monotonic() - forked_at
             if lived < CRASH_LOOP_WINDOW:
-                self.backoff[index] = min(RESTART_BACKOFF_MAX, max(0.1, self.backoff[index] * 2))
+                self.backoff[index] = min(RESTART_BACKOFF_MAX,
+                                          max(RESTART_BACKOFF_MIN, self.backoff[index] * 2))
             else:
                 self.backoff[index] = RESTART_DELAY
             logs.write("error", "worker %d (pid %d) %s after %.1f s; restarting in %.1f s" %
@@ -518,7 +589,7 @@ class Supervisor:
         deadline = time.monotonic() + STOP_GRACE
         while self.pids and time.monotonic() < deadline:
             self._reap()
-            time.sleep(0.02)
+            time.sleep(STOP_POLL)
         for pid in self.pids:
             self._kill(pid)
         while self.pids:
@@ -556,6 +627,10 @@ def main(argv=None):
     if argv[:1] == ["reload"]:
         return reload_main(argv[1:])
     args = parse_args(argv)
+    problem = check_memory_ordering()      # before any shared memory is made
+    if problem:
+        logs.write("error", problem)
+        return 2
     try:
         return Supervisor(args).run()
     except OSError as e:
