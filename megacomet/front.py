@@ -6,10 +6,11 @@ with ``Accept: text/event-stream``) to an EventSource stream, ``GET
 ``GET /<id>.js`` to the original's compat poll, ``/megacomet.js``, ``/demo``
 and ``/`` serve the browser client and its demo page, ``OPTIONS`` is a CORS preflight;
 anything else is refused with a status code.  Subscribers send no bodies, and may not run far ahead of
-our answers.  With a secret, every subscription must be signed (``signing``).
-A subscription may say which run of the server (``epoch``) its cursors come
-from: those of another run count as 0 (``since_of``).
-It never answers a subscription itself: ``longpoll`` and ``streams`` do.
+our answers.  With a secret, every subscription must be signed (``signing``),
+and ends when its signature expires.  A subscription's cursors (``since``,
+and the ``epoch`` each counts in) are read here (``cursors_of``) and judged
+by each id's home (``subscriptions``).  It never answers a subscription
+itself: ``longpoll`` and ``streams`` do.
 """
 
 import importlib.resources
@@ -19,7 +20,7 @@ from . import signing
 from . import wire
 from . import wsframe
 from .httpconn import CLIENT_INBUF_LIMIT
-from .worker import READING
+from .worker import HELD, PENDING, READING
 
 MAX_IDS = 16                     # ids in one subscription (a page: a user channel and rooms)
 PREFLIGHT = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
@@ -30,14 +31,14 @@ PREFLIGHT = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
 class FrontDoor:
     """One per worker: the CLIENT_HTTP protocol."""
 
-    def __init__(self, w, http, longpoll, streams):
+    def __init__(self, w, http, subscriptions, longpoll, streams):
         self.w = w
         self.http = http
+        self.subscriptions = subscriptions
         self.longpoll = longpoll
         self.streams = streams
         self.common = longpoll.common
         self.secret = w.cfg.secret
-        self.epoch = epoch_of(w.cfg)
         client = static_file("megacomet.js")
         demo = static_file("demo.html")
         self.pages = {}
@@ -56,6 +57,9 @@ class FrontDoor:
 
     def timeout(self, fd):
         self.w.close(fd)                          # headers too slow (or idle keep-alive)
+
+    def closed(self, fd):
+        self.subscriptions.release(fd)            # (nothing is left of an answered one)
 
     def drained(self, fd):
         self.http.resume(fd)                      # requests parked while the output was full
@@ -79,22 +83,30 @@ class FrontDoor:
         if path.startswith(b"/sub/") or path.startswith(b"/sse/"):
             ident = ids_of(path[5:])
             query = wire.parse_query(req.query) if req.query else {}
-            self.check_signature(ident, query)
+            expires = self.check_signature(ident, query)
             stream = path.startswith(b"/sse/") or (req.accept and b"text/event-stream" in req.accept)
             if stream and req.last_event_id is not None:   # a reconnecting EventSource
                 query["since"] = req.last_event_id.decode("latin-1")
-            since = since_of(ident, query, self.epoch)
+            since, epoch = cursors_of(ident, query)
+            if stream or req.websocket_key is not None:
+                seconds = self.w.cfg.heartbeat        # a stream's deadline is its next ping
+            else:
+                seconds = int_param(query, "timeout", self.w.cfg.poll_timeout, 1, 120)
+            if expires is not None:                   # ... or the signature's expiry
+                seconds = max(0.0, min(seconds, expires - time.time()))
             if req.websocket_key is not None:
                 check_websocket(req)
-                self.streams.subscribe_ws(fd, ident, since, req.websocket_key)
+                self.streams.subscribe_ws(fd, ident, since, epoch, seconds, req.websocket_key)
             elif stream:
-                self.streams.subscribe_sse(fd, ident, since, head_only=method == b"HEAD")
+                self.streams.subscribe_sse(fd, ident, since, epoch, seconds,
+                                           head_only=method == b"HEAD")
             else:
-                timeout = int_param(query, "timeout", self.w.cfg.poll_timeout, 1, 120)
                 callback = query.get("callback")
                 if callback is not None and not wire.CALLBACK_PATTERN.match(callback):
                     raise wire.HttpError(400, "callback must match [A-Za-z_$][A-Za-z0-9_$.]{0,63}")
-                self.longpoll.subscribe(fd, ident, since, timeout, callback)
+                self.longpoll.subscribe(fd, ident, since, epoch, seconds, callback)
+            if expires is not None and self.w.state[fd] in (PENDING, HELD):
+                self.subscriptions.expires[fd] = expires   # a signed stream ends with it
             return
         page = self.pages.get(path)
         if page is not None:                      # the browser client and its demo
@@ -109,13 +121,15 @@ class FrontDoor:
         raise wire.HttpError(404, "no such path")
 
     def check_signature(self, ident, query):
-        """With --secret, a subscription must carry a valid, unexpired exp and sig: else 403."""
+        """With --secret, a subscription must carry a valid, unexpired exp and sig (else 403):
+        returns the unix time it expires (None without a secret)."""
         if self.secret is None:
-            return
+            return None
         ids = [i.decode() for i in ((ident,) if type(ident) is bytes else ident)]
         reason = signing.refusal(self.secret, ids, query.get("exp"), query.get("sig"), time.time())
         if reason is not None:
             raise wire.HttpError(403, reason)
+        return int(query["exp"])
 
 
 def ids_of(text):
@@ -134,44 +148,41 @@ def ids_of(text):
     return ids
 
 
-def since_of(ident, query, epoch):
-    """``since``: a seq for one id; for several, ``id:seq`` pairs ("a:4,b:9"; unnamed ids: 0).
-
-    Every since is 0 when the query's ``epoch`` is not ours: its seqs were counted by another
-    run of the server (this one's started again from 1), so the client gets all that is
-    buffered.  Without an epoch the since stands, as it did before epochs existed.
-    """
+def cursors_of(ident, query):
+    """(since, epoch) of a subscription: numbers for one id (``since=4&epoch=E``); for
+    several, {id: number} each, from ``id:number`` pairs (``since=a:4,b:9``, ``epoch=a:E,b:F``;
+    an id left out: 0) or, for the epoch, one number for every id.  Epoch 0 is none given.
+    The cursor rule itself (another epoch, or a since beyond the last seq, counts as 0) is
+    the id's home's to apply: only it knows the id's epoch and last seq."""
     if type(ident) is bytes:
-        since = int_param(query, "since", 0, 0, 0xFFFFFFFF)
-        return 0 if other_epoch(query, epoch) else since
-    cursors = dict.fromkeys(ident, 0)
-    text = query.get("since")
-    if text:
-        for pair in text.split(","):
-            name, colon, seq = pair.rpartition(":")
-            name = name.encode()
-            if not colon or name not in cursors:
-                raise wire.HttpError(400, "since must be id:seq pairs of the subscription's ids")
-            cursors[name] = int_param({"since": seq}, "since", 0, 0, 0xFFFFFFFF)
-    return dict.fromkeys(ident, 0) if other_epoch(query, epoch) else cursors
+        return (int_param(query, "since", 0, 0, 0xFFFFFFFF),
+                number(query.get("epoch", "0"), "epoch", 0xFFFFFFFFFFFFFFFF))
+    return (pairs(ident, query.get("since"), "since", 0xFFFFFFFF),
+            pairs(ident, query.get("epoch"), "epoch", 0xFFFFFFFFFFFFFFFF))
 
 
-def other_epoch(query, epoch):
-    """Whether the query names an epoch (a server run) other than ``epoch``."""
-    text = query.get("epoch")
-    if text is None:
-        return False
-    # Digits only, as for every number (see int_param); a run's epoch is 13 of them today.
-    if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
-        raise wire.HttpError(400, "epoch must be a whole number")
-    return int(text) != epoch
+def pairs(ids, text, name, high):
+    """{id: number} for every id of a subscription from "a:4,b:9" (a bare number: for all)."""
+    values = dict.fromkeys(ids, 0)
+    if not text:
+        return values
+    if ":" not in text and name == "epoch":
+        return dict.fromkeys(ids, number(text, name, high))
+    for pair in text.split(","):
+        ident, colon, value = pair.rpartition(":")
+        ident = ident.encode()
+        if not colon or ident not in values:
+            raise wire.HttpError(400, "%s must be id:%s pairs of the subscription's ids"
+                                 % (name, "seq" if name == "since" else name))
+        values[ident] = number(value, name, high)
+    return values
 
 
-def epoch_of(cfg):
-    """This run's epoch.  Its start in ms, which is also what a supervisor from before epochs
-    existed (whose Config has none) would have used: a reload into this code works there too."""
-    epoch = getattr(cfg, "epoch", None)
-    return int(cfg.started_at * 1000) if epoch is None else epoch
+def number(text, name, high):
+    """A whole number of ASCII digits (str.isdigit() also takes "²", which int() refuses)."""
+    if not (0 < len(text) <= len(str(high)) and text.isascii() and text.isdigit()):
+        raise wire.HttpError(400, "%s must be a whole number" % name)
+    return min(int(text), high)
 
 
 def static_file(name):
@@ -197,7 +208,4 @@ def int_param(query, name, default, low, high):
     text = query.get(name)
     if text is None:
         return default
-    # ASCII digits only: str.isdigit() also accepts "²" or "①", which int() refuses.
-    if not (0 < len(text) <= 10 and text.isascii() and text.isdigit()):
-        raise wire.HttpError(400, "%s must be a whole number" % name)
-    return min(max(int(text), low), high)
+    return min(max(number(text, name, 0xFFFFFFFF), low), high)

@@ -1,23 +1,22 @@
-"""Long-poll answers: hold a subscriber's request until its id has news, then answer it.
+"""Long-poll answers: encode what ``subscriptions`` hands a held poll, and answer it.
 
 Three formats, one protocol byte each: JSON (``/sub/<id>``), JSONP (the same
 with ``callback``) and the original's compat poll (``/<id>.js``: the oldest
 message compat readers have not had, exactly as published, then close).
-JSON and JSONP answers carry the server's ``epoch``: a client that sends it
-back with its cursor is told everything buffered after a full restart,
-whose seqs began again (``front.since_of``).  A held poll costs its id in
-``routing``'s table and one entry in the timeout wheel: no object of its
-own.  It never parses a request (``front`` does) and never decides where a
-message goes (``routing`` does).
+JSON and JSONP answers carry each id's ``last`` seq and ``epoch``, which
+the client sends back as its cursor.  What a poll is owed, and when, is
+``subscriptions``' to decide; the compat poll, which follows the home's
+compat cursor instead of a cursor of its own, is handled here whole.  A
+held poll costs its id in ``routing``'s table and one entry in the timeout
+wheel: no object of its own.  It never parses a request (``front`` does)
+and never decides where a message goes (``routing`` does).
 """
 
-import array
 import json
 
 from . import protocols
 from . import records
 from . import wire
-from .front import epoch_of
 from .httpconn import CLIENT_INBUF_LIMIT, HEAD_ONLY, KEEP_ALIVE
 from .records import DELIVER_COMPAT
 from .shmqueue import DELIVERED
@@ -28,18 +27,14 @@ JS_TYPE = b"application/javascript; charset=utf-8"
 
 
 class LongPoll:
-    """One per worker: the POLL_JSON, POLL_JSONP and POLL_COMPAT protocols."""
+    """One per worker: the POLL_JSON, POLL_JSONP and POLL_COMPAT protocols, and the
+    transport (``subscriptions``) of the first two."""
 
-    def __init__(self, w, http, router):
+    def __init__(self, w, http, router, subscriptions):
         self.w = w
         self.http = http
         self.router = router
-        limit = len(w.state)
-        self.since = array.array("I", bytes(4 * limit))   # the newest seq the client has
-        self.last = array.array("I", bytes(4 * limit))    # the id's last seq, as last heard
-        self.callback = {}       # fd -> JSONP function name
-        self.cursors = {}        # fd -> {id: newest seq the client has}: multiplexed polls only
-        self.epoch = epoch_of(w.cfg)
+        self.subs = subscriptions
         self.common = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
                        b"X-Content-Type-Options: nosniff\r\n" % w.cfg.cors_origin.encode())
 
@@ -58,9 +53,7 @@ class LongPoll:
         self.answer_timeout(fd)
 
     def closed(self, fd):
-        self.router.unhold(fd)
-        self.callback.pop(fd, None)
-        self.cursors.pop(fd, None)
+        self.subs.release(fd)
 
     def stop(self, fd):
         if self.w.state[fd] in (PENDING, HELD):
@@ -68,31 +61,12 @@ class LongPoll:
 
     # -- subscribing -------------------------------------------------------------------
 
-    def subscribe(self, fd, ident, since, timeout, callback=None):
-        """Hold fd for ident's messages newer than ``since`` (several ids: a tuple, and since
-        is {id: seq}); answered at once if the home has any (``routing.subscribe``)."""
+    def subscribe(self, fd, ident, since, epoch, timeout, callback=None):
+        """Hold fd for ident's messages after its cursor (``subscriptions.open``)."""
         proto = protocols.POLL_JSON if callback is None else protocols.POLL_JSONP
+        self.subs.open(fd, ident, since, epoch, proto, timeout, quick=type(ident) is bytes)
         if callback is not None:
-            self.callback[fd] = callback
-        if type(ident) is tuple:                   # several ids; since: {id: seq}
-            registered = {i: self.router.registered(i) for i in ident}
-            self.router.hold(fd, ident, proto, timeout)
-            self.cursors[fd] = since
-            self.router.subscribe_many(fd, since, registered)
-            return
-        registered = self.router.registered(ident)
-        self.since[fd] = since
-        self.router.hold(fd, ident, proto, timeout)
-        # Up to date: held now, and last is since; else last is known once the home answers.
-        self.last[fd] = since if self.router.subscribe(fd, ident, since, registered) else 0
-
-    def resubscribe(self, fd):
-        """Ask the home for everything after since[fd]; the poll waits for that answer."""
-        w = self.w
-        ident = self.router.held_id[fd]
-        w.new_serial(fd)
-        w.state[fd] = PENDING
-        w.send_home(ident, records.sub(fd, w.serial[fd], self.since[fd], 0, ident))
+            self.subs.note[fd] = callback
 
     def compat_poll(self, fd, ident, peek):
         self.http.flags[fd] &= ~KEEP_ALIVE        # the original closes after each poll
@@ -107,29 +81,43 @@ class LongPoll:
         w.state[fd] = PENDING
         w.send_home(ident, records.cpoll(fd, w.serial[fd], peek, ident))
 
-    # -- the home's answers ------------------------------------------------------------
+    # -- the transport: what ``subscriptions`` hands a poll ------------------------------
 
-    def backlog(self, fd, ident, last, messages):
-        """The home's answer to this poll's SUB: what it had after since (maybe nothing)."""
-        cursors = self.cursors.get(fd)
-        if cursors is not None:
-            news = [(ident, seq, data) for seq, data in messages if seq > cursors[ident]]
-            if news:
-                self.answer_many(fd, news)
-            else:
-                cursors[ident] = last
+    def announce(self, fd):
+        """Every answer names the epochs: nothing to send ahead of it."""
+
+    def news(self, fd, ident, messages):
+        self.answer(fd, messages)
+
+    def news_many(self, fd, items):
+        self.answer_many(fd, items)
+
+    def deliver(self, fd, ident, seq, epoch, data, cache):
+        """The next message of a poll of one id: JSON holders share one response per
+        keep-alive/HEAD variant (a fan-out builds it once)."""
+        http = self.http
+        if self.w.proto[fd] == protocols.POLL_JSONP:
+            self.answer(fd, [(seq, data)])
             return
-        self.last[fd] = last
-        if messages:
-            self.answer(fd, messages, last)
-        else:
-            self.since[fd] = last
-            self.w.state[fd] = HELD
+        variant = http.response_flags(fd)
+        response = cache.get(variant)
+        if response is None:
+            body = cache.get("body")
+            if body is None:
+                body = cache["body"] = json_body_of(ident, [(seq, data)], seq, epoch=epoch)
+            response = cache[variant] = wire.response(200, body, JSON_TYPE, variant & KEEP_ALIVE,
+                                                      self.common, variant & HEAD_ONLY)
+        self.subs.release(fd)
+        http.send_response(fd, response, variant & KEEP_ALIVE)
+        self.w.counters[DELIVERED] += 1
+        http.resume(fd)
 
     def refused(self, fd):
-        """The home's table had no room for the id."""
-        self.router.unhold(fd)
+        """The home's table had no room for an id."""
+        self.subs.release(fd)
         self.http.fail(fd, 503, "id table full", self.common)
+
+    # -- the compat poll: the home's answers ------------------------------------------
 
     def on_cmsg(self, src, record):
         fd, serial, seq, taken, ident, data = records.read_cmsg(record)
@@ -149,51 +137,7 @@ class LongPoll:
             if self.w.state[fd] == HELD and self.w.proto[fd] == protocols.POLL_COMPAT:
                 self.take_compat(fd)
 
-    # -- deliveries (routing calls these for each holder in HELD) -----------------------
-
-    def deliver_many(self, fd, ident, seq, data):
-        since = self.cursors[fd][ident]
-        if seq > since + 1:
-            self.router.resubscribe_one(fd, ident, since)   # a gap: the home's MSGS fills it
-        elif seq > since:
-            self.answer_many(fd, [(ident, seq, data)])
-
-    def deliver_json(self, fd, ident, seq, flags, data, cache):
-        if fd in self.cursors:
-            self.deliver_many(fd, ident, seq, data)
-            return False
-        since = self.since[fd]
-        if seq > since + 1:
-            self.resubscribe(fd)                  # a gap: the home's MSGS fills it
-        elif seq > since:
-            http = self.http
-            variant = http.response_flags(fd)
-            response = cache.get(variant)         # one response per flags variant, for all
-            if response is None:
-                body = cache.get("body")
-                if body is None:
-                    body = cache["body"] = json_body_of(ident, [(seq, data)], seq,
-                                                        epoch=self.epoch)
-                response = cache[variant] = wire.response(200, body, JSON_TYPE, variant & KEEP_ALIVE,
-                                                          self.common, variant & HEAD_ONLY)
-            self.router.unhold(fd)
-            http.send_response(fd, response, variant & KEEP_ALIVE)
-            self.w.counters[DELIVERED] += 1
-            http.resume(fd)
-        return False
-
-    def deliver_jsonp(self, fd, ident, seq, flags, data, cache):
-        if fd in self.cursors:
-            self.deliver_many(fd, ident, seq, data)
-            return False
-        since = self.since[fd]
-        if seq > since + 1:
-            self.resubscribe(fd)
-        elif seq > since:
-            self.answer(fd, [(seq, data)], seq)
-        return False
-
-    def deliver_compat(self, fd, ident, seq, flags, data, cache):
+    def deliver_compat(self, fd, ident, seq, epoch, flags, data, cache):
         if flags & DELIVER_COMPAT:
             self.answer_compat(fd, data)
             return True
@@ -201,28 +145,30 @@ class LongPoll:
 
     # -- answering ---------------------------------------------------------------------
 
-    def answer(self, fd, messages, last):
-        callback = self.callback.pop(fd, None)
-        body = json_body_of(self.router.held_id[fd], messages, last, callback, self.epoch)
-        self.router.unhold(fd)
+    def answer(self, fd, messages):
+        """A poll of one id: these messages, with its cursor (last, epoch) as it is now."""
+        subs = self.subs
+        last, epoch = subs.cursors(fd)
+        callback = subs.note.get(fd)
+        body = json_body_of(self.router.held_id[fd], messages, last, callback, epoch)
+        subs.release(fd)
         self.http.respond(fd, 200, body, JSON_TYPE if callback is None else JS_TYPE, self.common)
         self.w.counters[DELIVERED] += len(messages)
         self.http.resume(fd)
 
     def answer_many(self, fd, items):
-        """A multiplexed poll's answer: each message names its id; last has every id's seq."""
-        cursors = self.cursors.pop(fd)
-        for ident, seq, _ in items:
-            cursors[ident] = max(cursors[ident], seq)
-        callback = self.callback.pop(fd, None)
-        body = json_many_of(items, cursors, callback, self.epoch)
-        self.router.unhold(fd)
+        """A multiplexed poll's answer: each message names its id; last and epoch have every id."""
+        subs = self.subs
+        seqs, epochs = subs.cursors(fd)
+        callback = subs.note.get(fd)
+        body = json_many_of(items, seqs, epochs, callback)
+        subs.release(fd)
         self.http.respond(fd, 200, body, JSON_TYPE if callback is None else JS_TYPE, self.common)
         self.w.counters[DELIVERED] += len(items)
         self.http.resume(fd)
 
     def answer_compat(self, fd, data):
-        self.router.unhold(fd)
+        self.subs.release(fd)
         self.http.respond(fd, 200, data, JS_TYPE, self.common)
         self.w.counters[DELIVERED] += 1
 
@@ -230,22 +176,21 @@ class LongPoll:
         if self.w.proto[fd] == protocols.POLL_COMPAT:
             # An empty script, not a 204: a <script> tag fires onerror for a 204 sent with
             # nosniff (no Content-Type), and a page in the original style stops polling.
-            self.router.unhold(fd)
+            self.subs.release(fd)
             self.http.respond(fd, 200, b"", JS_TYPE, self.common)   # closes: nothing pipelined
-        elif fd in self.cursors:
+        elif fd in self.subs.many:
             self.answer_many(fd, [])
         else:
-            self.answer(fd, [], self.last[fd])
+            self.answer(fd, [])
 
 
-def json_many_of(items, cursors, callback=None, epoch=None):
-    """``{"messages": [{"id", "seq", "data"}], "last": {id: seq}, "epoch": E}``, maybe
+def json_many_of(items, seqs, epochs, callback=None):
+    """``{"messages": [{"id", "seq", "data"}], "last": {id: seq}, "epoch": {id: E}}``, maybe
     JSONP-wrapped."""
     doc = {"messages": [{"id": ident.decode(), "seq": seq, "data": data.decode("utf-8")}
                         for ident, seq, data in items],
-           "last": {ident.decode(): seq for ident, seq in cursors.items()}}
-    if epoch is not None:
-        doc["epoch"] = epoch
+           "last": {ident.decode(): seq for ident, seq in seqs.items()},
+           "epoch": {ident.decode(): epoch for ident, epoch in epochs.items()}}
     body = json.dumps(doc)
     if callback is not None:
         body = "/**/%s(%s);" % (callback, body)

@@ -8,7 +8,8 @@ never keeps state and never allocates beyond the record it builds.
     PUB     any worker -> home    store a message, deliver it, maybe ACK back
     ACK     home -> publisher     how many of a request's messages it stored (one per turn)
     SUB     any worker -> home    register the worker, answer with MSGS (backlog)
-    MSGS    home -> subscriber    the backlog newer than a SUB's since, maybe in parts
+    MSGS    home -> subscriber    the backlog newer than a SUB's cursor, with the id's
+                                  last seq and epoch, maybe in parts
     CPOLL   any worker -> home    take (or look at) the compat cursor's next message
     CMSG    home -> subscriber    CPOLL's answer
     CGIVE   any worker -> home    give back a message taken for compat polls that had left
@@ -25,10 +26,10 @@ PUB, ACK, SUB, MSGS, DELIVER, UNSUB, CPOLL, CMSG, RESET, CGIVE, CWAKE = b"PASMDU
 _PUB = struct.Struct("<BIIIB")        # kind, fd, serial, line, id length | id, data
 _ACK = struct.Struct("<BIIIII")       # kind, fd, serial, stored, last seq, refused | lines
 _LINE = struct.Struct("<I")
-_SUB = struct.Struct("<BIIIBB")       # kind, fd, serial, since, flags, id length | id
-_MSGS = struct.Struct("<BIIIBB")      # kind, fd, serial, last, flags, id length | id, (seq, len, data)*
+_SUB = struct.Struct("<BIIIQBB")      # kind, fd, serial, since, epoch, flags, id length | id
+_MSGS = struct.Struct("<BIIIQBB")     # kind, fd, serial, last, epoch, flags, id length | id, (seq, len, data)*
 _MSG = struct.Struct("<II")
-_DELIVER = struct.Struct("<BIBB")     # kind, seq, flags, id length | id, data
+_DELIVER = struct.Struct("<BIQBB")    # kind, seq, epoch, flags, id length | id, data
 _UNSUB = struct.Struct("<BBB")        # kind, which (UNSUB_*), id length | id
 _CPOLL = struct.Struct("<BIIBB")      # kind, fd, serial, peek, id length | id
 _CMSG = struct.Struct("<BIIIBB")      # kind, fd, serial, seq (0 = none), taken, id length | id, data
@@ -36,7 +37,7 @@ _CGIVE = struct.Struct("<BIB")        # kind, seq, id length | id
 _CWAKE = struct.Struct("<BB")         # kind, id length | id
 
 ACK_REFUSED_MAX = 4096                # refused line numbers per ACK record
-MSGS_FINAL, MSGS_REFUSED = 1, 2
+MSGS_FINAL, MSGS_REFUSED, MSGS_RESET = 1, 2, 4   # RESET: the SUB's cursor counted as 0
 MSGS_HEADER = _MSGS.size
 MSG_HEADER = _MSG.size
 SUB_QUIET = 1                         # answer only with news (or a refusal)
@@ -68,19 +69,20 @@ def read_ack(record):
     return fd, serial, stored, last, lines
 
 
-def sub(fd, serial, since, flags, ident):
-    return _SUB.pack(SUB, fd, serial, since, flags, len(ident)) + ident
+def sub(fd, serial, since, epoch, flags, ident):
+    """Ask ident's home for what came after seq ``since`` of ``epoch`` (0: any)."""
+    return _SUB.pack(SUB, fd, serial, since, epoch, flags, len(ident)) + ident
 
 
 def read_sub(record):
-    """(fd, serial, since, flags, id)"""
-    _, fd, serial, since, flags, n = _SUB.unpack_from(record)
-    return fd, serial, since, flags, record[_SUB.size:_SUB.size + n]
+    """(fd, serial, since, epoch, flags, id)"""
+    _, fd, serial, since, epoch, flags, n = _SUB.unpack_from(record)
+    return fd, serial, since, epoch, flags, record[_SUB.size:_SUB.size + n]
 
 
-def msgs_header(fd, serial, last, flags, ident):
+def msgs_header(fd, serial, last, epoch, flags, ident):
     """A MSGS record's start; each message follows as msg_header(seq, len) + data."""
-    return _MSGS.pack(MSGS, fd, serial, last, flags, len(ident)) + ident
+    return _MSGS.pack(MSGS, fd, serial, last, epoch, flags, len(ident)) + ident
 
 
 def msg_header(seq, length):
@@ -88,8 +90,8 @@ def msg_header(seq, length):
 
 
 def read_msgs(record):
-    """(fd, serial, last, flags, id, [(seq, data)])"""
-    _, fd, serial, last, flags, n = _MSGS.unpack_from(record)
+    """(fd, serial, last, epoch, flags, id, [(seq, data)])"""
+    _, fd, serial, last, epoch, flags, n = _MSGS.unpack_from(record)
     ident = record[_MSGS.size:_MSGS.size + n]
     messages = []
     pos = _MSGS.size + n
@@ -98,18 +100,18 @@ def read_msgs(record):
         pos += _MSG.size
         messages.append((seq, record[pos:pos + n]))
         pos += n
-    return fd, serial, last, flags, ident, messages
+    return fd, serial, last, epoch, flags, ident, messages
 
 
-def deliver(seq, flags, ident, data):
-    return _DELIVER.pack(DELIVER, seq, flags, len(ident)) + ident + data
+def deliver(seq, epoch, flags, ident, data):
+    return _DELIVER.pack(DELIVER, seq, epoch, flags, len(ident)) + ident + data
 
 
 def read_deliver(record):
-    """(seq, flags, id, data)"""
-    _, seq, flags, n = _DELIVER.unpack_from(record)
+    """(seq, epoch, flags, id, data)"""
+    _, seq, epoch, flags, n = _DELIVER.unpack_from(record)
     start = _DELIVER.size
-    return seq, flags, record[start:start + n], record[start + n:]
+    return seq, epoch, flags, record[start:start + n], record[start + n:]
 
 
 def unsub(which, ident):

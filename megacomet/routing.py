@@ -13,8 +13,8 @@ It never touches a socket: answering is the protocols' job.
 
 from . import shmqueue
 from .records import (ACK_REFUSED_MAX, CGIVE, CPOLL, DELIVER, DELIVER_COMPAT, MSG_HEADER,
-                     MSGS, MSGS_FINAL, MSGS_HEADER, MSGS_REFUSED, PUB, RESET, RESET_RECORD, SUB,
-                     SUB_QUIET, UNSUB, UNSUB_ALL, UNSUB_COMPAT)
+                      MSGS, MSGS_FINAL, MSGS_HEADER, MSGS_REFUSED, MSGS_RESET, PUB, RESET,
+                      RESET_RECORD, SUB, SUB_QUIET, UNSUB, UNSUB_ALL, UNSUB_COMPAT)
 from . import records
 from .shmqueue import PUBLISHED, RECEIVED, REFUSED, SUBSCRIBERS
 from .worker import HELD, PENDING, READING
@@ -39,11 +39,11 @@ class Router:
         # Each worker's restart count as of its last RESET we handled (see stale_workers).
         self.generation = [w.region.stats(i).get("restarts") for i in range(w.region.workers)]
         self.partial = {}        # (fd, id) -> messages of a MSGS reply still arriving in parts
-        # Per protocol byte of a holder: deliver(fd, id, seq, flags, data, cache) -> whether it
-        # answered a compat poll; backlog(fd, id, last, messages), a SUB's answer; refused(fd).
+        # Per protocol byte of a holder: deliver(fd, id, seq, epoch, flags, data, cache) ->
+        # whether it answered a compat poll.  backlog(fd, id, last, epoch, flags, messages):
+        # a SUB's whole answer (``subscriptions``).
         self.deliver_to = {}
-        self.backlog_to = {}
-        self.refused_to = {}
+        self.backlog = None
 
     def handlers(self):
         return {PUB: self.on_pub, SUB: self.on_sub, CPOLL: self.on_cpoll, UNSUB: self.on_unsub,
@@ -96,8 +96,8 @@ class Router:
         w = self.w
         fd, serial, line, ident, data = records.read_pub(record)
         try:
-            seq, targets, compat = w.part.publish(shmqueue.id_key(ident), data, w.now_ms(),
-                                                  self.stale_workers)
+            seq, targets, compat, epoch = w.part.publish(shmqueue.id_key(ident), data, w.now_ms(),
+                                                         self.stale_workers)
         except shmqueue.TableFull:
             seq = targets = compat = 0
             w.counters[REFUSED] += 1
@@ -116,11 +116,11 @@ class Router:
         if targets:
             if compat:                             # the cursor moved: given back if nobody reads it
                 self.compat_sent[shmqueue.id_key(ident), seq] = [bin(compat).count("1"), w.now]
-            plain = records.deliver(seq, 0, ident, data)
+            plain = records.deliver(seq, epoch, 0, ident, data)
             dst = 0
             while targets:
                 if targets & 1:
-                    w.send(dst, records.deliver(seq, DELIVER_COMPAT, ident, data)
+                    w.send(dst, records.deliver(seq, epoch, DELIVER_COMPAT, ident, data)
                            if compat >> dst & 1 else plain)
                 targets >>= 1
                 dst += 1
@@ -138,27 +138,29 @@ class Router:
 
     def on_sub(self, src, record):
         w = self.w
-        fd, serial, since, flags, ident = records.read_sub(record)
+        fd, serial, since, epoch, flags, ident = records.read_sub(record)
         try:
-            last, messages = w.part.subscribe(shmqueue.id_key(ident), 1 << src, since, w.now_ms())
+            last, epoch, reset, messages = w.part.subscribe(shmqueue.id_key(ident), 1 << src,
+                                                            since, w.now_ms(), epoch)
         except shmqueue.TableFull:
-            w.send(src, records.msgs_header(fd, serial, 0, MSGS_FINAL | MSGS_REFUSED, ident))
+            w.send(src, records.msgs_header(fd, serial, 0, 0, MSGS_FINAL | MSGS_REFUSED, ident))
             return
-        if flags & SUB_QUIET and not messages:
+        if flags & SUB_QUIET and not messages and not reset:
             return                                # the poll is held already: no news, no answer
+        reset = MSGS_RESET if reset else 0
         # Split a long backlog so that no record outgrows a ring.
         limit = w.outbox[src].size // 4
-        parts = [records.msgs_header(fd, serial, last, 0, ident)]
+        parts = [records.msgs_header(fd, serial, last, epoch, reset, ident)]
         size = MSGS_HEADER + len(ident)
         for seq, data in messages:
             if size + MSG_HEADER + len(data) > limit:
                 w.send(src, b"".join(parts))
-                parts = [records.msgs_header(fd, serial, last, 0, ident)]
+                parts = [records.msgs_header(fd, serial, last, epoch, reset, ident)]
                 size = MSGS_HEADER + len(ident)
             parts.append(records.msg_header(seq, len(data)))
             parts.append(data)
             size += MSG_HEADER + len(data)
-        parts[0] = records.msgs_header(fd, serial, last, MSGS_FINAL, ident)
+        parts[0] = records.msgs_header(fd, serial, last, epoch, reset | MSGS_FINAL, ident)
         w.send(src, b"".join(parts))
 
     def on_cpoll(self, src, record):
@@ -320,34 +322,6 @@ class Router:
         """A held_id entry as a tuple of ids."""
         return (idents,) if type(idents) is bytes else idents
 
-    def subscribe(self, fd, ident, since, registered):
-        """Ask ident's home for what came after ``since``: quietly (an answer only if there is
-        news) when the id's last seq, read straight from the home's partition, says the client
-        is up to date, and not at all if this worker is registered already.  True if it is
-        up to date: the connection is HELD at once.  A misread only costs a detour: the
-        home's answer, or a gap in the DELIVERs, corrects it."""
-        w = self.w
-        key = shmqueue.id_key(ident)
-        home = key % w.region.workers
-        current = since == max(w.homes[home].peek_last(key), 0)
-        if current:
-            w.state[fd] = HELD
-            if registered:
-                return True
-        w.send(home, records.sub(fd, w.serial[fd], since, SUB_QUIET if current else 0, ident))
-        return current
-
-    def subscribe_many(self, fd, cursors, registered):
-        """A multiplexed subscription: ``subscribe`` for each id.  The connection is HELD at
-        once and keeps one serial: its protocol's cursors drop what arrives twice."""
-        for ident, since in cursors.items():
-            self.subscribe(fd, ident, since, registered[ident])
-        self.w.state[fd] = HELD
-
-    def resubscribe_one(self, fd, ident, since):
-        """A gap in one id of a multiplexed subscription: ask its home again, same serial."""
-        self.w.send_home(ident, records.sub(fd, self.w.serial[fd], since, 0, ident))
-
     def holders(self, ident):
         entry = self.held.get(ident)
         if entry is None:
@@ -361,24 +335,21 @@ class Router:
 
     def on_msgs(self, src, record):
         """A SUB's answer: the backlog after its since, in parts if long, or a refusal."""
-        fd, serial, last, flags, ident, messages = records.read_msgs(record)
+        fd, serial, last, epoch, flags, ident, messages = records.read_msgs(record)
         if not self.is_waiting(fd, serial, PENDING, HELD):
             return
-        proto = self.w.proto[fd]
         if flags & MSGS_REFUSED:
-            self.refused_to[proto](fd)
             self.sub_lingering.discard(ident)     # never registered: next time, ask again
-            return
-        if (fd, ident) in self.partial:           # parts of one id's answer come in order
+        elif (fd, ident) in self.partial:         # parts of one id's answer come in order
             messages = self.partial.pop((fd, ident)) + messages
         if not flags & MSGS_FINAL:
             self.partial[fd, ident] = messages
             return
-        self.backlog_to[proto](fd, ident, last, messages)
+        self.backlog(fd, ident, last, epoch, flags, messages)
 
     def on_deliver(self, src, record):
         w = self.w
-        seq, flags, ident, data = records.read_deliver(record)
+        seq, epoch, flags, ident, data = records.read_deliver(record)
         entry = self.held.get(ident)
         if entry is None:                              # a stale registration: heal it,
             w.send(src, records.unsub(UNSUB_ALL, ident))
@@ -391,7 +362,8 @@ class Router:
         compat_answered = False
         for fd in (entry,) if type(entry) is int else list(entry):
             if state[fd] == HELD:                      # pending: its own answer brings it
-                compat_answered |= deliver_to[proto[fd]](fd, ident, seq, flags, data, cache)
+                compat_answered |= deliver_to[proto[fd]](fd, ident, seq, epoch, flags, data,
+                                                         cache)
         if flags & DELIVER_COMPAT and not compat_answered:
             w.send(src, records.cgive(seq, ident))
 

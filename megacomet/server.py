@@ -1,9 +1,10 @@
 """A worker process, assembled: the loop, the routing, and a protocol for each byte.
 
 This is the one place that knows every part: it builds the per-worker
-objects (``routing.Router``, ``httpconn.Http``, ``front.FrontDoor``,
-``longpoll.LongPoll``, ``streams.Streams``, ``appport.AppPort``), fills the loop's protocol table
-(indexed by ``protocols``), its record handlers and its hooks.  Adding a
+objects (``routing.Router``, ``httpconn.Http``, ``subscriptions.Subscriptions``,
+``front.FrontDoor``, ``longpoll.LongPoll``, ``streams.Streams``,
+``appport.AppPort``), fills the loop's protocol table (indexed by
+``protocols``), its record handlers and its hooks.  Adding a
 transport means adding its module and a line here, not growing the loop.
 """
 
@@ -14,6 +15,7 @@ from . import longpoll
 from . import protocols
 from . import routing
 from . import streams
+from . import subscriptions
 from . import worker
 from .worker import Protocol
 
@@ -22,13 +24,15 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
     w = worker.Worker(index, config, region, eventfds, ready_fd, standby_fd)
     router = routing.Router(w, protocols.CLIENT_HTTP)
     http = httpconn.Http(w)
-    poll = longpoll.LongPoll(w, http, router)
-    stream = streams.Streams(w, router, poll.common)
-    door = front.FrontDoor(w, http, poll, stream)
+    subs = subscriptions.Subscriptions(w, router)
+    poll = longpoll.LongPoll(w, http, router, subs)
+    stream = streams.Streams(w, router, subs, poll.common)
+    door = front.FrontDoor(w, http, subs, poll, stream)
     app = appport.AppPort(w, http, router)
 
     table = [None] * protocols.COUNT
-    table[protocols.CLIENT_HTTP] = Protocol("client", door.readable, door.timeout, door.drained)
+    table[protocols.CLIENT_HTTP] = Protocol("client", door.readable, door.timeout, door.drained,
+                                            closed=door.closed)
     for proto in (protocols.POLL_JSON, protocols.POLL_JSONP, protocols.POLL_COMPAT):
         table[proto] = Protocol("client", poll.readable, poll.timeout, closed=poll.closed,
                                 stop=poll.stop)
@@ -45,16 +49,12 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
                                        stop=lambda fd: True)   # the drain waits for its FIN
     w.protocols = table
     w.linger_proto = protocols.LINGER
-    router.deliver_to = {protocols.POLL_JSON: poll.deliver_json,
-                         protocols.POLL_JSONP: poll.deliver_jsonp,
-                         protocols.POLL_COMPAT: poll.deliver_compat}
-    for proto in (protocols.POLL_JSON, protocols.POLL_JSONP):
-        router.backlog_to[proto] = poll.backlog
-        router.refused_to[proto] = poll.refused
-    for proto in (protocols.SSE, protocols.WS):
-        router.deliver_to[proto] = stream.deliver
-        router.backlog_to[proto] = stream.backlog
-        router.refused_to[proto] = stream.refused
+    # The subscription core decides what each subscription is owed; its transports encode.
+    subs.transports = {protocols.POLL_JSON: poll, protocols.POLL_JSONP: poll,
+                       protocols.SSE: stream, protocols.WS: stream}
+    router.deliver_to = dict.fromkeys(subs.transports, subs.deliver)
+    router.deliver_to[protocols.POLL_COMPAT] = poll.deliver_compat
+    router.backlog = subs.backlog
 
     w.record_handlers = {**router.handlers(), **poll.handlers(), **app.handlers()}
     w.listen_on = [(config.host, config.port + i, protocols.CLIENT_HTTP, True)

@@ -10,7 +10,7 @@ Layout, and the rule that makes it safe without locks:
   message log of the ids whose home is ``w``, and **only worker w writes
   to it**.  A worker killed at any instant leaves at most its own partition
   half-written; its successor (same index) calls ``Partition.repair``.
-  Other workers may read an id's last seq (``peek_last``) as a hint that
+  Other workers may read an id's last seq and epoch (``peek``) as a hint that
   the owner's answer can correct.
 * ``N * N`` single-producer single-consumer byte rings, ``ring(src, dst)``.
   The producer alone writes ``tail``, the consumer alone writes ``head``.
@@ -28,13 +28,19 @@ different ids with the same 64-bit key would share a slot; with a random key
 the chance over a million ids is about 3e-8, which we accept for not paying
 for the id bytes in every slot.
 
+Every id has an epoch, stamped when its slot is created: an id forgotten
+(nothing buffered, nobody registered) and created again starts its seqs at
+1 in a new epoch, so a cursor is a (seq, epoch) pair.
+
 This module never blocks, never takes a lock, never allocates per message
-beyond the bytes it returns, and never writes a partition it does not own.  Memory ordering relies on x86-64 (TSO): a store of
-``tail`` is seen after the stores of the record it publishes.
+beyond the bytes it returns, and never writes a partition it does not own.
+Memory ordering relies on x86-64 (TSO): a store of ``tail`` is seen after
+the stores of the record it publishes (``cli`` refuses to start elsewhere).
 """
 
 import mmap
 import struct
+import time
 
 MAX_WORKERS = 64
 EMPTY = 0          # key of a free slot; also the log's wrap marker
@@ -67,8 +73,10 @@ _STAT_BLOCK = 128
 # NO_SLOT: with the free list, which repair() rebuilds, that is everything a
 # crash can leave half-done in a partition.  "bump" is the first never-used
 # slot, "free" the first free one plus 1 (0: none), linked through heads[].
-# "pending" is where the record of the publish in progress goes (or NO_SLOT).
-_H_WRITE, _H_TAIL, _H_IDS, _H_MESSAGES, _H_DIRTY, _H_JOURNAL, _H_BUMP, _H_FREE, _H_PENDING = range(9)
+# "pending" is where the record of the publish in progress goes (or NO_SLOT).  "epoch" is
+# the newest epoch this partition gave an id (see Partition._new_epoch).
+(_H_WRITE, _H_TAIL, _H_IDS, _H_MESSAGES, _H_DIRTY, _H_JOURNAL, _H_BUMP, _H_FREE, _H_PENDING,
+ _H_EPOCH) = range(10)
 _PART_HEADER = 128
 NO_SLOT = 0xFFFFFFFFFFFFFFFF
 _HEADER = 64
@@ -91,7 +99,7 @@ class TableFull(Exception):
 class Layout:
     """Where everything lives in the region, computed the same way in every process."""
 
-    SLOT_BYTES = 8 + 8 + 8 + 8 + 4 + 4 + 4   # key, mask, cmask, head, last, first, compat
+    SLOT_BYTES = 8 + 8 + 8 + 8 + 8 + 4 + 4 + 4   # key, mask, cmask, head, epoch, last, first, compat
     INDEX_LOAD = 0.7                        # index entries per index cell, at most
 
     def __init__(self, workers, max_ids, log_bytes, ring_bytes):
@@ -289,10 +297,11 @@ class Partition:
         off += _align(self.cells * 4, 8)
         n = self.nslots = lay.slots
         arrays = []
-        for fmt, width in (("q", 8), ("Q", 8), ("Q", 8), ("Q", 8), ("I", 4), ("I", 4), ("I", 4)):
+        for fmt, width in (("q", 8), ("Q", 8), ("Q", 8), ("Q", 8), ("Q", 8), ("I", 4), ("I", 4),
+                           ("I", 4)):
             arrays.append(view[off:off + n * width].cast(fmt))
             off += n * width
-        (self.keys, self.masks, self.cmasks, self.heads,
+        (self.keys, self.masks, self.cmasks, self.heads, self.epochs,
          self.lasts, self.firsts, self.compats) = arrays
         self.log = view[off:off + lay.log_size]
         self.log_size = lay.log_size
@@ -349,11 +358,22 @@ class Partition:
         self.masks[slot] = self.cmasks[slot] = self.heads[slot] = 0
         self.lasts[slot] = self.compats[slot] = 0
         self.firsts[slot] = 1
+        self.epochs[slot] = self._new_epoch()
         self.keys[slot] = key
         self.index[cell] = slot + 1           # the id exists from here on
         header[_H_DIRTY] = NO_SLOT
         header[_H_IDS] += 1
         return slot
+
+    def _new_epoch(self):
+        """The epoch of an id created now: its seqs start again at 1, and a cursor counted in
+        any earlier life of the id must not be taken for one of this life.  About the time in
+        ms (so a full restart, which begins the partitions anew, does not give one out twice),
+        and above every epoch this partition gave before (an id forgotten and created again
+        within one ms gets a new one too).  Never 0, which means "no epoch"."""
+        epoch = max(int(time.time() * 1000), self.header[_H_EPOCH] + 1)
+        self.header[_H_EPOCH] = epoch
+        return epoch
 
     def _delete(self, slot):
         """Forget the id in ``slot``: take it out of the index, put the slot on the free list.
@@ -482,7 +502,8 @@ class Partition:
     # -- what the home worker does ------------------------------------------
 
     def publish(self, key, data, now_ms, stale=None):
-        """Store one message; returns (seq, workers to deliver to, workers whose compat polls take it).
+        """Store one message; returns (seq, workers to deliver to, workers whose compat polls
+        take it, the id's epoch).
 
         Workers are bitmasks.  The compat cursor moves to the message for the
         compat polls held now, but not for workers ``stale(mask)`` says died
@@ -522,22 +543,27 @@ class Partition:
                 self.compats[i] = seq
             self.cmasks[i] = 0                 # told once: they register again if they miss it
         header[_H_DIRTY] = header[_H_PENDING] = NO_SLOT
-        return seq, targets, compat
+        return seq, targets, compat, self.epochs[i]
 
-    def subscribe(self, key, bit, since, now_ms):
-        """Register worker bit for key; returns (last seq, [(seq, data)] with seq > since).
+    def subscribe(self, key, bit, since, now_ms, epoch=0):
+        """Register worker bit for key; returns (last seq, the id's epoch, reset,
+        [(seq, data)] with seq > the cursor).
 
-        ``since`` beyond the last seq (the server restarted) counts as 0.
+        The cursor is ``since`` counted in ``epoch`` (0: whichever the id has).  It is
+        *reset* to 0 when that epoch is not the id's (an earlier life of the id, or another
+        run of the server) or when since is beyond the id's last seq: then everything
+        buffered is returned.
         """
         i = self._find_or_add(key, self.sub_limit)
         self.masks[i] |= bit
         last = self.lasts[i]
-        if since > last:
+        reset = since > last or (epoch != 0 and epoch != self.epochs[i])
+        if reset:
             since = 0
         log = self.log
         found = [(seq, bytes(log[p:p + n])) for seq, p, n in self._walk(i, since + 1, now_ms)]
         found.reverse()
-        return last, found
+        return last, self.epochs[i], reset, found
 
     def unsubscribe(self, key, bit, compat_only=False):
         i = self.find(key)
@@ -605,8 +631,8 @@ class Partition:
         i = self.find(key)
         return self.lasts[i] if i >= 0 else 0
 
-    def peek_last(self, key):
-        """Any worker may call this: key's last seq, or -1 when not found.
+    def peek(self, key):
+        """Any worker may call this: (key's last seq, its epoch), or None when not found.
 
         It only reads, while the owner may be writing: a probe can miss a key
         being moved, and a slot can change hands under the reader, so callers
@@ -614,9 +640,9 @@ class Partition:
         """
         i = self.find(key)
         if i < 0:
-            return -1
-        last = self.lasts[i]
-        return last if self.keys[i] == key else -1
+            return None
+        found = self.lasts[i], self.epochs[i]
+        return found if self.keys[i] == key else None
 
     def clear_worker(self, bit):
         """Forget that worker ``bit`` holds anything: it was restarted."""

@@ -4,8 +4,9 @@ every message.
 ``GET /sse/<id>`` (or ``/sub/<id>`` with ``Accept: text/event-stream``)
 answers ``200 text/event-stream`` and keeps the connection: each message is
 ``id: <seq>``, one ``data:`` line per line of the message and a blank line;
-the stream begins with the ``retry:`` hint and an ``epoch`` event naming
-this run of the server (``front.since_of`` says what a client does with it).
+the stream begins with the ``retry:`` hint and, once the id's home has
+answered, an ``epoch`` event naming the id's epoch (several ids: a JSON
+object of them), which the client sends back with its cursor.
 It resumes after ``Last-Event-ID`` (or ``?since=``); with neither it first
 sends every buffered message of the id, as the long-poll does.  A ``: ping``
 comment every ``--heartbeat`` seconds keeps proxies from closing it.
@@ -17,22 +18,22 @@ with the code RFC 6455 asks for on a protocol error (``wsframe`` judges the
 bytes).  Data frames from clients are checked and ignored: publishing stays
 on the app port.
 
-A stream is held like a long-poll (``routing``) but never let go: each
-DELIVER is written at once, a gap in seqs asks the home again.  A reader too
+A stream is a subscription (``subscriptions``) that is never let go: what
+it is owed is written at once.  A signed stream ends when its signature
+expires.  A reader too
 slow to take what is sent (over STREAM_OUT_LIMIT queued) is closed and
 counted (``slow_closed``): it resumes from its last id and loses nothing
 still buffered.  It never parses a request (``front`` does).
 """
 
-import array
 import json
 import re
+import time
 
 from . import protocols
-from . import records
 from . import wsframe
-from .front import epoch_of
 from .shmqueue import DELIVERED, SLOW_CLOSED
+from .wsframe import CloseCode
 from .worker import CLOSING, HELD, PENDING
 
 STREAM_OUT_LIMIT = 1 << 20       # bytes queued for one stream before it counts as too slow
@@ -57,58 +58,43 @@ def ws_message(ident, seq, data, epoch):
 
 
 class Streams:
-    """One per worker: the SSE and WS protocols (held for as long as they are open)."""
+    """One per worker: the SSE and WS protocols (held for as long as they are open), and
+    their transport (``subscriptions``)."""
 
-    def __init__(self, w, router, common):
+    def __init__(self, w, router, subscriptions, common):
         self.w = w
         self.router = router
-        self.since = array.array("I", bytes(4 * len(w.state)))   # the last seq sent
+        self.subs = subscriptions
         self.sse_head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + common +
                          b"X-Accel-Buffering: no\r\nConnection: close\r\n\r\n")
-        self.epoch = epoch = epoch_of(w.cfg)
-        # A named event, without an id: EventSource's Last-Event-ID stays the last seq.
-        self.sse_start = (self.sse_head + b"retry: %d\n\n" % RETRY_MS +
-                          b"event: epoch\ndata: %d\n\n" % epoch)
+        self.sse_start = self.sse_head + b"retry: %d\n\n" % RETRY_MS
         self.fragments = {}      # WS fd -> wsframe.Message of a fragmented message in progress
-        self.cursors = {}        # fd -> {id: last seq sent}: multiplexed streams only
-        self.encode = {protocols.SSE: lambda ident, seq, data: sse_event(seq, data),
-                       protocols.WS: lambda ident, seq, data: ws_message(ident, seq, data, epoch)}
+        self.encode = {protocols.SSE: lambda ident, seq, data, epoch: sse_event(seq, data),
+                       protocols.WS: ws_message}
         self.ping = {protocols.SSE: b": ping\n\n", protocols.WS: wsframe.encode(wsframe.PING)}
 
-    def subscribe_sse(self, fd, ident, since, head_only=False):
-        """Open an EventSource stream: what is buffered after ``since``, then every message."""
+    def subscribe_sse(self, fd, ident, since, epoch, deadline, head_only=False):
+        """Open an EventSource stream: what is buffered after the cursor, then every message."""
         if head_only:
             self.w.write(fd, self.sse_head)
             self.w.close_after_output(fd)
             return
-        self._open(fd, ident, since, protocols.SSE, self.sse_start)
+        self._open(fd, ident, since, epoch, protocols.SSE, deadline, self.sse_start)
 
-    def subscribe_ws(self, fd, ident, since, key):
+    def subscribe_ws(self, fd, ident, since, epoch, deadline, key):
         """Answer the WebSocket handshake and stream as for SSE, one text frame a message."""
-        self._open(fd, ident, since, protocols.WS,
+        self._open(fd, ident, since, epoch, protocols.WS, deadline,
                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
                    % wsframe.accept_key(key))
         if fd in self.w.inbuf and self.w.state[fd]:
             self.readable_ws(fd)                   # frames that came with the handshake
 
-    def _open(self, fd, ident, since, proto, head):
-        w, router = self.w, self.router
-        if type(ident) is tuple:                   # several ids; since: {id: seq}
-            registered = {i: router.registered(i) for i in ident}
-            router.hold(fd, ident, proto, w.cfg.heartbeat)
-            w.write(fd, head)
-            if w.state[fd]:
-                self.cursors[fd] = since
-                router.subscribe_many(fd, since, registered)
-            return
-        registered = router.registered(ident)
-        router.hold(fd, ident, proto, w.cfg.heartbeat)   # its deadline is the next ping
-        w.write(fd, head)
-        if not w.state[fd]:
-            return                                 # the peer is gone already
-        self.since[fd] = since
-        router.subscribe(fd, ident, since, registered)
+    def _open(self, fd, ident, since, epoch, proto, deadline, head):
+        # Its deadline is the next ping (or the signature's expiry); the head goes out first,
+        # since the home's answer comes through a ring, later.
+        self.subs.open(fd, ident, since, epoch, proto, deadline)
+        self.w.write(fd, head)
 
     # -- the protocols ------------------------------------------------------------------
 
@@ -129,7 +115,7 @@ class Streams:
                     w.write(fd, wsframe.encode(wsframe.PONG, payload))
                 elif opcode == wsframe.CLOSE:
                     wsframe.check_close_payload(payload)
-                    self._close_ws(fd, wsframe.NORMAL, "bye")
+                    self._close_ws(fd, CloseCode.NORMAL, "bye")
                     return
                 elif opcode != wsframe.PONG:
                     self._data_frame(fd, fin, opcode, payload)
@@ -157,10 +143,12 @@ class Streams:
         message = self.fragments.get(fd)
         if opcode == wsframe.CONT:
             if message is None:
-                raise wsframe.WsError(wsframe.PROTOCOL_ERROR, "continuation with nothing to continue")
+                raise wsframe.WsError(CloseCode.PROTOCOL_ERROR,
+                                      "continuation with nothing to continue")
         else:
             if message is not None:
-                raise wsframe.WsError(wsframe.PROTOCOL_ERROR, "new message inside a fragmented one")
+                raise wsframe.WsError(CloseCode.PROTOCOL_ERROR,
+                                      "new message inside a fragmented one")
             message = wsframe.Message(opcode == wsframe.TEXT)
         message.add(payload, fin, self.w.cfg.max_message)
         if fin:
@@ -174,104 +162,98 @@ class Streams:
         if self.w.state[fd]:
             self.w.close_after_output(fd)
 
+    def _end(self, fd, code, reason):
+        """End a stream with a reason its client can read: an error event, or a close frame."""
+        if self.w.proto[fd] == protocols.WS:
+            self._close_ws(fd, code, reason)
+        else:
+            self.w.write(fd, b"event: error\ndata: %s\n\n" % reason.encode())
+            if self.w.state[fd]:
+                self.w.close_after_output(fd)
+
     def timeout(self, fd):
         w = self.w
         if w.state[fd] not in (HELD, PENDING):
             return                                 # closing: no ping after a close frame
+        expires = self.subs.expires.get(fd)
+        if expires is not None and time.time() >= expires:
+            w.log("stream: the signature of a subscriber of %s expired; closed"
+                  % b",".join(self.router.ids_of(self.router.held_id[fd])).decode())
+            self._end(fd, CloseCode.POLICY_VIOLATION, "signature expired")
+            return
         w.write(fd, self.ping[w.proto[fd]])
         if w.state[fd] and not self._bound_output(fd):
-            w.set_deadline(fd, w.cfg.heartbeat)
+            seconds = w.cfg.heartbeat
+            if expires is not None:
+                seconds = max(0.0, min(seconds, expires - time.time()))
+            w.set_deadline(fd, seconds)
 
     def closed(self, fd):
-        self.router.unhold(fd)
+        self.subs.release(fd)
         self.fragments.pop(fd, None)
-        self.cursors.pop(fd, None)
 
     def stop_sse(self, fd):
         self.w.close_after_output(fd)              # it reconnects with Last-Event-ID
 
     def stop_ws(self, fd):
         if self.w.state[fd] != CLOSING:
-            self._close_ws(fd, wsframe.GOING_AWAY, "server restarting")
+            self._close_ws(fd, CloseCode.GOING_AWAY, "server restarting")
 
-    # -- what the homes send -----------------------------------------------------------
+    # -- the transport: what ``subscriptions`` hands a stream ----------------------------
 
-    def backlog(self, fd, ident, last, messages):
-        """A SUB's answer.  What was sent already (a DELIVER can overtake the answer of a
-        quiet SUB) is skipped; a last below what the stream has means the server restarted
-        and seqs began again: then everything counts."""
-        cursors = self.cursors.get(fd)
-        if cursors is not None:
-            if last < cursors[ident]:
-                cursors[ident] = 0
-            for seq, data in messages:
-                if seq > cursors[ident]:
-                    self._send_many(fd, ident, seq, data, {})
-                    if not self.w.state[fd]:
-                        return
-            cursors[ident] = max(cursors[ident], last)
+    def announce(self, fd):
+        """The epochs are known (or changed): an EventSource is told in an ``epoch`` event,
+        without an id (Last-Event-ID stays the cursor); WebSocket frames each carry theirs."""
+        if self.w.proto[fd] != protocols.SSE:
             return
-        if last < self.since[fd]:
-            self.since[fd] = 0
+        _, epoch = self.subs.cursors(fd)
+        if type(epoch) is dict:
+            epoch = json.dumps({ident.decode(): e for ident, e in epoch.items()}).encode()
+        else:
+            epoch = b"%d" % epoch
+        self.w.write(fd, b"event: epoch\ndata: %s\n\n" % epoch)
+
+    def news(self, fd, ident, messages):
         encode = self.encode[self.w.proto[fd]]
+        epoch = self.subs.epoch[fd]
         for seq, data in messages:
-            if seq > self.since[fd]:
-                self._send(fd, seq, encode(ident, seq, data))
-                if not self.w.state[fd]:
+            if not self._send(fd, encode(ident, seq, data, epoch)):
+                return
+
+    def news_many(self, fd, items):
+        """Messages of a multiplexed stream: each names its id; an SSE event's id is the whole
+        cursor as of that message ("a:5,b:9"), which is what Last-Event-ID brings back."""
+        seqs, epochs = self.subs.cursors(fd)
+        if self.w.proto[fd] == protocols.WS:
+            for ident, seq, data in items:
+                if not self._send(fd, ws_message(ident, seq, data, epochs[ident])):
                     return
-        self.since[fd] = max(self.since[fd], last)
-        self.w.state[fd] = HELD
+            return
+        cursor = dict(seqs)                        # as the client had it before these
+        for ident, seq, _ in reversed(items):
+            cursor[ident] = seq - 1
+        for ident, seq, data in items:
+            cursor[ident] = seq
+            event = b"id: %s\ndata: %s\n\n" % (b",".join(b"%s:%d" % c for c in cursor.items()),
+                                                json_message(ident, seq, data))
+            if not self._send(fd, event):
+                return
+
+    def deliver(self, fd, ident, seq, epoch, data, cache):
+        proto = self.w.proto[fd]
+        frame = cache.get(proto)                   # built once for all holders of the id
+        if frame is None:
+            frame = cache[proto] = self.encode[proto](ident, seq, data, epoch)
+        self._send(fd, frame)
 
     def refused(self, fd):
-        if self.w.proto[fd] == protocols.WS:
-            self._close_ws(fd, 1013, "id table full")
-        else:
-            self.w.write(fd, b"event: error\ndata: id table full\n\n")
-            self.w.close_after_output(fd)
+        self._end(fd, CloseCode.TRY_AGAIN_LATER, "id table full")
 
-    def deliver(self, fd, ident, seq, flags, data, cache):
-        cursors = self.cursors.get(fd)
-        if cursors is not None:
-            since = cursors[ident]
-            if seq > since + 1:
-                self.router.resubscribe_one(fd, ident, since)
-            elif seq > since:
-                self._send_many(fd, ident, seq, data, cache)
-            return False
-        since = self.since[fd]
-        if seq > since + 1:                        # a gap: ask the home for what is missing
-            w = self.w
-            w.new_serial(fd)
-            w.state[fd] = PENDING
-            w.send_home(ident, records.sub(fd, w.serial[fd], since, 0, ident))
-        elif seq > since:
-            proto = self.w.proto[fd]
-            frame = cache.get(proto)               # built once for all holders of the id
-            if frame is None:
-                frame = cache[proto] = self.encode[proto](ident, seq, data)
-            self._send(fd, seq, frame)
-        return False
-
-    def _send_many(self, fd, ident, seq, data, cache):
-        """A message of a multiplexed stream: it names its id (and an SSE event's id is the
-        whole cursor, "a:5,b:9", which is what Last-Event-ID brings back)."""
-        cursors = self.cursors[fd]
-        cursors[ident] = seq
-        if self.w.proto[fd] == protocols.WS:
-            frame = cache.get(protocols.WS)
-            if frame is None:
-                frame = cache[protocols.WS] = ws_message(ident, seq, data, self.epoch)
-        else:
-            frame = b"id: %s\ndata: %s\n\n" % (
-                b",".join(b"%s:%d" % item for item in cursors.items()),
-                json_message(ident, seq, data))
-        self._send(fd, seq, frame)
-
-    def _send(self, fd, seq, frame):
+    def _send(self, fd, frame):
+        """Write one message; False if the stream is gone (or closed as too slow)."""
         w = self.w
         w.write(fd, frame)
         if not w.state[fd]:
-            return
-        self.since[fd] = seq
+            return False
         w.counters[DELIVERED] += 1
-        self._bound_output(fd)
+        return not self._bound_output(fd)

@@ -9,6 +9,7 @@ calls for; any other exception is a bug.
 
 import base64
 import codecs
+import enum
 import hashlib
 import struct
 
@@ -17,7 +18,17 @@ CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 DATA_OPCODES = (CONT, TEXT, BINARY)
 CONTROL_OPCODES = (CLOSE, PING, PONG)
 
-PROTOCOL_ERROR, GOING_AWAY, NORMAL, INVALID_DATA, TOO_BIG = 1002, 1001, 1000, 1007, 1009
+
+
+class CloseCode(enum.IntEnum):
+    """The close codes this server sends (RFC 6455 7.4.1; 1013 from the IANA registry)."""
+    NORMAL = 1000              # the client said goodbye
+    GOING_AWAY = 1001          # the server stops or reloads: reconnect
+    PROTOCOL_ERROR = 1002      # a frame RFC 6455 forbids
+    INVALID_DATA = 1007        # text that is not UTF-8
+    POLICY_VIOLATION = 1008    # the subscription's signature expired
+    TOO_BIG = 1009             # a frame or message over --max-message
+    TRY_AGAIN_LATER = 1013     # the id table is full
 
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
@@ -76,15 +87,15 @@ def parse(buf, max_payload):
         b0, b1 = buf[pos], buf[pos + 1]
         fin, opcode = b0 & 0x80, b0 & 0x0F
         if b0 & 0x70:
-            raise WsError(PROTOCOL_ERROR, "reserved bits set")
+            raise WsError(CloseCode.PROTOCOL_ERROR, "reserved bits set")
         if opcode not in DATA_OPCODES and opcode not in CONTROL_OPCODES:
-            raise WsError(PROTOCOL_ERROR, "unknown opcode 0x%x" % opcode)
+            raise WsError(CloseCode.PROTOCOL_ERROR, "unknown opcode 0x%x" % opcode)
         if not b1 & 0x80:
-            raise WsError(PROTOCOL_ERROR, "client frame not masked")
+            raise WsError(CloseCode.PROTOCOL_ERROR, "client frame not masked")
         length = b1 & 0x7F
         head = 2
         if opcode in CONTROL_OPCODES and (length > 125 or not fin):
-            raise WsError(PROTOCOL_ERROR, "control frame fragmented or over 125 bytes")
+            raise WsError(CloseCode.PROTOCOL_ERROR, "control frame fragmented or over 125 bytes")
         if length == 126:
             if n - pos < 4:
                 break
@@ -95,10 +106,10 @@ def parse(buf, max_payload):
                 break
             length = _U64.unpack_from(buf, pos + 2)[0]
             if length >> 63:
-                raise WsError(PROTOCOL_ERROR, "frame length with its top bit set")
+                raise WsError(CloseCode.PROTOCOL_ERROR, "frame length with its top bit set")
             head = 10
         if length > max_payload:
-            raise WsError(TOO_BIG, "frame of %d bytes over %d" % (length, max_payload))
+            raise WsError(CloseCode.TOO_BIG, "frame of %d bytes over %d" % (length, max_payload))
         end = pos + head + 4 + length
         if end > n:
             break
@@ -132,12 +143,12 @@ class Message:
     def add(self, payload, final, max_size):
         self.size += len(payload)
         if self.size > max_size:
-            raise WsError(TOO_BIG, "message over %d bytes" % max_size)
+            raise WsError(CloseCode.TOO_BIG, "message over %d bytes" % max_size)
         if self.decoder is not None:
             try:
                 self.decoder.decode(payload, final)
             except UnicodeDecodeError:
-                raise WsError(INVALID_DATA, "text message is not UTF-8") from None
+                raise WsError(CloseCode.INVALID_DATA, "text message is not UTF-8") from None
 
 
 def check_close_payload(payload):
@@ -145,12 +156,12 @@ def check_close_payload(payload):
     if not payload:
         return 1005
     if len(payload) == 1:
-        raise WsError(PROTOCOL_ERROR, "close frame of 1 byte")
+        raise WsError(CloseCode.PROTOCOL_ERROR, "close frame of 1 byte")
     code = _U16.unpack_from(payload)[0]
     if code < 1000 or code in (1004, 1005, 1006, 1015) or 1016 <= code < 3000 or code >= 5000:
-        raise WsError(PROTOCOL_ERROR, "close code %d not allowed" % code)
+        raise WsError(CloseCode.PROTOCOL_ERROR, "close code %d not allowed" % code)
     try:
         payload[2:].decode("utf-8")
     except UnicodeDecodeError:
-        raise WsError(INVALID_DATA, "close reason is not UTF-8") from None
+        raise WsError(CloseCode.INVALID_DATA, "close reason is not UTF-8") from None
     return code
