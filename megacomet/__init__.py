@@ -10,8 +10,6 @@ modules: the supervisor imports it once and never again, reloads included.
 
 import pkgutil
 
-__version__ = "0.1.0"
-
 # What old and new workers must agree on while both run during a graceful reload (SIGHUP):
 # the shared memory's layout, the records they send each other, the settings the supervisor
 # hands them, and the supervisor itself.  A change to one of these needs a full restart.
