@@ -222,7 +222,7 @@ class AppPort:
         owed.append(publish)
         self.publishes[fd, publish.serial] = publish
         if self.parse_no_more(fd, owed):
-            w.state[fd] = BUSY
+            w.set_state(fd, BUSY)
         return publish
 
     def parse_no_more(self, fd, owed):
@@ -235,7 +235,7 @@ class AppPort:
 
     def hold_back(self, fd, what):
         self.held_back[fd] = what
-        self.w.state[fd] = BUSY
+        self.w.set_state(fd, BUSY)
 
     def refuse(self, fd, error):
         """A refused request: answered (and the connection closed) in its turn."""
@@ -291,14 +291,14 @@ class AppPort:
                 w.set_deadline(fd, CONFIRM_TIMEOUT)
         if owed:
             if self.parse_no_more(fd, owed):
-                w.state[fd] = BUSY
+                w.set_state(fd, BUSY)
                 return
-            w.state[fd] = READING
+            w.set_state(fd, READING)
         else:
             del self.owed[fd]
             held = self.held_back.pop(fd, None)
             if held is not None:
-                w.state[fd] = READING
+                w.set_state(fd, READING)
                 req, body, http.flags[fd] = held     # its own flags: a HEAD gets no body
                 if isinstance(req, wire.HttpError):
                     http.fail(fd, req.status, req.reason)

@@ -342,10 +342,8 @@ class Supervisor:
         args.app_port = reserved[1].getsockname()[1]
         if args.compat_ports:                     # the original's pages pick port + hash % N
             reserved += [reserve_port(args.host, args.port + i) for i in range(1, self.n)]
-        started = time.time()
-        # The epoch (start in ms) names the shared memory created below: this one Config, with
-        # it, goes to every worker, reloaded ones too, for as long as that memory lives.
-        self.config = config.Config.from_args(args, started_at=started, epoch=int(started * 1000),
+        # This one Config goes to every worker, reloaded ones too.
+        self.config = config.Config.from_args(args, started_at=time.time(),
                                               compat_ports=self.n - 1 if args.compat_ports else 0)
         self.region = shmqueue.SharedRegion(
             self.n, args.max_ids, args.shm_mb << 20, args.ring_kb << 10,

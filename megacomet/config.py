@@ -26,9 +26,6 @@ class Config:
     worker_timeout: float
     log_format: str
     started_at: float           # unix time, for /stats uptime
-    # This run of the server, told to subscribers, so that a cursor (a seq) from another run
-    # is recognised: set once with the shared memory, whose seqs it names, and kept by reloads.
-    epoch: int
 
     @classmethod
     def from_args(cls, args, **resolved):

@@ -92,7 +92,7 @@ class Http:
         if not w.state[fd]:
             return                                # the write found the peer gone
         if keep:
-            w.state[fd] = READING
+            w.set_state(fd, READING)
             w.set_deadline(fd, w.cfg.header_timeout)
         else:
             w.close_after_output(fd)

@@ -36,7 +36,7 @@ class LongPoll:
         self.router = router
         self.subs = subscriptions
         self.common = (b"Cache-Control: no-store\r\nAccess-Control-Allow-Origin: %s\r\n"
-                       b"X-Content-Type-Options: nosniff\r\n" % w.cfg.cors_origin.encode())
+                       b"X-Content-Type-Options: nosniff\r\n" % w.cfg.cors_origin.encode("latin-1"))
 
     def handlers(self):
         return {records.CMSG: self.on_cmsg, records.CWAKE: self.on_cwake}
@@ -78,7 +78,7 @@ class LongPoll:
         w = self.w
         ident = self.router.held_id[fd]
         w.new_serial(fd)
-        w.state[fd] = PENDING
+        w.set_state(fd, PENDING)
         w.send_home(ident, records.cpoll(fd, w.serial[fd], peek, ident))
 
     # -- the transport: what ``subscriptions`` hands a poll ------------------------------
@@ -130,7 +130,7 @@ class LongPoll:
         elif self.http.flags[fd] & HEAD_ONLY:
             self.answer_timeout(fd)               # nothing to look at; a HEAD is not held
         else:
-            self.w.state[fd] = HELD
+            self.w.set_state(fd, HELD)
 
     def on_cwake(self, src, record):
         for fd in self.router.holders(records.read_cwake(record)):

@@ -250,7 +250,7 @@ class Router:
         w = self.w
         w.new_serial(fd)
         w.proto[fd] = proto
-        w.state[fd] = PENDING
+        w.set_state(fd, PENDING)
         self.held_id[fd] = idents
         self.compat[fd] = compat
         fd = w.fd_int[fd]
@@ -298,7 +298,7 @@ class Router:
                 w.send_home(idents, records.unsub(UNSUB_COMPAT, idents))
         if w.counters[SUBSCRIBERS]:                # (shared: never below 0, whatever happened)
             w.counters[SUBSCRIBERS] -= 1
-        w.state[fd] = READING
+        w.set_state(fd, READING)
         w.proto[fd] = self.client_proto
         self.held_id[fd] = b""
         if self.partial:

@@ -101,7 +101,7 @@ class Subscriptions:
         if quick:
             last, known = w.homes[home].peek(key) or (0, 0)
             if since == last and epoch in (0, known):
-                w.state[fd] = HELD                # up to date, as far as the partition shows
+                w.set_state(fd, HELD)                # up to date, as far as the partition shows
                 self.epoch[fd] = known
                 self.fresh[fd] = 0
                 if registered:
@@ -129,7 +129,7 @@ class Subscriptions:
         many = self.many.get(fd)
         if many is None:
             w.new_serial(fd)
-            w.state[fd] = PENDING
+            w.set_state(fd, PENDING)
             since, epoch = self.since[fd], self.epoch[fd]
         else:
             many.waiting.add(ident)
@@ -162,7 +162,7 @@ class Subscriptions:
         if news and self.w.state[fd]:
             transport.news(fd, ident, news)
         if self.router.held_id[fd] and self.w.state[fd] == PENDING:
-            self.w.state[fd] = HELD
+            self.w.set_state(fd, HELD)
 
     def _backlog_many(self, fd, many, transport, ident, last, epoch, base, messages):
         if base is None:
@@ -176,7 +176,7 @@ class Subscriptions:
             if many.waiting:
                 return                            # every home answers once before anything
             many.started = changed = True
-            self.w.state[fd] = HELD
+            self.w.set_state(fd, HELD)
         if changed:
             transport.announce(fd)
         if many.news and self.w.state[fd]:

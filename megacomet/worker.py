@@ -23,6 +23,7 @@ connection, and never let one bad connection affect another.
 
 import array
 import collections
+import enum
 import errno
 import fcntl
 import gc
@@ -32,6 +33,7 @@ import select
 import signal
 import socket
 import time
+import traceback
 
 from . import logs
 from . import shmqueue
@@ -54,9 +56,45 @@ LINGER_TIMEOUT = 2.0             # seconds a closing connection reads (and drops
 IN = select.EPOLLIN | select.EPOLLRDHUP
 OUT = select.EPOLLOUT
 
-# Connection states; FREE is also "this fd is not a connection of ours".  The loop itself
-# acts on FREE and CLOSING (close once the output is written); the others are the protocols'.
-FREE, READING, PENDING, HELD, BUSY, CLOSING = range(6)
+
+
+class State(enum.IntEnum):
+    """What a connection is doing: one byte per fd (``Worker.state``), changed only through
+    ``Worker.set_state``, which allows the moves in TRANSITIONS and refuses the rest.
+
+    The loop itself acts on FREE and CLOSING; the others are the protocols'.
+    """
+    FREE = 0        # not a connection of ours (never accepted, or closed)
+    READING = 1     # reads a request: the first, or the next one on a kept-alive connection
+    PENDING = 2     # waits for another worker's answer: a home's backlog (SUB), a compat message
+    HELD = 3        # subscribed: waits for messages (a long-poll, an open stream)
+    BUSY = 4        # an app-port request waits for its publishes' acknowledgements
+    CLOSING = 5     # writes what is left, then closes (or lingers while the peer still sends)
+
+
+# Plain ints for the hot paths (comparing bytes to an IntEnum member costs more).
+FREE, READING, PENDING, HELD, BUSY, CLOSING = (int(s) for s in State)
+
+# Every move a connection may make.  Any state may be closed (FREE); PENDING -> PENDING is
+# asking again (a new serial), CLOSING -> CLOSING a close that starts lingering.
+TRANSITIONS = {
+    State.FREE: {State.READING},
+    State.READING: {State.READING, State.PENDING, State.HELD, State.BUSY, State.CLOSING,
+                    State.FREE},
+    State.PENDING: {State.PENDING, State.HELD, State.READING, State.CLOSING, State.FREE},
+    State.HELD: {State.PENDING, State.READING, State.CLOSING, State.FREE},
+    State.BUSY: {State.READING, State.CLOSING, State.FREE},
+    State.CLOSING: {State.CLOSING, State.FREE},
+}
+_STATES = len(State)
+_ALLOWED = bytearray(_STATES * _STATES)     # old * len(State) + new -> 1 if allowed
+for _old, _news in TRANSITIONS.items():
+    for _new in _news:
+        _ALLOWED[_old * _STATES + _new] = 1
+
+
+class StateError(Exception):
+    """A move TRANSITIONS does not allow: a bug, which costs that connection."""
 
 
 class Protocol:
@@ -360,13 +398,17 @@ class Worker:
     def now_ms(self):
         return int(self.now * 1000)
 
-    def log(self, message, level="warning", force=False):
-        """One log line; at most LOG_LINES_PER_SECOND unless forced, the rest only counted."""
+    def log(self, message, level="warning", force=False, with_traceback=False):
+        """One log line; at most LOG_LINES_PER_SECOND unless forced, the rest only counted.
+        ``with_traceback``: the exception being handled follows (only if the line is written:
+        a flood of errors must not cost a formatted traceback each)."""
         if not force:
             if self.log_budget <= 0:
                 self.log_suppressed += 1
                 return
             self.log_budget -= 1
+        if with_traceback:
+            message += "\n" + traceback.format_exc().rstrip()
         logs.write(level, message, self.index)
 
     # -- sockets -------------------------------------------------------------
@@ -397,7 +439,7 @@ class Worker:
                 self.accept_failing = False
                 self.log("accept: working again", "info")
             fcntl.fcntl(fd, fcntl.F_SETFL, os.O_RDWR | os.O_NONBLOCK)
-            self.state[fd] = READING
+            self.set_state(fd, READING)
             self.proto[fd] = proto
             self.serial[fd] = 0                   # replies meant for a former owner of the fd miss
             self.unread[fd] = 0
@@ -525,7 +567,7 @@ class Worker:
     def close_after_output(self, fd):
         """Close once what is queued for fd is written (at once if nothing is)."""
         if fd in self.outbuf:
-            self.state[fd] = CLOSING
+            self.set_state(fd, CLOSING)
         else:
             self._finish(fd)
 
@@ -539,7 +581,7 @@ class Worker:
             return
         self.protocols[self.proto[fd]].closed(fd)   # closed, as far as its protocol knows
         half_close(fd)
-        self.state[fd] = CLOSING
+        self.set_state(fd, CLOSING)
         self.proto[fd] = self.linger_proto
         self.inbuf.pop(fd, None)
         self.unread[fd] = 0
@@ -553,7 +595,7 @@ class Worker:
         if not self.state[fd]:
             return
         self.protocols[self.proto[fd]].closed(fd)
-        self.state[fd] = FREE
+        self.set_state(fd, FREE)
         self.unread[fd] = 0
         self.inbuf.pop(fd, None)
         self.outbuf.pop(fd, None)
@@ -568,6 +610,15 @@ class Worker:
         self.stop_reading(fd)
         self.paused.append(self.fd_int[fd])
 
+    def set_state(self, fd, new):
+        """The one way a connection's state changes: StateError for a move TRANSITIONS does
+        not allow (the catch-all closes that connection and logs it)."""
+        state = self.state
+        old = state[fd]
+        if not _ALLOWED[old * _STATES + new]:
+            raise StateError("fd %d: %s -> %s" % (fd, State(old).name, State(new).name))
+        state[fd] = new
+
     def new_serial(self, fd):
         """A new request on fd: replies to the previous one (which carry its serial) miss."""
         serial = self.next_serial = (self.next_serial + 1) & 0xFFFFFFFF or 1
@@ -576,11 +627,11 @@ class Worker:
 
     def _on_internal_error(self, fd, e):
         self.log("internal error on a %s connection: %r; closed"
-                 % (self.protocols[self.proto[fd]].name, e), "error")
+                 % (self.protocols[self.proto[fd]].name, e), "error", with_traceback=True)
         try:
             self.close(fd)
         except Exception:                            # half-closed state: at least drop the fd
-            self.state[fd] = FREE
+            self.state[fd] = FREE                    # (no set_state: whatever it was, it ends)
             self.unread[fd] = 0
             os.close(fd)
 
@@ -651,8 +702,8 @@ class Worker:
         try:
             self.record_handlers[record[0]](src, record)
         except Exception as e:                      # a bug must cost one record, not the worker
-            self.log("internal error handling record %r from worker %d: %r" % (record[:1], src, e),
-                     "error")
+            self.log("internal error handling record %r from worker %d: %r"
+                     % (record[:1], src, e), "error", with_traceback=True)
 
 
 def responsive(block, now_ms, timeout_s):
