@@ -293,3 +293,40 @@ def test_a_since_above_last_counts_as_0_with_several_ids(server_factory):
     assert time.monotonic() - started < 3
     assert [(m["id"], m["data"]) for m in many["messages"]] == [(carol, "hi carol")], many
     assert many["last"] == {carol: 1, dave: 0}
+
+
+# -- a signed subscription ends with its signature ----------------------------------------
+
+def test_signed_subscriptions_end_when_their_signature_expires(server_factory, tmp_path):
+    from megacomet import signing
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect as ws_connect
+    from test_streams import Stream
+    secret = tmp_path / "secret"
+    secret.write_text("k\n")
+    server = server_factory("--secret-file", secret, "--heartbeat", 30, workers=2)
+    ident = uid("signed")
+    query = signing.query(b"k", [ident], 2, time.time())      # expires in about 2 s
+    started = time.monotonic()
+    stream = Stream(server, "/sse/%s?%s" % (ident, query))
+    try:
+        with ws_connect("ws://127.0.0.1:%d/ws/%s?%s" % (server.client, ident, query)) as ws:
+            server.pub(ident, "before")
+            assert stream.message() == (1, "before")
+            assert json.loads(ws.recv(timeout=5))["data"] == "before"
+            doc = poll(server, "/sub/%s?since=1&timeout=60&%s" % (ident, query))
+            assert doc["messages"] == [] and doc["last"] == 1   # answered at exp, not at 60 s
+            try:
+                ws.recv(timeout=5)
+                raise AssertionError("a frame after the signature expired")
+            except ConnectionClosed as closed:
+                assert closed.rcvd.code == 1008 and "expired" in closed.rcvd.reason
+        fields = stream.event()
+        while fields and fields[0] != ("event", "error"):
+            fields = stream.event()
+        assert fields == [("event", "error"), ("data", "signature expired")], fields
+    finally:
+        stream.close()
+    assert time.monotonic() - started < 10
+    status, _, body = server.request("GET", "/sub/%s?%s" % (ident, query), port=server.client)
+    assert status == 403 and b"expired" in body
