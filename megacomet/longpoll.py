@@ -179,7 +179,7 @@ class LongPoll:
             self.subs.release(fd)
             self.http.respond(fd, 200, b"", JS_TYPE, self.common)   # closes: nothing pipelined
         elif fd in self.subs.many:
-            self.answer_many(fd, [])
+            self.answer_many(fd, self.subs.take_news(fd))
         else:
             self.answer(fd, [])
 

@@ -208,6 +208,16 @@ class Subscriptions:
 
     # -- what a transport reads ------------------------------------------------------------
 
+    def take_news(self, fd):
+        """What a subscription of several ids collected from the homes that answered while
+        others have not: a poll answered early (a timeout, a stop) must hand it over, since
+        its cursors already count it."""
+        many = self.many.get(fd)
+        if many is None:
+            return []
+        news, many.news = many.news, []
+        return news
+
     def cursors(self, fd):
         """(last, epoch) to report now: numbers for one id, {id: number} for several."""
         many = self.many.get(fd)

@@ -330,3 +330,30 @@ def test_signed_subscriptions_end_when_their_signature_expires(server_factory, t
     assert time.monotonic() - started < 10
     status, _, body = server.request("GET", "/sub/%s?%s" % (ident, query), port=server.client)
     assert status == 403 and b"expired" in body
+
+
+def test_a_multiplexed_poll_whose_other_home_is_stalled_still_hands_over_what_it_has(
+        server_factory):
+    """One home answered with news, the other is stalled: at the timeout the poll answers
+    with that news, and its last counts exactly what it hands over."""
+    server = server_factory(workers=2)
+    homes = {}
+    while len(homes) < 2:
+        ident = uid("st")
+        homes.setdefault(home_of(server, ident), ident)      # each has seq 1 (the probe)
+    pids = server.worker_pids()
+    live, stalled = homes[0], homes[1]
+    server.pub(live, "news")
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        sock = client_on_live_worker(server)
+        with sock:
+            sock.sendall(b"GET /sub/%s,%s?since=%s:1,%s:1&timeout=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+                         % (live.encode(), stalled.encode(), live.encode(), stalled.encode()))
+            status, _, body = read_response(sock, timeout=5)
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    doc = json.loads(body)
+    assert status == 200
+    assert [(m["id"], m["data"]) for m in doc["messages"]] == [(live, "news")], doc
+    assert doc["last"] == {live: 2, stalled: 1}, doc
