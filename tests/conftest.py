@@ -7,11 +7,8 @@ Every wait here has a timeout, and every server started is stopped by pid
 import http.client
 import json
 import os
-import re
 import select
-import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -19,6 +16,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))   # launch: how tests and tools start a server
+
+import launch  # noqa: E402
 
 START_TIMEOUT = 20.0
 
@@ -39,32 +39,22 @@ class Server:
         self.log_path = os.path.join("/tmp", "megacomet-test-%d-%d.log" % (os.getpid(), time.monotonic_ns()))
         self.proc = None
         self.client = self.app = None
+        self.banner = ""
 
     def start(self):
-        self.log = open(self.log_path, "w+b")
-        self.proc = subprocess.Popen([*self.command, *self.flags], stdout=subprocess.PIPE,
-                                     stderr=self.log, cwd=self.cwd, env=self.env,
-                                     preexec_fn=self.preexec_fn)
-        deadline = time.monotonic() + START_TIMEOUT
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        text = b""
-        while b"megacomet: ready" not in text:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                errors = self.stderr()
-                self.stop()
-                raise RuntimeError("server did not start: %r %r" % (text, errors))
-            chunk = self.proc.stdout.read()
-            if chunk:
-                text += chunk
-            else:
-                time.sleep(0.02)
-        self.banner = text.decode()
-        self.client = int(re.search(r"client port http://[^:]+:(\d+)", self.banner).group(1))
-        self.app = int(re.search(r"app port +http://[^:]+:(\d+)", self.banner).group(1))
+        open(self.log_path, "wb").close()            # each start's log begins empty
+        try:
+            started = launch.launch(self.command, self.flags, log=self.log_path, cwd=self.cwd,
+                                    env=self.env, timeout=START_TIMEOUT,
+                                    preexec_fn=self.preexec_fn)
+        except BaseException:                      # StartError: its tree is stopped already
+            self.remove_log()
+            raise
+        self.proc, self.client, self.app, self.banner = (started.proc, started.client,
+                                                         started.app, started.banner)
         return self
 
     def stderr(self):
-        self.log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
@@ -75,27 +65,15 @@ class Server:
         """SIGTERM the supervisor, then SIGKILL anything of the tree still alive."""
         if self.proc is None:
             return
-        pids = []
-        try:
-            pids = [int(p) for p in open("/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)).read().split()]
-        except OSError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=8)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.stdout.close()
-        self.log.close()
-        os.unlink(self.log_path)
+        launch.stop(self.proc, grace=8)
+        self.remove_log()
         self.proc = None
+
+    def remove_log(self):
+        try:
+            os.unlink(self.log_path)
+        except FileNotFoundError:
+            pass
 
     # -- HTTP helpers (each request on its own connection unless given one) --
 

@@ -61,16 +61,16 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEGACOMET = os.path.join(ROOT, "megacomet.py")
+# launch (beside this file) is how the tests and tools start a server and stop it.
+from launch import MEGACOMET, ROOT, children_of, launch
+from launch import stop as stop_tree
+
 HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
 SOURCE_SPAN = 20000          # connections per loopback source address (about 28 000 ports each)
@@ -102,14 +102,6 @@ def parent_of(pid):
     return int(stat[stat.rfind(b")") + 2:].split()[1])
 
 
-def children_of(pid):
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 class ServerTree:
     """One megacomet.py supervisor and its workers, in a session of their own.
 
@@ -129,24 +121,11 @@ class ServerTree:
     def start(self):
         # Its own session keeps a terminal's Ctrl-C for us (we stop it in order); SIGTERM
         # on our death (even SIGKILL) makes it stop its workers rather than outlive us.
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT,
-                                     start_new_session=True,
-                                     preexec_fn=lambda: set_pdeathsig(signal.SIGTERM))
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        text = b""
-        deadline = time.monotonic() + START_TIMEOUT
-        while b"megacomet: ready" not in text:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("server did not start: %r\n%s" % (text.decode(errors="replace"),
-                                                                     self.log_text()[-3000:]))
-            chunk = self.proc.stdout.read()
-            if chunk:
-                text += chunk
-            else:
-                time.sleep(0.02)
-        self.banner = text.decode()
-        self.client = int(re.search(r"client port http://[^:]+:(\d+)", self.banner).group(1))
-        self.app = int(re.search(r"app port +http://[^:]+:(\d+)", self.banner).group(1))
+        started = launch(self.cmd, log=self.log.name, cwd=ROOT, timeout=START_TIMEOUT,
+                         start_new_session=True,
+                         preexec_fn=lambda: set_pdeathsig(signal.SIGTERM))
+        self.proc, self.client, self.app, self.banner = (started.proc, started.client,
+                                                         started.app, started.banner)
         return self
 
     def log_text(self):
@@ -161,28 +140,11 @@ class ServerTree:
         return [self.proc.pid, *children_of(self.proc.pid)] if self.proc else []
 
     def stop(self):
-        """SIGTERM the supervisor (it stops its workers), then SIGKILL whatever of the tree is left."""
+        """SIGTERM the supervisor (it stops its workers), then SIGKILL whatever of the tree is
+        left: its workers by pid, and the session we created for it (nobody else's)."""
         if self.proc is None:
             return
-        workers = children_of(self.proc.pid)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                workers += children_of(self.proc.pid)
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        for pid in set(workers):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)   # the session we created, nobody else's
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.stdout.close()
+        stop_tree(self.proc, grace=STOP_GRACE, group=True)
         self.proc = None
 
     def discard_log(self):

@@ -74,13 +74,16 @@ import selectors
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# launch (beside this file) is how the tests and tools start a server and stop it.
+from launch import MEGACOMET, ROOT, launch
+from launch import StartError as LaunchError
+from launch import stop as stop_tree
+
 HOST = "127.0.0.1"
 # Small limits: slow heads are cut within a second, and limits are reached often; streams
 # are pinged every second, so that inputs see the server's pings.
@@ -1534,29 +1537,16 @@ class Server:
 
     @classmethod
     def start(cls, workers, flags, log_path, timeout=30.0):
-        log = open(log_path, "ab")            # servers restarted by the tool share one log
-        log_pos = log.tell()
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "megacomet.py"),
-                                 "--workers", str(workers), "--host", HOST, "--port", "0",
-                                 "--app-host", HOST, "--app-port", "0", *flags],
-                                stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
-        log.close()
-        os.set_blocking(proc.stdout.fileno(), False)
-        text = b""
-        deadline = time.monotonic() + timeout
-        while b"megacomet: ready" not in text:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                server = cls(0, 0, proc, proc.pid, log_path)
-                server.log_pos = log_pos
-                server.stop()
-                raise StartError("the server did not start: %r %r" % (text, server.new_log_lines()))
-            text += proc.stdout.read() or b""
-            time.sleep(0.02)
-        banner = text.decode()
-        client = int(re.search(r"client port http://[^:]+:(\d+)", banner).group(1))
-        app = int(re.search(r"app port +http://[^:]+:(\d+)", banner).group(1))
-        server = cls(client, app, proc, proc.pid, log_path)
-        server.log_pos = log_pos
+        # Servers restarted by the tool share one log: each start appends to it.
+        try:
+            started = launch([sys.executable, MEGACOMET],
+                             ["--workers", workers, "--host", HOST, "--port", 0,
+                              "--app-host", HOST, "--app-port", 0, *flags],
+                             log=log_path, cwd=ROOT, timeout=timeout)
+        except LaunchError as e:                   # its tree is stopped already
+            raise StartError(str(e)) from None
+        server = cls(started.client, started.app, started.proc, started.proc.pid, log_path)
+        server.log_pos = started.log_offset
         return server
 
     def new_log_lines(self):
@@ -1579,24 +1569,7 @@ class Server:
         """SIGTERM the supervisor this tool started, then SIGKILL its workers if any is left."""
         if self.proc is None:
             return
-        try:
-            with open("/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)) as f:
-                children = [int(p) for p in f.read().split()]
-        except OSError:
-            children = []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=8)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.stdout.close()
+        stop_tree(self.proc, grace=8)
         self.proc = None
 
 
