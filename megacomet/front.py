@@ -164,7 +164,7 @@ def cursors_of(ident, query):
 def pairs(ids, text, name, high):
     """{id: number} for every id of a subscription from "a:4,b:9" (a bare number: for all)."""
     values = dict.fromkeys(ids, 0)
-    if not text:
+    if text is None:
         return values
     if ":" not in text and name == "epoch":
         return dict.fromkeys(ids, number(text, name, high))
