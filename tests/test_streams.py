@@ -217,18 +217,24 @@ def test_head_and_signatures_on_streams(server_factory, tmp_path):
 def test_one_connection_follows_several_ids_on_every_transport(server_factory):
     import json
     from websockets.sync.client import connect as ws_connect
+    from test_epoch import id_epoch                   # (test_epoch imports this module)
     server = server_factory(workers=2)
     a, b, c = uid("ma"), uid("mb"), uid("mc")
     server.pub(a, "a1")
     server.pub(b, "b1")
     server.pub(b, "b2")
     ids = "%s,%s,%s" % (a, b, c)
-    # Long-poll: buffered messages at once, each naming its id; since takes id:seq pairs.
+    # Long-poll: buffered messages at once, each naming its id; since takes id:seq pairs;
+    # last and epoch have every id (c, created by this poll, has an epoch too).
     status, _, body = server.request("GET", "/sub/%s?since=%s:1" % (ids, b), port=server.client)
     doc = json.loads(body)
     assert status == 200 and doc["messages"], doc
     for m in doc["messages"]:
         assert (m["id"], m["seq"]) in ((a, 1), (b, 2))
+    assert doc["last"] == {a: 1, b: 2, c: 0}
+    epochs = doc["epoch"]
+    assert sorted(epochs) == sorted([a, b, c]) and all(type(e) is int for e in epochs.values())
+    assert epochs[a] == id_epoch(server, a) and epochs[b] == id_epoch(server, b)
     # ... held until any of them has news.
     with socket.create_connection(("127.0.0.1", server.client), timeout=10) as sock:
         sock.sendall(b"GET /sub/%s?since=%s:1,%s:2&timeout=10 HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -237,12 +243,20 @@ def test_one_connection_follows_several_ids_on_every_transport(server_factory):
         server.pub(c, "c1")
         from conftest import read_response
         status, _, body = read_response(sock, timeout=10)
+        # c, with nothing buffered, may have been forgotten when the first poll ended and
+        # created again (a new epoch) by this one: its epoch is the one of its seq 1 now;
+        # a and b keep theirs.
+        epochs[c] = id_epoch(server, c)
         assert json.loads(body) == {"messages": [{"id": c, "seq": 1, "data": "c1"}],
-                                    "last": {a: 1, b: 2, c: 1}, "epoch": doc["epoch"]}
+                                    "last": {a: 1, b: 2, c: 1}, "epoch": epochs}
     # SSE: the event's id is the whole cursor, so Last-Event-ID resumes every id.
     stream = Stream(server, "/sse/%s?since=%s:1,%s:2,%s:1" % (ids, a, b, c))
     with ws_connect("ws://127.0.0.1:%d/ws/%s?since=%s:1,%s:2,%s:1" % (server.client, ids, a, b, c)) as ws:
         try:
+            # The epoch event, once every home has answered: every id's epoch, as JSON.
+            assert stream.event() == [("retry", "2000")]
+            fields = stream.event()
+            assert fields[0] == ("event", "epoch") and json.loads(fields[1][1]) == epochs, fields
             time.sleep(0.3)
             server.pub(b, "b3")
             server.pub(a, "a2")
@@ -254,15 +268,17 @@ def test_one_connection_follows_several_ids_on_every_transport(server_factory):
             fields = stream.event()
             assert fields[0] == ("id", "%s:2,%s:3,%s:1" % (a, b, c))
             assert [json.loads(ws.recv(timeout=5)) for _ in range(2)] == [
-                {"id": b, "seq": 3, "data": "b3", "epoch": doc["epoch"]},
-                {"id": a, "seq": 2, "data": "a2", "epoch": doc["epoch"]}]
+                {"id": b, "seq": 3, "data": "b3", "epoch": epochs[b]},
+                {"id": a, "seq": 2, "data": "a2", "epoch": epochs[a]}]
         finally:
             stream.close()
     resumed = Stream(server, "/sse/" + ids, ["Last-Event-ID: %s:1,%s:3,%s:1" % (a, b, c)])
     try:
+        assert resumed.event() == [("retry", "2000")]
         fields = resumed.event()
-        while fields[0][0] != "id":
-            fields = resumed.event()
+        assert fields[0] == ("event", "epoch") and json.loads(fields[1][1]) == epochs, fields
+        fields = resumed.event()
+        assert fields[0] == ("id", "%s:2,%s:3,%s:1" % (a, b, c))
         assert json.loads(fields[1][1]) == {"id": a, "seq": 2, "data": "a2"}
     finally:
         resumed.close()

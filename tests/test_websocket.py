@@ -53,7 +53,7 @@ def test_backlog_then_live_messages_as_json_text_frames(srv):
     srv.pub(ident, "first")
     with ws_connect(url(srv, "/ws/" + ident)) as ws:
         first = recv_json(ws)
-        epoch = first["epoch"]                         # the server's run: the same in each frame
+        epoch = first["epoch"]                         # the id's epoch: the same in each frame
         assert first == {"id": ident, "seq": 1, "data": "first", "epoch": epoch}
         for i in range(2, 20):
             srv.pub(ident, "live ✓ %d\n\"quoted\"" % i)
