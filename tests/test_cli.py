@@ -1,25 +1,32 @@
 """The command line and the supervisor (megacomet/cli.py) and the log lines it writes.
 
 What a value given at start may hold (--cors-origin), the machines the server refuses to
-run on, the id limit's one constant, and a worker's death logged with its traceback as
-one entry.  Most run parse_args or a function in-process; the few that start a server
-start one worker.
+run on, the id limit's one constant, a worker's death logged with its traceback as
+one entry, and a worker dying during its reload step.  Most run parse_args or a function
+in-process; the few that start a server start one worker (two for the reload).
 """
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 from megacomet import cli
 from megacomet import logs
 from megacomet import wire
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from chaos import children_of  # noqa: E402
 
 MEGACOMET = [sys.executable, os.path.join(ROOT, "megacomet.py")]
 LOOPBACK = ["--host", "127.0.0.1", "--port", "0", "--app-port", "0"]
@@ -218,3 +225,67 @@ def test_worker_death_is_logged_with_its_traceback_as_one_entry(fmt):
     if fmt == "json":
         for line in err.splitlines():
             json.loads(line)                   # every line of stderr is one JSON object
+
+
+# -- regression: a worker dying during its reload step ----------------------------------------
+# (Found reviewing the 2026-12-04 changes; it was in tests/test_review_regressions.py.)
+
+def cpu_ticks(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_a_worker_dying_during_its_reload_step_leaves_one_owner_and_sane_counters(
+        server_factory):
+    """megacomet.py _reload/_reap: worker 0 dies (SIGKILL) while its reload successor is
+    starting.  _reap schedules a restart (restart_at[0]); the standby is then told to take
+    the partition over anyway, and once the reload is done _restart_due forks a second
+    worker 0: two processes own partition 0 and its stats block.
+
+    With 9011fed the second one's _continue_counters zeroes the shared 'connections' while
+    the first holds connections; each close then decrements below 0: memoryview 'Q' raises
+    ValueError in Worker.close after state[fd] = FREE but before os.close(fd), so the fd
+    stays open and in the epoll set, and the loop spins at 100% CPU on its EOF."""
+    server = server_factory(workers=2)
+    supervisor = server.proc.pid
+    pids = server.worker_pids()
+    time.sleep(1.0)                        # worker 0 has lived a second when it is killed
+    socks = []
+    stop = time.monotonic() + 1.5
+
+    def opener():                          # idle client connections, spread over the workers
+        while time.monotonic() < stop:
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", server.client)))
+            except OSError:
+                pass
+            time.sleep(0.003)
+    thread = threading.Thread(target=opener)
+    thread.start()
+    os.kill(supervisor, signal.SIGHUP)
+    time.sleep(0.01)
+    os.kill(pids[0], signal.SIGKILL)
+    thread.join()
+    wait_for(lambda: "reload: done" in server.stderr(), timeout=10, message="the reload")
+    time.sleep(0.5)
+    workers = children_of(supervisor)
+    for sock in socks:
+        sock.close()
+    time.sleep(1.0)
+    before = {pid: cpu_ticks(pid) for pid in workers}
+    time.sleep(1.0)
+    spinning = [pid for pid in workers if cpu_ticks(pid) - before[pid] > 50]
+    problems = []
+    if len(workers) != 2:
+        problems.append("%d worker processes for 2 workers" % len(workers))
+    if "ValueError" in server.stderr():
+        problems.append("ValueError (counter underflow) in the workers")
+    if spinning:
+        problems.append("workers %s spin at 100%% CPU" % spinning)
+    # Its lifetime is its own, not its standby's (forked just before the kill): a crash loop
+    # is judged by how long the dead worker ran.
+    lived = re.search(r"worker 0 \(pid %d\) \S+ .*?after ([0-9.]+) s" % pids[0], server.stderr())
+    if lived is None or float(lived.group(1)) < 1.0:
+        problems.append("the kill was logged as %r" % (lived and lived.group(0)))
+    assert not problems, problems
