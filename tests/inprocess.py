@@ -10,11 +10,11 @@ Nothing polls: a test moves things along itself.
 
     w, = workers(1)
     open_connection(w, 100)                        # what _accept does
-    feed(w, 100, b"GET /sub/a HTTP/1.1\\r\\n\\r\\n")  # read, then the protocol's readable
-    read_record(records_to(w, 0)[0])              # ("SUB", 100, serial, 0, 0, 0, b"a")
+    feed(w, 100, http_request("GET", "/sub/a?since=4"))   # read; the protocol's readable
+    read_records_to(w, 0)                          # [("SUB", 100, serial, 4, 0, 0, b"a")]
     settle(w)                                      # records to their handlers until quiet
+    advance(w, 31)                                 # the clock moves; the real tick runs
     responses(w, 100)                              # [Response(200, {...}, b'{"id": "a", ...')]
-    advance(w, 30)                                 # the clock, then the real tick
 
 Connections get fds from 100 up in the tests, which the test process does not use.
 """
@@ -90,8 +90,9 @@ class Syscalls:
 
 class FakeWorker(worker.Worker):
     """A Worker whose syscalls are recorded (see Syscalls), whose records wait in ``sent``
-    (dst -> [record]) until a test hands them over (``deliver``), and whose internal errors
-    (the catch-all's log lines) fail the test instead of being logged."""
+    (dst -> [record]) until a test hands them over (``deliver``), and whose log lines are
+    kept in ``logged``; an internal error (a record handler that raised, which the loop
+    logs and survives) fails the test instead."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -101,24 +102,25 @@ class FakeWorker(worker.Worker):
         self.logged = []                          # (level, message)
 
     @contextlib.contextmanager
-    def _syscalls(self):
+    def syscalls(self):
+        """For the duration: the worker module's ``os`` and ``half_close`` are ours."""
         with mock.patch.multiple(worker, os=self.io, half_close=self.io.half_close):
             yield
 
     def write(self, fd, data):
-        with self._syscalls():
+        with self.syscalls():
             super().write(fd, data)
 
     def _flush_out(self, fd):
-        with self._syscalls():
+        with self.syscalls():
             super()._flush_out(fd)
 
     def close(self, fd):
-        with self._syscalls():
+        with self.syscalls():
             super().close(fd)
 
     def _finish(self, fd):
-        with self._syscalls():
+        with self.syscalls():
             super()._finish(fd)
 
     def send(self, dst, record):
@@ -384,6 +386,6 @@ def stop(w):
     """The worker is told to stop: each connection's protocol answers or closes it (one
     pass of ``_shutdown``)."""
     w.stopping = True
-    with w._syscalls():
+    with w.syscalls():
         for fd in w._connections():
             w.protocols[w.proto[fd]].stop(fd)
