@@ -338,14 +338,14 @@ class Router:
         fd, serial, last, epoch, flags, ident, messages = records.read_msgs(record)
         if not self.is_waiting(fd, serial, PENDING, HELD):
             return
-        if flags & MSGS_REFUSED:
-            self.sub_lingering.discard(ident)     # never registered: next time, ask again
-        elif (fd, ident) in self.partial:         # parts of one id's answer come in order
+        if (fd, ident) in self.partial:           # parts of one id's answer come in order
             messages = self.partial.pop((fd, ident)) + messages
         if not flags & MSGS_FINAL:
             self.partial[fd, ident] = messages
             return
         self.backlog(fd, ident, last, epoch, flags, messages)
+        if flags & MSGS_REFUSED:                  # (after the refusal let the holder go)
+            self.sub_lingering.discard(ident)     # never registered: next time, ask again
 
     def on_deliver(self, src, record):
         w = self.w

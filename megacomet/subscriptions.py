@@ -84,6 +84,9 @@ class Subscriptions:
         router = self.router
         if type(ident) is tuple:
             router.hold(fd, ident, proto, timeout)
+            # Held at once: a DELIVER of an id whose home has answered must reach it (those of
+            # ids still waiting are dropped here, their home's answer brings them).
+            self.w.set_state(fd, HELD)
             self.many[fd] = Cursors(since, epoch)
             serial = self.w.serial[fd]
             for one in ident:
@@ -176,7 +179,6 @@ class Subscriptions:
             if many.waiting:
                 return                            # every home answers once before anything
             many.started = changed = True
-            self.w.set_state(fd, HELD)
         if changed:
             transport.announce(fd)
         if many.news and self.w.state[fd]:
@@ -201,7 +203,10 @@ class Subscriptions:
         since = many.seqs[ident]
         if seq == since + 1 and epoch == many.epochs[ident]:
             many.seqs[ident] = seq
-            self.transports[self.w.proto[fd]].news_many(fd, [(ident, seq, data)])
+            if many.started:
+                self.transports[self.w.proto[fd]].news_many(fd, [(ident, seq, data)])
+            else:                                 # other homes have not answered yet
+                many.news.append((ident, seq, data))
         elif seq > since or epoch != many.epochs[ident]:
             self.ask_again(fd, ident)
         return False

@@ -168,7 +168,7 @@ def test_sixteen_ids_are_one_subscription(w):
     ids = ["i%d" % i for i in range(front.MAX_IDS)]
     sent = get(w, "/sub/" + ",".join(ids))
     assert sorted(r[-1] for r in sent) == sorted(i.encode() for i in ids)
-    assert w.state[FD] == PENDING
+    assert w.state[FD] == HELD and w.subs.many[FD].waiting == {i.encode() for i in ids}
 
 
 def test_a_refusal_closes_even_a_kept_alive_connection_after_earlier_answers(w):

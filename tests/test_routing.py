@@ -238,10 +238,6 @@ def test_a_refused_sub_answers_its_poll_503_and_registers_nothing():
     assert b"one-more" not in w.router.held
 
 
-@pytest.mark.xfail(strict=True, reason="routing.Router.unhold puts a refused id back into "
-                   "sub_lingering after on_msgs took it out: until the next tick the worker "
-                   "counts as registered, so a quick poll of the id is held without a SUB and "
-                   "misses what is published meanwhile until its timeout")
 def test_a_poll_right_after_a_refused_one_asks_the_home_again():
     w, = workers(1, max_ids=1)
     for n in range(w.part.sub_limit):
