@@ -40,7 +40,7 @@ def test_table_insert_find_delete(benchmark):
 def test_publish(benchmark):
     case = perf.PublishCase(n=100)
     benchmark(case.run, 1000)
-    last, messages = case.part.subscribe(case.keys[0], 1, 0, 1000)
+    last, _epoch, _reset, messages = case.part.subscribe(case.keys[0], 1, 0, 1000)
     assert last >= 10 and [s for s, _ in messages] == list(range(last - len(messages) + 1, last + 1))
 
 

@@ -35,6 +35,45 @@ NO_TTL = 1 << 40                     # (now - stamp) & 0xFFFFFFFF is never this 
 TEST_DEADLINE = 60                   # seconds: a test still running then is failed
 
 
+class EpochCheckedPartition(sq.Partition):
+    """A partition whose publish and subscribe answer as the tests below expect, without the
+    epoch (and subscribe's reset flag), while checking the epoch rule on every call: an id
+    that existed keeps its epoch; an id created anew gets one above every epoch the
+    partition gave before (a cursor of an earlier life can never match it).  A publish may
+    itself end the id's life first (making room drops its last message, and nobody follows
+    it): then it starts a new life at seq 1.  The epoch rule's own tests use sq.Partition
+    itself (test_epoch_*)."""
+
+    def _epoch_before(self, key):
+        """(the id's epoch now, or None if it does not exist; the newest epoch given yet)."""
+        i = self.find(key)
+        return (self.epochs[i] if i >= 0 else None), self.header[sq._H_EPOCH]
+
+    def _check_epoch(self, before, epoch, seq=None):
+        old, newest = before
+        if old is not None and not (seq == 1 and epoch > newest):
+            assert epoch == old, (epoch, old)              # the same life: the same epoch
+        else:
+            assert epoch > newest, (epoch, newest)         # a new life: a new epoch
+
+    def publish(self, key, data, now_ms, stale=None):
+        before = self._epoch_before(key)
+        seq, targets, compat, epoch = super().publish(key, data, now_ms, stale)
+        self._check_epoch(before, epoch, seq)
+        return seq, targets, compat
+
+    def subscribe(self, key, bit, since, now_ms, epoch=0):
+        before = self._epoch_before(key)
+        last, epoch, _reset, found = super().subscribe(key, bit, since, now_ms, epoch)
+        self._check_epoch(before, epoch)
+        return last, found
+
+
+@pytest.fixture(autouse=True)
+def _epoch_checked(monkeypatch):
+    monkeypatch.setattr(sq.SharedRegion, "partition", lambda region, w: EpochCheckedPartition(region, w))
+
+
 @pytest.fixture(autouse=True)
 def _deadline():
     """Fail, rather than hang, a test whose loop never ends because the code broke."""
@@ -1658,3 +1697,57 @@ def test_stats_block_shared_with_children(children):
     d = region.stats(1).as_dict()
     assert d["accepted"] == 7 and d["rss_bytes"] == 1 << 40 and d["pid"] == 1234
     assert region.stats(0).as_dict() == dict.fromkeys(sq.STAT_FIELDS, 0)
+
+
+# -- epochs: every life of an id has its own ----------------------------------------------
+
+def epoch_partition(ttl_ms=1000, max_queued=8):
+    return sq.Partition(SharedRegion(1, 64, 1 << 16, 1 << 12, ttl_ms=ttl_ms,
+                                     max_queued=max_queued), 0)
+
+
+def test_epoch_is_kept_while_the_id_lives_and_new_once_it_was_forgotten():
+    p = epoch_partition()
+    k = 12345
+    seq, _, _, epoch = p.publish(k, b"a", 0)
+    assert seq == 1 and epoch > 0
+    assert p.publish(k, b"b", 10)[::3] == (2, epoch)
+    assert p.subscribe(k, 0, 0, 20) == (2, epoch, False, [(1, b"a"), (2, b"b")])
+    assert p.peek(k) == (2, epoch)
+    p.expire(2000)                                # both expire; nobody follows it: forgotten
+    assert p.find(k) < 0 and p.peek(k) is None
+    seq, _, _, again = p.publish(k, b"c", 2001)
+    assert seq == 1 and again > epoch             # a new life: seqs from 1, a new epoch
+    # Forgotten and created again within the same ms: still a new epoch.
+    p.subscribe(k + 1, 1, 0, 2001)
+    first = p.peek(k + 1)[1]
+    p.unsubscribe(k + 1, 1)
+    assert p.find(k + 1) < 0
+    p.subscribe(k + 1, 1, 0, 2001)
+    assert p.peek(k + 1)[1] > first
+
+
+def test_the_cursor_rule_another_epoch_or_a_since_beyond_last_counts_as_0():
+    p = epoch_partition()
+    k = 777
+    for data in (b"a", b"b", b"c"):
+        epoch = p.publish(k, data, 0)[3]
+    everything = [(1, b"a"), (2, b"b"), (3, b"c")]
+    assert p.subscribe(k, 0, 2, 1, epoch) == (3, epoch, False, [(3, b"c")])      # its epoch
+    assert p.subscribe(k, 0, 2, 1) == (3, epoch, False, [(3, b"c")])             # none given
+    assert p.subscribe(k, 0, 2, 1, epoch + 1) == (3, epoch, True, everything)    # another
+    assert p.subscribe(k, 0, 3, 1, epoch + 1) == (3, epoch, True, everything)
+    assert p.subscribe(k, 0, 4, 1, epoch) == (3, epoch, True, everything)        # beyond last
+    assert p.subscribe(k, 0, 3, 1, epoch) == (3, epoch, False, [])               # up to date
+
+
+def test_epochs_survive_a_killed_owner_and_its_repair():
+    region = SharedRegion(1, 64, 1 << 16, 1 << 12, ttl_ms=NO_TTL, max_queued=8)
+    p = sq.Partition(region, 0)
+    epochs = {k: p.publish(k, b"m", 0)[3] for k in range(1, 20)}
+    successor = sq.Partition(region, 0)
+    successor.repair()
+    assert {k: successor.peek(k)[1] for k in epochs} == epochs
+    newest = max(epochs.values())
+    successor.expire(0)
+    assert successor.subscribe(100, 1, 0, 0)[1] > newest      # epochs go on above the old ones
