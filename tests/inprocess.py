@@ -182,6 +182,14 @@ def ids_at(w, home, count=1, prefix="id"):
     return found
 
 
+
+def two_workers_and_ids():
+    """Two workers, the first knowing ``a`` (an id whose home is worker 0) and ``b`` (one
+    whose home is worker 1): a holder and two homes, one of them remote."""
+    w0, w1 = workers(2)
+    w0.a, w0.b = ids_at(w0, 0, prefix="a")[0], ids_at(w0, 1, prefix="b")[0]
+    return w0, w1
+
 # -- a connection: what the loop does with its socket --------------------------------------
 
 def open_connection(w, fd, port="client"):

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from inprocess import (advance, closed, deliver, feed, hang_up, http_request, ids_at,
+from inprocess import (advance, closed, deliver, feed, hang_up, http_request,
                        lingering, open_connection, read_records_to, reading, response,
-                       responses, settle, workers, written)
+                       responses, settle, two_workers_and_ids, workers, written)
 from megacomet import appport, protocols, records, shmqueue
 from megacomet.worker import BUSY, READING
 from test_bad_input import uid
@@ -28,9 +28,7 @@ FD = 100
 
 @pytest.fixture
 def pair():
-    w0, w1 = workers(2)
-    w0.a, w0.b = ids_at(w0, 0, prefix="a")[0], ids_at(w0, 1, prefix="b")[0]
-    return w0, w1
+    return two_workers_and_ids()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import math
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys

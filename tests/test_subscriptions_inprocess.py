@@ -12,7 +12,7 @@ import pytest
 
 from inprocess import (advance, deliver, feed, hang_up, http_request, ids_at,
                        open_connection, read_records_to, records_to, response, settle, stop,
-                       workers, written)
+                       two_workers_and_ids, workers, written)
 from megacomet import records, shmqueue, signing
 from megacomet.records import MSGS_FINAL, MSGS_RESET
 from megacomet.worker import HELD, PENDING
@@ -22,9 +22,7 @@ FD = 100
 
 @pytest.fixture
 def pair():
-    w0, w1 = workers(2)
-    w0.a, w0.b = ids_at(w0, 0, prefix="a")[0], ids_at(w0, 1, prefix="b")[0]
-    return w0, w1
+    return two_workers_and_ids()
 
 
 def publish(home, ident, *messages):
