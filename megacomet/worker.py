@@ -76,14 +76,15 @@ class State(enum.IntEnum):
 FREE, READING, PENDING, HELD, BUSY, CLOSING = (int(s) for s in State)
 
 # Every move a connection may make.  Any state may be closed (FREE); PENDING -> PENDING is
-# asking again (a new serial), CLOSING -> CLOSING a close that starts lingering.
+# asking again (a new serial), BUSY -> BUSY an answer sent while more are still owed,
+# CLOSING -> CLOSING a close that starts lingering.
 TRANSITIONS = {
     State.FREE: {State.READING},
     State.READING: {State.READING, State.PENDING, State.HELD, State.BUSY, State.CLOSING,
                     State.FREE},
     State.PENDING: {State.PENDING, State.HELD, State.READING, State.CLOSING, State.FREE},
     State.HELD: {State.PENDING, State.READING, State.CLOSING, State.FREE},
-    State.BUSY: {State.READING, State.CLOSING, State.FREE},
+    State.BUSY: {State.BUSY, State.READING, State.CLOSING, State.FREE},
     State.CLOSING: {State.CLOSING, State.FREE},
 }
 _STATES = len(State)
