@@ -92,7 +92,8 @@ class Http:
         if not w.state[fd]:
             return                                # the write found the peer gone
         if keep:
-            w.set_state(fd, READING)
+            if w.state[fd] != READING:            # (an answered subscription reads already)
+                w.set_state(fd, READING)
             w.set_deadline(fd, w.cfg.header_timeout)
         else:
             w.close_after_output(fd)

@@ -18,6 +18,7 @@ from . import protocols
 from . import records
 from . import wire
 from .httpconn import CLIENT_INBUF_LIMIT, HEAD_ONLY, KEEP_ALIVE
+from .protocols import POLL_JSONP
 from .records import DELIVER_COMPAT
 from .shmqueue import DELIVERED
 from .worker import HELD, PENDING
@@ -96,7 +97,7 @@ class LongPoll:
         """The next message of a poll of one id: JSON holders share one response per
         keep-alive/HEAD variant (a fan-out builds it once)."""
         http = self.http
-        if self.w.proto[fd] == protocols.POLL_JSONP:
+        if self.w.proto[fd] == POLL_JSONP:
             self.answer(fd, [(seq, data)])
             return
         variant = http.response_flags(fd)

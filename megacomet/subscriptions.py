@@ -187,7 +187,7 @@ class Subscriptions:
 
     def deliver(self, fd, ident, seq, epoch, flags, data, cache):
         """A new message of ident for fd, held (routing hands each DELIVER to every holder)."""
-        many = self.many.get(fd)
+        many = self.many.get(fd) if self.many else None
         if many is None:
             since = self.since[fd]
             known = self.epoch[fd]
