@@ -65,7 +65,7 @@ class LongPoll:
     def subscribe(self, fd, ident, since, epoch, timeout, callback=None):
         """Hold fd for ident's messages after its cursor (``subscriptions.open``)."""
         proto = protocols.POLL_JSON if callback is None else protocols.POLL_JSONP
-        self.subs.open(fd, ident, since, epoch, proto, timeout, quick=type(ident) is bytes)
+        self.subs.open(fd, ident, since, epoch, proto, timeout)
         if callback is not None:
             self.subs.note[fd] = callback
 

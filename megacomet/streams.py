@@ -91,10 +91,11 @@ class Streams:
             self.readable_ws(fd)                   # frames that came with the handshake
 
     def _open(self, fd, ident, since, epoch, proto, deadline, head):
-        # Its deadline is the next ping (or the signature's expiry); the head goes out first,
-        # since the home's answer comes through a ring, later.
-        self.subs.open(fd, ident, since, epoch, proto, deadline)
+        # The head goes out first: an epoch event may follow at once.  Its deadline is the
+        # next ping (or the signature's expiry).
         self.w.write(fd, head)
+        if self.w.state[fd]:                       # (the write found the peer gone: closed)
+            self.subs.open(fd, ident, since, epoch, proto, deadline)
 
     # -- the protocols ------------------------------------------------------------------
 

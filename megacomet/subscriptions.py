@@ -74,13 +74,15 @@ class Subscriptions:
 
     # -- opening and ending -------------------------------------------------------------
 
-    def open(self, fd, ident, since, epoch, proto, timeout, quick=False):
+    def open(self, fd, ident, since, epoch, proto, timeout):
         """Hold fd for ``ident`` (one id, bytes; several, a tuple) from its cursors: ``since``
         and ``epoch`` are numbers for one id, {id: number} for several (epoch 0: none).
 
-        ``quick`` (long-polls of one id): when the home's partition, read directly, shows
-        the client up to date, it is held at once and the home is asked quietly (it answers
-        only with news), or not at all if this worker is registered already."""
+        One id: when the home's partition, read directly, shows the client up to date, it
+        is held at once (and its epoch announced, if the id has one yet) and the home is
+        asked quietly (it answers only with news, or a reset), or not at all if this
+        worker is registered already.  The partition is only a hint: the home's answer,
+        or a DELIVER after a gap, corrects a misread."""
         router = self.router
         if type(ident) is tuple:
             router.hold(fd, ident, proto, timeout)
@@ -92,7 +94,7 @@ class Subscriptions:
             for one in ident:
                 self.w.send_home(one, records.sub(fd, serial, since[one], epoch[one], 0, one))
             return
-        registered = quick and router.registered(ident)
+        registered = router.registered(ident)
         router.hold(fd, ident, proto, timeout)
         self.since[fd] = since
         self.epoch[fd] = epoch
@@ -101,15 +103,16 @@ class Subscriptions:
         key = shmqueue.id_key(ident)
         home = key % w.region.workers
         flags = 0
-        if quick:
-            last, known = w.homes[home].peek(key) or (0, 0)
-            if since == last and epoch in (0, known):
-                w.set_state(fd, HELD)                # up to date, as far as the partition shows
-                self.epoch[fd] = known
+        last, known = w.homes[home].peek(key) or (0, 0)
+        if since == last and epoch in (0, known):
+            w.set_state(fd, HELD)                    # up to date, as far as the partition shows
+            self.epoch[fd] = known
+            if known:                                # (a new id's comes with its first message)
                 self.fresh[fd] = 0
-                if registered:
-                    return
-                flags = SUB_QUIET
+                self.transports[proto].announce(fd)
+            if registered:
+                return
+            flags = SUB_QUIET
         w.send(home, records.sub(fd, w.serial[fd], since, epoch, flags, ident))
 
     def release(self, fd):
@@ -157,7 +160,9 @@ class Subscriptions:
             base = self.since[fd]
         announce = self.fresh[fd] or epoch != self.epoch[fd]
         self.fresh[fd] = 0
-        self.since[fd] = last                     # >= since unless reset: see Partition
+        # The cursor is the id's last seq: >= since unless reset (see Partition), and >= any
+        # DELIVER that came first (sent before the home read this SUB: in the backlog too).
+        self.since[fd] = last if flags & MSGS_RESET else max(last, self.since[fd])
         self.epoch[fd] = epoch
         if announce:
             transport.announce(fd)
@@ -194,7 +199,11 @@ class Subscriptions:
             if seq == since + 1 and (epoch == known or not (known or since)):
                 self.since[fd] = seq              # (no epoch known, cursor 0: seq 1 of any)
                 self.epoch[fd] = epoch
-                self.transports[self.w.proto[fd]].deliver(fd, ident, seq, epoch, data, cache)
+                transport = self.transports[self.w.proto[fd]]
+                if self.fresh[fd]:                # its epoch is known from now on
+                    self.fresh[fd] = 0
+                    transport.announce(fd)
+                transport.deliver(fd, ident, seq, epoch, data, cache)
             elif seq > since or epoch != known:
                 self.ask_again(fd, ident)
             return False

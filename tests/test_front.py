@@ -11,7 +11,7 @@ import pytest
 
 from inprocess import (closed, feed, http_request, lingering, open_connection, read_records_to,
                        reading, response, responses, settle, workers, written)
-from megacomet import front, protocols, records, signing, wire
+from megacomet import front, protocols, records, shmqueue, signing, wire
 from megacomet.worker import HELD, PENDING, READING
 
 FD = 100
