@@ -755,9 +755,6 @@ def format_violations(violations, limit=10):
     return "\n".join(out)
 
 
-@pytest.mark.xfail(strict=False, reason="a poll's timeout answer reports the id's last seq, "
-                   "not the since it was asked with, when what came after that since expired "
-                   "(README: on a timeout, last is the since it was asked with)")
 def test_subscriptions_follow_the_reference_model():
     h = Harness(ttl=2.5).start()
     try:
