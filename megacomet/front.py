@@ -43,9 +43,11 @@ class FrontDoor:
         demo = static_file("demo.html")
         self.pages = {}
         if client is not None:
-            self.pages[b"/megacomet.js"] = (b"application/javascript; charset=utf-8", client)
-        if demo is not None:
-            self.pages[b"/demo"] = self.pages[b"/"] = (b"text/html; charset=utf-8", demo)
+            self.pages[b"/megacomet.js"] = (b"application/javascript; charset=utf-8", client,
+                                            self.common)
+        if demo is not None:                      # the page reads what to show off its head
+            self.pages[b"/demo"] = self.pages[b"/"] = (b"text/html; charset=utf-8", demo,
+                                                       self.common + demo_header(w.cfg))
 
     def readable(self, fd):
         w = self.w
@@ -110,7 +112,7 @@ class FrontDoor:
             return
         page = self.pages.get(path)
         if page is not None:                      # the browser client and its demo
-            self.http.respond(fd, 200, page[1], page[0], self.common)
+            self.http.respond(fd, 200, page[1], page[0], page[2])
             return
         if path.endswith(b".js") and path.count(b"/") == 1 and wire.valid_id(path[1:-3]):
             ident = path[1:-3]
@@ -192,6 +194,22 @@ def static_file(name):
         return importlib.resources.files(__package__).joinpath("static", name).read_bytes()
     except OSError:
         return None
+
+
+def demo_header(cfg):
+    """The demo page's facts about this server, in a header of its own (the page is served as
+    the package has it): where the application publishes, as it would reach the app port
+    (127.0.0.1 for 0.0.0.0), and whether that takes the token and subscribing a signature;
+    never the token or the secret themselves."""
+    host = cfg.app_host
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "[::1]"
+    elif ":" in host:
+        host = "[%s]" % host
+    return b"X-MegaComet-Demo: app=%s:%d; token=%d; signed=%d\r\n" % (
+        host.encode("ascii", "replace"), cfg.app_port, bool(cfg.app_token), cfg.secret is not None)
 
 
 def check_websocket(req):
