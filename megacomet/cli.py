@@ -80,6 +80,8 @@ BANNER_FDS_BESIDES = 32        # the banner's estimate of a worker's fds that ar
 TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686"})
 # What a header value may not hold: the controls (CR and LF would end the header line).
 _HEADER_VALUE_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What --app-server-name may be: a Host header's name (or [IPv6 literal]), maybe with a port.
+_SERVER_NAME = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 
 
 def parse_args(argv=None):
@@ -137,6 +139,20 @@ def parse_args(argv=None):
     p.add_argument("--insecure-app-port", action="store_true",
                    help="allow --app-host on a non-loopback address without an app token "
                         "(anyone who reaches it can publish)")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="every client-port connection must open with a PROXY protocol header "
+                        "(v1 or v2: haproxy's send-proxy, a cloud L4 balancer) naming the real "
+                        "client; one without is closed. Only behind a balancer that always "
+                        "sends it (off: a PROXY header is never trusted)")
+    p.add_argument("--max-conns-per-ip", type=int, default=0, metavar="N",
+                   help="client-port connections one address may hold on each worker (the "
+                        "real address with --proxy-protocol); more are refused and counted "
+                        "in /stats as ip_refused (default: no cap)")
+    p.add_argument("--app-server-name", action="append", default=[], metavar="NAME",
+                   dest="app_server_names",
+                   help="a Host name the app port is reached by, besides its address (and "
+                        "localhost, 127.0.0.1, [::1] when it is loopback); requests naming "
+                        "another Host get 421 (repeatable)")
     p.add_argument("--worker-timeout", type=float, default=10.0,
                    help="seconds a worker may go without turning its loop before it is killed "
                         "and replaced (default %(default)s)")
@@ -169,6 +185,13 @@ def parse_args(argv=None):
         p.error("--compat-ports needs a fixed --port (the original's pages count from it)")
     if not MIN_HEARTBEAT <= args.heartbeat <= MAX_HEARTBEAT:
         p.error("--heartbeat must be %g..%g seconds" % (MIN_HEARTBEAT, MAX_HEARTBEAT))
+    if args.max_conns_per_ip < 0:
+        p.error("--max-conns-per-ip must be 0 (no cap) or positive")
+    for name in args.app_server_names:
+        if not _SERVER_NAME.match(name):
+            p.error("--app-server-name %r is not a host name (letters, digits, '.', '-', "
+                    "'_', an [IPv6] literal, an optional :port)" % name)
+    args.app_server_names = tuple(name.lower() for name in args.app_server_names)
     if not args.worker_timeout >= MIN_WORKER_TIMEOUT:
         p.error("--worker-timeout must be at least %g second" % MIN_WORKER_TIMEOUT)
     if args.max_message * 2 + LOG_RECORD_ROOM > (args.shm_mb << 20) // args.workers:

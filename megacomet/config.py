@@ -26,6 +26,10 @@ class Config:
     worker_timeout: float
     log_format: str
     started_at: float           # unix time, for /stats uptime
+    # Who is connecting (defaults: off; a Config built without them is the plain server).
+    proxy_protocol: bool = False        # client port: a PROXY protocol header opens each one
+    max_conns_per_ip: int = 0           # client connections per address and worker (0: no cap)
+    app_server_names: tuple = ()        # Host names the app port answers besides its address
 
     @classmethod
     def from_args(cls, args, **resolved):

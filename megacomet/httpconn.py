@@ -101,6 +101,6 @@ class Http:
     def fail(self, fd, status, reason, headers=b""):
         """Refuse the current request with one log line, and close."""
         w = self.w
-        w.log("%s: %d %s" % (w.protocols[w.proto[fd]].name, status, reason))
+        w.log("%s: %d %s" % (w.protocols[w.proto[fd]].name, status, reason), fd=fd)
         self.flags[fd] &= ~KEEP_ALIVE
         self.respond(fd, status, reason.encode() + b"\n", TEXT, headers)

@@ -61,13 +61,15 @@ _RING_REWIND = 16384      # an empty ring whose tail is at least this far in sta
 # (written by the supervisor).  The counters follow, in the order /stats lists them.
 PROCESS_FIELDS = ("pid", "started_ms", "heartbeat_ms", "restarts")
 COUNTER_FIELDS = ("connections", "subscribers", "accepted", "received", "published", "refused",
-                  "delivered", "slow_closed", "expired", "dropped", "rss_bytes")
+                  "delivered", "slow_closed", "expired", "dropped", "rss_bytes", "ip_refused")
 # Their places in StatsBlock.counters(), where the worker counts in place: /stats is always
 # current, and nothing is copied per loop turn.  (A field without a name here fails import.)
+# IP_REFUSED: client connections refused by --max-conns-per-ip.
 (CONNECTIONS, SUBSCRIBERS, ACCEPTED, RECEIVED, PUBLISHED, REFUSED, DELIVERED, SLOW_CLOSED,
- EXPIRED, DROPPED, RSS_BYTES) = range(len(COUNTER_FIELDS))
+ EXPIRED, DROPPED, RSS_BYTES, IP_REFUSED) = range(len(COUNTER_FIELDS))
 STAT_FIELDS = PROCESS_FIELDS + COUNTER_FIELDS
-_STAT_BLOCK = 128
+_STAT_BLOCK = 256                  # bytes per worker: room for 32 fields (16 were full)
+assert len(STAT_FIELDS) * 8 <= _STAT_BLOCK, "the stats block is full: raise _STAT_BLOCK"
 # Partition header (u64 each).  "dirty" is the slot whose fields are being
 # rewritten and "journal" the index move in progress (src << 32 | dst), or
 # NO_SLOT: with the free list, which repair() rebuilds, that is everything a

@@ -123,7 +123,7 @@ class Streams:
                 if not w.state[fd]:
                     return
         except wsframe.WsError as e:
-            w.log("websocket: %s; closed with %d" % (e.reason, e.code))
+            w.log("websocket: %s; closed with %d" % (e.reason, e.code), fd=fd)
             self._close_ws(fd, e.code, e.reason)
             return
         self._bound_output(fd)                     # a ping flood from a client that never reads
@@ -136,7 +136,8 @@ class Streams:
             return False
         w.counters[SLOW_CLOSED] += 1
         w.log("stream: a subscriber of %s reads too slowly (%d bytes queued); closed"
-              % (b",".join(self.router.ids_of(self.router.held_id[fd])).decode(), len(pending)))
+              % (b",".join(self.router.ids_of(self.router.held_id[fd])).decode(), len(pending)),
+              fd=fd)
         w.close(fd)
         return True
 
@@ -179,7 +180,7 @@ class Streams:
         expires = self.subs.expires.get(fd)
         if expires is not None and time.time() >= expires:
             w.log("stream: the signature of a subscriber of %s expired; closed"
-                  % b",".join(self.router.ids_of(self.router.held_id[fd])).decode())
+                  % b",".join(self.router.ids_of(self.router.held_id[fd])).decode(), fd=fd)
             self._end(fd, CloseCode.POLICY_VIOLATION, "signature expired")
             return
         w.write(fd, self.ping[w.proto[fd]])

@@ -32,12 +32,15 @@ import resource
 import select
 import signal
 import socket
+import sys
 import time
 import traceback
 
 from . import logs
+from . import proxyproto
 from . import shmqueue
-from .shmqueue import ACCEPTED, CONNECTIONS, DROPPED, EXPIRED, RSS_BYTES, SUBSCRIBERS
+from .shmqueue import (ACCEPTED, CONNECTIONS, DROPPED, EXPIRED, IP_REFUSED, RSS_BYTES,
+                       SUBSCRIBERS)
 
 TICK = 0.25                      # seconds between housekeeping passes
 READ_SIZE = 65536
@@ -160,6 +163,16 @@ class Worker:
         self.unread = bytearray(limit)     # 1: its protocol stopped reading it (stop_reading)
         self.deadline = array.array("I", bytes(4 * limit))
         self.inbuf = {}          # fd -> bytes received and not yet parsed
+        # Who is connecting: kept only while a feature needs it (idle connections pay nothing
+        # otherwise; a log line asks the socket).  See _accept and _proxy_preamble.
+        # (getattr: tools/perf.py builds a Worker without a Config)
+        self.proxy_protocol = getattr(config, "proxy_protocol", False)   # a PROXY header first
+        self.max_per_ip = getattr(config, "max_conns_per_ip", 0) or 0    # per client address
+        self.keep_peers = self.proxy_protocol or bool(self.max_per_ip)
+        self.peers = {}          # client fd -> its real ip (interned: one str per address)
+        self.peer_port = array.array("H", bytes(2 * limit)) if self.keep_peers else None
+        self.per_ip = {}         # ip -> client connections counted for it (max_per_ip only)
+        self.proxy_pending = {}  # client fd -> what came of its PROXY header so far
         # Every read lands in this one buffer and is copied out at its size.  (os.read would
         # malloc READ_SIZE each time and shrink it: with thousands of connections the heap
         # fragments and keeps about 370 KB more per worker resident.)
@@ -399,15 +412,18 @@ class Worker:
     def now_ms(self):
         return int(self.now * 1000)
 
-    def log(self, message, level="warning", force=False, with_traceback=False):
+    def log(self, message, level="warning", force=False, with_traceback=False, fd=None):
         """One log line; at most LOG_LINES_PER_SECOND unless forced, the rest only counted.
         ``with_traceback``: the exception being handled follows (only if the line is written:
-        a flood of errors must not cost a formatted traceback each)."""
+        a flood of errors must not cost a formatted traceback each).  ``fd``: a connection
+        the line is about, named by its client's address (only if the line is written)."""
         if not force:
             if self.log_budget <= 0:
                 self.log_suppressed += 1
                 return
             self.log_budget -= 1
+        if fd is not None:
+            message += " (client %s)" % self.peer_name(fd)
         if with_traceback:
             message += "\n" + traceback.format_exc().rstrip()
         logs.write(level, message, self.index)
@@ -423,7 +439,7 @@ class Worker:
                 self._set_listening(client=False)
                 return
             try:
-                fd, _addr = sock._accept()
+                fd, addr = sock._accept()
             except BlockingIOError:
                 return
             except OSError as e:
@@ -439,6 +455,14 @@ class Worker:
             if self.accept_failing:
                 self.accept_failing = False
                 self.log("accept: working again", "info")
+            if client and self.keep_peers:        # who it is: only while a feature needs it
+                ip = sys.intern(proxyproto.canonical_text(addr[0]))
+                if self.proxy_protocol:           # the real address comes in its header
+                    self.proxy_pending[fd] = b""
+                elif not self._admit(fd, ip):
+                    continue
+                self.peers[fd] = ip
+                self.peer_port[fd] = addr[1]
             fcntl.fcntl(fd, fcntl.F_SETFL, os.O_RDWR | os.O_NONBLOCK)
             self.set_state(fd, READING)
             self.proto[fd] = proto
@@ -448,6 +472,82 @@ class Worker:
             self.set_deadline(fd, self.cfg.header_timeout)
             self.counters[CONNECTIONS] += 1
             self.counters[ACCEPTED] += 1
+
+    # -- who is connecting: --max-conns-per-ip, --proxy-protocol ---------------------------
+
+    def _admit(self, fd, ip):
+        """Count a client connection for its address (the real one), or refuse it past
+        --max-conns-per-ip (closed at once, counted in /stats, one log line).  Each worker
+        counts its own connections.  True if admitted (or no cap)."""
+        if not self.max_per_ip:
+            return True
+        count = self.per_ip.get(ip, 0)
+        if count >= self.max_per_ip:
+            self.counters[IP_REFUSED] += 1
+            self.log("client: %s already holds %d connections on this worker "
+                     "(--max-conns-per-ip); refused" % (ip, count))
+            if self.state[fd]:                    # accepted already: closed as any is
+                self.peers.pop(fd, None)
+                self.close(fd)
+            else:
+                os.close(fd)
+            return False
+        self.per_ip[ip] = count + 1
+        return True
+
+    def _forget_peer(self, fd):
+        """fd is being closed: its address and its count go."""
+        ip = self.peers.pop(fd, None)
+        if ip is not None and self.proxy_pending.pop(fd, None) is None and self.max_per_ip:
+            count = self.per_ip.get(ip, 0) - 1
+            if count > 0:
+                self.per_ip[ip] = count
+            else:
+                self.per_ip.pop(ip, None)
+
+    def _proxy_preamble(self, fd, data):
+        """--proxy-protocol: what a client connection sends until its PROXY header is
+        complete is the header's.  Returns what follows the header (b"" if nothing yet), or
+        None if the connection was closed (no valid header, or over --max-conns-per-ip).
+        The header's address becomes the connection's real one."""
+        buf = self.proxy_pending[fd] + data
+        try:
+            found = proxyproto.parse(buf)
+        except proxyproto.ProxyError as e:
+            self.log("client: %s; closed" % e, fd=fd)
+            self.close(fd)
+            return None
+        if found is None:
+            self.proxy_pending[fd] = buf          # at most a header's bytes (proxyproto bounds)
+            return b""
+        source, used = found
+        del self.proxy_pending[fd]
+        if source is not None:                    # else (LOCAL, UNKNOWN) the peer's stands
+            self.peers[fd] = sys.intern(source[0])
+            self.peer_port[fd] = source[1]
+        if not self._admit(fd, self.peers[fd]):
+            return None
+        return memoryview(buf)[used:]             # (a memoryview, as the read's own bytes are)
+
+    def peer_name(self, fd):
+        """fd's client as "ip:port": the real address when kept (PROXY header, peer of a
+        capped connection), else asked of its socket now (nothing is kept for a log line)."""
+        ip = self.peers.get(fd)
+        if ip is not None:
+            port = self.peer_port[fd]
+        else:
+            try:
+                sock = socket.socket(fileno=fd)
+                try:
+                    addr = sock.getpeername()
+                finally:
+                    sock.detach()
+            except (OSError, ValueError):
+                return "?"
+            if not (isinstance(addr, tuple) and isinstance(addr[0], str)):
+                return "local"                    # (a Unix socket, say)
+            ip, port = proxyproto.canonical_text(addr[0]), addr[1]
+        return ("[%s]:%d" if ":" in ip else "%s:%d") % (ip, port)
 
     def _set_listening(self, client=True, app=True):
         """Turn accepting on or off per port (the listeners stay open and keep their queues)."""
@@ -476,13 +576,19 @@ class Worker:
         if not n:
             self.close(fd)
             return False
+        data = self.read_view[:n]
+        if self.proxy_pending and fd in self.proxy_pending:
+            # --proxy-protocol: the PROXY header, before anything else (TLS included)
+            data = self._proxy_preamble(fd, data.tobytes())
+            if not data:
+                return False                      # not complete yet, or closed
         buf = self.inbuf.get(fd)
         if buf is None:
-            self.inbuf[fd] = self.read_view[:n].tobytes()
+            self.inbuf[fd] = bytes(data)
         else:
             if type(buf) is bytes:                # growing: append in place, not by copying
                 buf = self.inbuf[fd] = bytearray(buf)
-            buf += self.read_view[:n]
+            buf += data
         return True
 
     def consumed(self, fd, used):
@@ -600,6 +706,8 @@ class Worker:
         self.unread[fd] = 0
         self.inbuf.pop(fd, None)
         self.outbuf.pop(fd, None)
+        if self.peers:
+            self._forget_peer(fd)
         if self.paused and fd in self.paused:     # its next owner must not be "unpaused"
             self.paused = [p for p in self.paused if p != fd]
         os.close(fd)                              # also leaves the epoll set
@@ -628,12 +736,15 @@ class Worker:
 
     def _on_internal_error(self, fd, e):
         self.log("internal error on a %s connection: %r; closed"
-                 % (self.protocols[self.proto[fd]].name, e), "error", with_traceback=True)
+                 % (self.protocols[self.proto[fd]].name, e), "error", with_traceback=True,
+                 fd=fd)
         try:
             self.close(fd)
         except Exception:                            # half-closed state: at least drop the fd
             self.state[fd] = FREE                    # (no set_state: whatever it was, it ends)
             self.unread[fd] = 0
+            if self.peers:
+                self._forget_peer(fd)
             os.close(fd)
 
     # -- talking to other workers ------------------------------------------------

@@ -129,7 +129,7 @@ class FakeWorker(worker.Worker):
     def _notify(self):
         self.wake.clear()
 
-    def log(self, message, level="warning", force=False, with_traceback=False):
+    def log(self, message, level="warning", force=False, with_traceback=False, fd=None):
         if level == "error":
             raise AssertionError(message)         # the exception being handled is its cause
         self.logged.append((level, message))
