@@ -11,6 +11,7 @@ It never stores a message itself: ``routing`` sends each to its home.
 
 import collections
 import hmac
+import ipaddress
 import json
 import time
 
@@ -50,6 +51,7 @@ class AppPort:
         self.http = http
         self.router = router
         self.token = w.cfg.app_token.encode() if w.cfg.app_token else None
+        self.hosts, self.any_ip = allowed_hosts(w.cfg)     # the Host check (DNS rebinding)
         # Publishes in flight, answered in request order: fd -> deque of Publish, and
         # (fd, serial) -> Publish for their ACKs.
         self.owed = {}
@@ -83,7 +85,7 @@ class AppPort:
             w.proto[fd] = protocols.APP_HTTP
             self.readable_http(fd)
         else:
-            w.log("app: first byte 0x%02x is neither HTTP nor binary; closed" % first)
+            w.log("app: first byte 0x%02x is neither HTTP nor binary; closed" % first, fd=fd)
             w.close(fd)
 
     def timeout_reading(self, fd):
@@ -127,7 +129,14 @@ class AppPort:
         self.http.resume(fd)
 
     def check_caller(self, req):
-        """Browsers may not use the app port; with --app-token, callers must show it."""
+        """Only the Host names the app port is reached by (a page that rebinds its own name
+        to this address gets 421); browsers may not use it; with --app-token, callers must
+        show it.  A request without Host (HTTP/1.0; a browser always sends one) passes."""
+        host = req.host
+        if host is not None and host not in self.hosts and not (self.any_ip and
+                                                                ip_literal(host)):
+            raise wire.HttpError(421, "Host %s is not a name of this app port (see "
+                                      "--app-server-name)" % repr(host[:80])[1:])
         if req.browser:
             raise wire.HttpError(403, "browser requests (Origin, Sec-Fetch-*) are refused here")
         if self.token is None or req.path == b"/health":
@@ -344,7 +353,7 @@ class AppPort:
             for ident, message in e.frames:
                 self.router.publish(ident, message)
             self.frames_in[fd] = self.frames_in.get(fd, 0) + len(e.frames)
-            w.log("app: binary protocol: %s; connection closed" % e)
+            w.log("app: binary protocol: %s; connection closed" % e, fd=fd)
             w.close(fd)
             return
         w.consumed(fd, used)
@@ -418,6 +427,49 @@ class AppPort:
         lines.append("# TYPE megacomet_uptime_seconds gauge")
         lines.append("megacomet_uptime_seconds %s" % doc["uptime_s"])
         return "\n".join(lines) + "\n"
+
+
+def allowed_hosts(cfg):
+    """(the Host values the app port answers, does it answer any IP literal?): its address as
+    in --app-host, with and without the port; localhost, 127.0.0.1 and [::1] when that is
+    loopback (or a wildcard); every --app-server-name.  Bound to a wildcard (0.0.0.0, ::),
+    it is reached by every address of the machine: any IP literal passes (a rebound name
+    is a name, never a literal)."""
+    host = cfg.app_host.lower()
+    wildcard = host in ("", "0.0.0.0", "::")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    names = set(cfg.app_server_names or ())
+    if not wildcard:
+        names.add("[%s]" % host if ":" in host else host)
+    if loopback or wildcard:
+        names.update(("localhost", "127.0.0.1", "[::1]"))
+    allowed = set()
+    for name in names:
+        allowed.add(name.encode())
+        if not name.endswith("]") and ":" in name:
+            continue                              # NAME:PORT given: as it is
+        allowed.add(b"%s:%d" % (name.encode(), cfg.app_port))
+    return frozenset(allowed), wildcard
+
+
+def ip_literal(host):
+    """Is a Host value an IP address (IPv4, or IPv6 in brackets), with or without a port?"""
+    if host.startswith(b"["):
+        address, _, port = host[1:].partition(b"]")
+        if port and not (port[:1] == b":" and port[1:].isdigit()):
+            return False
+    else:
+        address, _, port = host.partition(b":")
+        if port and not port.isdigit():
+            return False
+    try:
+        ipaddress.ip_address(address.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return b"%" not in address
 
 
 NOT_CONFIRMED = b"not confirmed: a worker restarted; it may or may not have been stored\n"

@@ -24,7 +24,7 @@ CALLBACK_PATTERN = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,63}\Z")
 REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request",
            426: "Upgrade Required",
            401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           411: "Length Required", 413: "Content Too Large",
+           411: "Length Required", 413: "Content Too Large", 421: "Misdirected Request",
            431: "Request Header Fields Too Large", 501: "Not Implemented",
            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
@@ -51,11 +51,11 @@ class Request:
 
     __slots__ = ("method", "path", "query", "keep_alive", "content_length",
                  "chunked", "authorization", "head_end", "browser", "accept", "last_event_id",
-                 "websocket_key", "websocket_version")
+                 "websocket_key", "websocket_version", "host")
 
     def __init__(self, method, path, query, keep_alive, content_length, chunked,
                  authorization, head_end, browser=False, accept=None, last_event_id=None,
-                 websocket_key=None, websocket_version=None):
+                 websocket_key=None, websocket_version=None, host=None):
         self.method = method
         self.path = path
         self.query = query
@@ -71,6 +71,7 @@ class Request:
         # may then still be missing (b"").
         self.websocket_key = websocket_key
         self.websocket_version = websocket_version
+        self.host = host                  # lower-cased; None if absent, b"" if sent twice
 
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/1\.([01])\Z")
@@ -79,7 +80,7 @@ _HEADER_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\0]*\r\n)*\Z"
 # The few fields we act on, found in the lower-cased block (same offsets as the original).
 _FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|authorization|origin|"
                      rb"sec-fetch-[a-z]+|accept|last-event-id|upgrade|sec-websocket-key|"
-                     rb"sec-websocket-version):[ \t]*([^\r]*)")
+                     rb"sec-websocket-version|host):[ \t]*([^\r]*)")
 
 
 def parse_head(buf, max_head=MAX_HEAD):
@@ -109,7 +110,7 @@ def parse_head(buf, max_head=MAX_HEAD):
     close = asked_keep_alive = False
     content_length = None
     chunked = False
-    authorization = accept = last_event_id = websocket_key = websocket_version = None
+    authorization = accept = last_event_id = websocket_key = websocket_version = host = None
     browser = upgrade = connection_upgrade = False
     lower = head.lower()
     for field in _FIELDS.finditer(lower, line_end):
@@ -141,6 +142,8 @@ def parse_head(buf, max_head=MAX_HEAD):
             websocket_key = head[field.start(2):field.start(2) + len(value)]   # case matters
         elif name == b"sec-websocket-version":
             websocket_version = value
+        elif name == b"host":
+            host = value if host is None or host == value else b""   # two: none is trusted
         else:
             browser = True
     if chunked and content_length is not None:
@@ -155,7 +158,7 @@ def parse_head(buf, max_head=MAX_HEAD):
         websocket_key = b""
     return Request(method, path, query, keep_alive, content_length, chunked,
                    authorization, end + 4, browser, accept, last_event_id,
-                   websocket_key, websocket_version)
+                   websocket_key, websocket_version, host)
 
 
 def parse_body(buf, req, max_body):

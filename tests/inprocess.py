@@ -262,7 +262,7 @@ def lingering(w, fd):
 
 def http_request(method, target, *headers, body=None, version="1.1"):
     """One request's bytes; ``headers``: "Name: value" strings; a body gets its Content-Length."""
-    lines = ["%s %s HTTP/%s" % (method, target, version), "Host: t", *headers]
+    lines = ["%s %s HTTP/%s" % (method, target, version), "Host: localhost", *headers]
     if body is not None:
         lines.append("Content-Length: %d" % len(body))
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")

@@ -502,15 +502,15 @@ def test_app_port_keep_alive_and_chunked_publish(server_factory):
     conn = Raw(server.app)
     try:
         for n in range(1, 4):
-            conn.send(b"POST /pub/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nm%d"
+            conn.send(b"POST /pub/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\nm%d"
                       % (ident.encode(), n))
             status, _, body = conn.response()
             assert (status, json.loads(body)) == (202, {"id": ident, "seq": n})
-        conn.send(b"POST /pub/%s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        conn.send(b"POST /pub/%s HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                   b"3\r\nab-\r\n4\r\ncd\xc3\xa9\r\n0\r\n\r\n" % ident.encode())
         status, _, body = conn.response()
         assert (status, json.loads(body)) == (202, {"id": ident, "seq": 4})
-        conn.send(b"POST /pub HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+        conn.send(b"POST /pub HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
                   % (len(json.dumps({"id": ident, "data": "b"})), json.dumps({"id": ident, "data": "b"}).encode()))
         status, _, body = conn.response()
         assert (status, json.loads(body)) == (202, {"published": 1, "errors": []})

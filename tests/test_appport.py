@@ -387,7 +387,7 @@ def flooding_publisher(server, requests_for):
     with worker_stopped(server.worker_pids()[1]):
         sock, _ = connect_to_live_worker(server, rcvbuf=4096)
         send_in_background(sock, requests_for(b)
-                           + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * 100000)
+                           + b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n" * 100000)
         yield sock
 
 

@@ -319,9 +319,9 @@ def test_slowloris_idle_keepalive_closed_after_header_timeout(srv, pids):
     """On keep-alive, --header-timeout runs from the end of the previous request."""
     ident = uid("ka")
     srv.pub(ident, "buffered")
-    client_req = b"GET /sub/%s?since=0 HTTP/1.1\r\nHost: t\r\n\r\n" % ident.encode()
-    options = b"OPTIONS /sub/abc HTTP/1.1\r\nHost: t\r\n\r\n"
-    health = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+    client_req = b"GET /sub/%s?since=0 HTTP/1.1\r\nHost: localhost\r\n\r\n" % ident.encode()
+    options = b"OPTIONS /sub/abc HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    health = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
     trickle = [b"GET /sub/abc HTTP/1.1\r\nX: "] + [b"z"] * 100
     scenarios = [
         keepalive_scenario(srv.client, client_req, None),
@@ -354,7 +354,7 @@ def test_slowloris_idle_keepalive_closed_after_header_timeout(srv, pids):
 # -- bodies -------------------------------------------------------------------------
 
 def post(port, path, body, headers=b""):
-    return b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s" % (
+    return b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n%s\r\n%s" % (
         path.encode(), len(body), headers, body)
 
 
@@ -369,22 +369,22 @@ def test_body_over_limit_gets_413(srv, pids):
     assert status_of(reply) == 413, reply
     assert closed
     # The same, chunked.
-    chunked = (b"POST /pub/%s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = (b"POST /pub/%s HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"300\r\n%s\r\n300\r\n%s\r\n0\r\n\r\n" % (ident.encode(), b"c" * 0x300, b"c" * 0x300))
     reply, closed = exchange(srv.app, chunked)
     assert status_of(reply) == 413, reply
     assert closed
     # A Content-Length over --max-body is refused from the head alone, before any body.
     for path in ("/pub/" + ident, "/pub"):
-        head = b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (path.encode(), MAX_BODY + 1)
+        head = b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (path.encode(), MAX_BODY + 1)
         reply, closed = exchange(srv.app, head, timeout=HEADER_TIMEOUT * 0.7)
         assert status_of(reply) == 413, (path, reply)
         assert closed
-    head = b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: 999999999999\r\n\r\n"
+    head = b"POST /pub HTTP/1.1\r\nHost: localhost\r\nContent-Length: 999999999999\r\n\r\n"
     reply, closed = exchange(srv.app, head, timeout=HEADER_TIMEOUT * 0.7)
     assert status_of(reply) == 413, reply
     # A body on the client port far over any limit.
-    head = b"GET /sub/%s HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n" % ident.encode()
+    head = b"GET /sub/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000000\r\n\r\n" % ident.encode()
     reply, closed = exchange(srv.client, head, timeout=HEADER_TIMEOUT * 0.7)
     assert status_of(reply) == 413, reply
     assert closed
@@ -399,7 +399,7 @@ def test_chunked_body_over_max_body_gets_413_before_it_ends(srv, pids):
     """A chunked body known to exceed --max-body gets 413 at once, not when it ends."""
     sock = connect(srv.app)
     try:
-        sock.sendall(b"POST /pub HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(b"POST /pub HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = b"1000\r\n" + b"x" * 0x1000 + b"\r\n"
         sent = 0
         try:

@@ -24,7 +24,7 @@ from test_hardening import home_of
 
 
 def post(ident, data, close=False):
-    return (b"POST /pub/%s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s"
+    return (b"POST /pub/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n%s\r\n%s"
             % (ident.encode(), len(data), b"Connection: close\r\n" if close else b"",
                data.encode()))
 
@@ -51,7 +51,7 @@ def test_pipelined_publishes_are_answered_in_order_each_with_its_seq(server_fact
     requests = [(ids[i % 20], "m%d" % i) for i in range(200)]
     with connect(server.app, timeout=10) as sock:
         sock.sendall(b"".join(post(ident, data) for ident, data in requests[:100])
-                     + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+                     + b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
                      + b"".join(post(ident, data) for ident, data in requests[100:]))
         answers = read_answers(sock.makefile("rb"), 201)
     assert [status for status, _, _ in answers] == [202] * 100 + [200] + [202] * 100
@@ -73,7 +73,7 @@ def test_a_refused_request_and_a_close_behind_publishes_wait_their_turn(server_f
     server = server_factory(workers=2)
     a, b, c = uid("ra"), uid("rb"), uid("rc")
     with connect(server.app, timeout=10) as sock:
-        sock.sendall(post(a, "1") + post(b, "2") + b"POST /pub/bad!id HTTP/1.1\r\nHost: t\r\n"
+        sock.sendall(post(a, "1") + post(b, "2") + b"POST /pub/bad!id HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Length: 1\r\n\r\nx" + post(c, "never"))
         answers = read_answers(sock.makefile("rb"), 4)
     assert [status for status, _, _ in answers] == [202, 202, 400], answers
@@ -133,7 +133,7 @@ def connect_to_live_worker(server, rcvbuf=None):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.settimeout(10)
         sock.connect(("127.0.0.1", server.app))
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         if answered_within(sock, 0.5):
             stream = sock.makefile("rb")
             assert read_answers(stream, 1)[0][0] == 200
@@ -146,7 +146,7 @@ def stats_via(probe):
     """/stats over a kept-alive connection (one held by the live worker: no retries, no
     waiting on a stopped one)."""
     sock, stream = probe
-    sock.sendall(b"GET /stats HTTP/1.1\r\nHost: t\r\n\r\n")
+    sock.sendall(b"GET /stats HTTP/1.1\r\nHost: localhost\r\n\r\n")
     return json.loads(read_answers(stream, 1)[0][2])
 
 
@@ -161,7 +161,7 @@ def test_a_publish_to_a_stopped_home_does_not_hold_up_the_ones_behind_it(server_
         sock, stream = connect_to_live_worker(server)
         published = lambda: stats_via(probe)["workers"][0]["published"]
         before = published()
-        sock.sendall(post(b, "to-b") + post(a, "to-a") + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.sendall(post(b, "to-b") + post(a, "to-a") + b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         sent = time.monotonic()
         # A's home (the live worker) stores and counts its message while B's ACK is owed.
         wait_for(lambda: published() > before, timeout=2, message="A stored")
@@ -186,7 +186,7 @@ def test_a_closing_answer_its_peer_does_not_read_costs_no_worker(server_factory)
     server = server_factory(workers=2)
     pids = server.worker_pids()
     body = b"x\n" * 100000                 # 100 000 line errors: an answer of some 4 MB
-    batch = (b"POST /pub HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+    batch = (b"POST /pub HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
              % len(body) + body)
     socks = []
     for request in (batch, post(uid("cl"), "first") + batch):
@@ -213,7 +213,7 @@ def test_a_stopping_worker_answers_what_was_held_back_behind_publishes(server_fa
     pids = server.worker_pids()
     with worker_stopped(pids[1]):
         sock, stream = connect_to_live_worker(server)
-        sock.sendall(post(b, "to-b") + b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.sendall(post(b, "to-b") + b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         time.sleep(0.3)
         os.kill(pids[0], signal.SIGTERM)   # it stops, waiting for B's ACK (SHUTDOWN_DRAIN)
         time.sleep(0.5)
@@ -257,13 +257,13 @@ def test_a_refused_head_request_is_answered_without_a_body(server_factory):
     server = server_factory(workers=1)
     browser = b"Origin: http://example.com\r\n"
     for pipeline, expected in (
-            (b"HEAD /health HTTP/1.1\r\nHost: t\r\n\r\nGET /stats HTTP/1.1\r\nHost: t\r\n"
+            (b"HEAD /health HTTP/1.1\r\nHost: localhost\r\n\r\nGET /stats HTTP/1.1\r\nHost: localhost\r\n"
              + browser + b"\r\n", [(200, False), (403, True)]),
-            (b"GET /health HTTP/1.1\r\nHost: t\r\n\r\nHEAD /stats HTTP/1.1\r\nHost: t\r\n"
+            (b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\nHEAD /stats HTTP/1.1\r\nHost: localhost\r\n"
              + browser + b"\r\n", [(200, True), (403, False)]),
-            (post(uid("hd"), "x") + b"HEAD /stats HTTP/1.1\r\nHost: t\r\n" + browser + b"\r\n",
+            (post(uid("hd"), "x") + b"HEAD /stats HTTP/1.1\r\nHost: localhost\r\n" + browser + b"\r\n",
              [(202, True), (403, False)]),
-            (post(uid("hd"), "x") + b"HEAD /health HTTP/1.1\r\nHost: t\r\n\r\n",
+            (post(uid("hd"), "x") + b"HEAD /health HTTP/1.1\r\nHost: localhost\r\n\r\n",
              [(202, True), (200, False)])):
         with connect(server.app, timeout=5) as sock:
             sock.sendall(pipeline)
@@ -325,11 +325,11 @@ def test_unconfirmed_answers_all_go_out_and_a_peer_that_reads_none_is_closed(ser
         late, _ = connect_reading_little(server, pids[0])
         never, fd = connect_reading_little(server, pids[0])
         for sock in (late, never):
-            sock.sendall(b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+            sock.sendall(b"POST /pub HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
                          % len(stuck) + stuck)
         time.sleep(0.1)                    # the live home's ACK came: the batch behind waits
         for sock in (late, never):
-            sock.sendall(b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+            sock.sendall(b"POST /pub HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
                          % len(invalid) + invalid)
         time.sleep(4.0)                    # answered at 3 s, read at 4 s (header timeout: 2 s)
         data, closed, _ = read_until_close(late, 5)
@@ -382,7 +382,7 @@ def test_a_token_is_checked_on_every_pipelined_request(server_factory):
     server = server_factory("--app-token", "T0k3n", workers=2)
     auth = b"Authorization: Bearer T0k3n\r\n"
     a, b = uid("ta"), uid("tb")
-    signed = lambda ident, data: post(ident, data).replace(b"Host: t\r\n", b"Host: t\r\n" + auth)
+    signed = lambda ident, data: post(ident, data).replace(b"Host: localhost\r\n", b"Host: localhost\r\n" + auth)
     with connect(server.app, timeout=10) as sock:
         sock.sendall(signed(a, "1") + post(b, "unsigned") + signed(a, "never"))
         answers = read_answers(sock.makefile("rb"), 3)
@@ -399,11 +399,11 @@ def test_batches_of_invalid_lines_answered_at_once_keep_their_turn(server_factor
     within the request loop, behind a publish in flight it waits its turn; either way the
     requests pipelined behind it go on, in order."""
     server = server_factory(workers=2)
-    bad = b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nnope"
-    empty = b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"
+    bad = b"POST /pub HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\nnope"
+    empty = b"POST /pub HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
     a = uid("iv")
     pipeline = [bad, post(a, "1"), bad, empty, post(a, "2"),
-                b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n", bad] * 30 + [post(a, "end", close=True)]
+                b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", bad] * 30 + [post(a, "end", close=True)]
     with connect(server.app, timeout=10) as sock:
         sock.sendall(b"".join(pipeline))
         answers = read_answers(sock.makefile("rb"), len(pipeline) + 1)
@@ -467,7 +467,7 @@ def test_answers_before_a_close_reach_a_late_reader_that_sent_more(server_factor
     ident = uid("linger")
     count = 12000
     data = b"".join(post(ident, "m%d" % i, close=i == count - 1) for i in range(count))
-    after = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" * 20000     # never answered
+    after = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n" * 20000     # never answered
     with read_late(server, data + after, count, wait=1.0) as (answers, stream):
         assert stream.read() == b""                 # EOF, not a reset
     assert len(answers) == count
@@ -524,7 +524,7 @@ def test_a_closing_connection_that_is_not_read_takes_no_more_input(server_factor
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.app))
     body = b"x\n" * 80000
-    sock.sendall(b"POST /pub HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+    sock.sendall(b"POST /pub HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
     time.sleep(1.0)
     sock.settimeout(0.5)
@@ -586,7 +586,7 @@ def test_http_publishers_wait_while_records_pile_up_for_a_stopped_home(server_fa
         probe = connect_to_live_worker(server)
         first = received(*probe)
         batcher, batch_answers = connect_to_live_worker(server)
-        batcher.sendall(b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+        batcher.sendall(b"POST /pub HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
                         % (len(batch), batch))
         wait_for(lambda: received(*probe) >= first + lines, timeout=2, message="the batch")
         sock, stream = connect_to_live_worker(server)

@@ -99,7 +99,7 @@ def test_a_paused_binary_publishers_fd_reused_keeps_its_epollout(server_factory)
     a, b = two_homes(server)
     pids = server.worker_pids()
     bad = b"x\n" * 80000
-    batch = b"POST /pub HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(bad), bad)
+    batch = b"POST /pub HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (len(bad), bad)
     with worker_stopped(pids[1]):
         frame = lambda i: b"\x02" + b.encode() + b"\x00m%d\x00" % i
         pub = binary_to_live_worker(server, [frame(0)])

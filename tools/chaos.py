@@ -176,7 +176,7 @@ async def read_response(reader):
 
 
 def build_request(method, path, body=None, close=False):
-    head = "%s %s HTTP/1.1\r\nHost: chaos\r\n" % (method, path)
+    head = "%s %s HTTP/1.1\r\nHost: localhost\r\n" % (method, path)
     if body is not None:
         head += "Content-Length: %d\r\n" % len(body)
     if close:

@@ -165,7 +165,7 @@ class HttpConn:
 
     @staticmethod
     def build(method, path, body=None, headers=()):
-        h = ["%s %s HTTP/1.1" % (method, path), "Host: %s" % "megatest"]
+        h = ["%s %s HTTP/1.1" % (method, path), "Host: localhost"]
         h.extend(headers)
         if body is not None:
             h.append("Content-Length: %d" % len(body))
