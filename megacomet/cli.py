@@ -153,6 +153,12 @@ def parse_args(argv=None):
                    help="a Host name the app port is reached by, besides its address (and "
                         "localhost, 127.0.0.1, [::1] when it is loopback); requests naming "
                         "another Host get 421 (repeatable)")
+    p.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="serve the client port over TLS (https, wss) with this certificate "
+                        "chain (PEM, the server's first); needs --tls-key. Each worker reads "
+                        "the files when it starts: a reload (SIGHUP) takes a renewed one")
+    p.add_argument("--tls-key", default=None, metavar="FILE",
+                   help="the private key of --tls-cert (PEM, without a pass phrase)")
     p.add_argument("--worker-timeout", type=float, default=10.0,
                    help="seconds a worker may go without turning its loop before it is killed "
                         "and replaced (default %(default)s)")
@@ -194,10 +200,25 @@ def parse_args(argv=None):
     args.app_server_names = tuple(name.lower() for name in args.app_server_names)
     if not args.worker_timeout >= MIN_WORKER_TIMEOUT:
         p.error("--worker-timeout must be at least %g second" % MIN_WORKER_TIMEOUT)
+    check_tls_arguments(p, args)
     if args.max_message * 2 + LOG_RECORD_ROOM > (args.shm_mb << 20) // args.workers:
         p.error("--max-message must fit twice in each worker's share of --shm-mb")
     args.ring_kb = max(args.ring_kb, (2 * (args.max_message + RING_RECORD_ROOM) + 1023) // 1024)
     return args
+
+
+def check_tls_arguments(p, args):
+    """--tls-cert and --tls-key: both or neither, and files that load together (checked here
+    once: the workers read them again at their start, the supervisor never does)."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together: give both, or neither for plain HTTP")
+    if args.tls_cert:
+        args.tls_cert = os.path.abspath(args.tls_cert)   # the same files whatever the cwd
+        args.tls_key = os.path.abspath(args.tls_key)
+        from . import tls                        # (only then: a plain server never loads ssl)
+        problem = tls.check(args.tls_cert, args.tls_key)
+        if problem:
+            p.error(problem)
 
 
 def header_value(value):
@@ -410,8 +431,8 @@ class Supervisor:
         a = self.args
         lay = self.region.layout
         print("megacomet: %d workers, pid %d" % (self.n, os.getpid()))
-        print("megacomet: client port http://%s:%d  (GET /sub/<id>, /sse/<id>, /ws/<id>, /<id>.js)"
-              % (a.host, a.port))
+        print("megacomet: client port %s://%s:%d  (GET /sub/<id>, /sse/<id>, /ws/<id>, /<id>.js)"
+              % ("https" if a.tls_cert else "http", a.host, a.port))
         if a.compat_ports:
             print("megacomet: compat ports %d-%d (the original's port per worker)"
                   % (a.port + 1, a.port + self.n - 1))

@@ -30,6 +30,9 @@ class Config:
     proxy_protocol: bool = False        # client port: a PROXY protocol header opens each one
     max_conns_per_ip: int = 0           # client connections per address and worker (0: no cap)
     app_server_names: tuple = ()        # Host names the app port answers besides its address
+    # TLS on the client port (both or neither): absolute paths, read by each worker at its start.
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     @classmethod
     def from_args(cls, args, **resolved):

@@ -59,27 +59,35 @@ def _no_password():
 def check(cert_file, key_file):
     """None if the certificate and key load together, else what is wrong, in one sentence."""
     try:
-        server_context(cert_file, key_file)
-    except (ssl.SSLError, OSError, ValueError) as e:
-        return ("cannot use --tls-cert %s with --tls-key %s: %s"
-                % (cert_file, key_file, describe(e)))
+        Acceptor(cert_file, key_file)
+    except LoadError as e:
+        return str(e)
     return None
 
 
 def describe(e):
     """An ssl error in a few words (its OpenSSL reason when it has one)."""
     if isinstance(e, ssl.SSLError) and e.reason:
-        return "%s (%s)" % (e.reason, e.library) if e.library else e.reason
+        return e.reason
     if isinstance(e, OSError) and e.strerror:
         return "%s: %s" % (e.strerror, e.filename) if e.filename else e.strerror
     return str(e) or type(e).__name__
 
 
+class LoadError(Exception):
+    """The certificate and key do not load (any more): what is wrong, in one sentence."""
+
+
 class Acceptor:
-    """One per worker with TLS on: its context, and a new Connection for each accepted fd."""
+    """One per worker with TLS on: its context, and a new Connection for each accepted fd.
+    LoadError if the files do not load."""
 
     def __init__(self, cert_file, key_file):
-        self.context = server_context(cert_file, key_file)
+        try:
+            self.context = server_context(cert_file, key_file)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise LoadError("cannot use --tls-cert %s with --tls-key %s: %s"
+                            % (cert_file, key_file, describe(e))) from None
 
     def __call__(self):
         return Connection(self.context)

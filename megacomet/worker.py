@@ -180,6 +180,10 @@ class Worker:
         self.read_buffers = (self.read_buffer,)
         self.read_view = memoryview(self.read_buffer)
         self.outbuf = {}         # fd -> bytearray the socket did not take yet
+        # TLS on the client port (tls.py, imported only then): fd -> its tls.Connection, for
+        # TLS connections alone; tls_accept makes one for each accepted client fd.
+        self.tls = {}
+        self.tls_accept = None
         self.paused = []         # publisher fds not read while the backlog is over the limit
         self.wheel = {}          # tick number -> [fd]; an fd counts only if deadline[fd] matches
         self.wheel_at = 0
@@ -214,6 +218,16 @@ class Worker:
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        if getattr(self.cfg, "tls_cert", None):
+            # This worker's context, from the files as they are now (a reload's new workers
+            # read a renewed certificate), before it listens: if they no longer load, it dies
+            # here and a reload stops with the old workers serving.
+            from . import tls
+            try:
+                self.tls_accept = tls.Acceptor(self.cfg.tls_cert, self.cfg.tls_key)
+            except tls.LoadError as e:                # one line, no traceback: nothing to debug
+                logs.write("error", "%s; this worker exits" % e, self.index)
+                os._exit(1)
         self.ep = select.epoll()
         for host, port, proto, client in self.listen_on:
             sock = listen_socket(host, port)      # connections queue from here on
@@ -468,8 +482,10 @@ class Worker:
             self.proto[fd] = proto
             self.serial[fd] = 0                   # replies meant for a former owner of the fd miss
             self.unread[fd] = 0
+            if client and self.tls_accept is not None:   # TLS: from its first byte (tls.py)
+                self.tls[fd] = self.tls_accept()
             self.ep.register(fd, IN)
-            self.set_deadline(fd, self.cfg.header_timeout)
+            self.set_deadline(fd, self.cfg.header_timeout)   # (bounds a TLS handshake too)
             self.counters[CONNECTIONS] += 1
             self.counters[ACCEPTED] += 1
 
@@ -582,6 +598,8 @@ class Worker:
             data = self._proxy_preamble(fd, data.tobytes())
             if not data:
                 return False                      # not complete yet, or closed
+        if fd in self.tls:                        # TLS: records, decrypted into inbuf (tls.py)
+            return self.tls[fd].receive(self, fd, data)
         buf = self.inbuf.get(fd)
         if buf is None:
             self.inbuf[fd] = bytes(data)
@@ -601,9 +619,30 @@ class Worker:
 
     def write(self, fd, data):
         """Send what the socket takes now; keep the rest for EPOLLOUT."""
+        if fd in self.tls:                        # TLS: what is sent (and kept) is ciphertext
+            data = self.tls[fd].seal(self, fd, data)
+            if data is None:                      # (it failed: fd is closed)
+                return
         pending = self.outbuf.get(fd)
         if pending is not None:
             pending += data                       # a bytearray: appends do not copy what waits
+            return
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.close(fd)
+            return
+        if n < len(data):
+            self.outbuf[fd] = bytearray(memoryview(data)[n:])
+            self.ep.modify(fd, self._mask(fd))
+
+    def write_raw(self, fd, data):
+        """``write`` for bytes that go out as they are, TLS or not (tls.py's handshake)."""
+        pending = self.outbuf.get(fd)
+        if pending is not None:
+            pending += data
             return
         try:
             n = os.write(fd, data)
@@ -683,6 +722,8 @@ class Worker:
         lingers instead: FIN, then its input is read and dropped until the peer closes or
         LINGER_TIMEOUT, since closing with input unread would send a reset, and a reset
         can destroy the answers the peer has not read yet."""
+        if fd in self.tls:                        # TLS: close_notify; any lingering is raw
+            self.tls.pop(fd).close_notify(fd)
         if not (self.unread[fd] or fd in self.inbuf):
             self.close(fd)
             return
@@ -706,6 +747,8 @@ class Worker:
         self.unread[fd] = 0
         self.inbuf.pop(fd, None)
         self.outbuf.pop(fd, None)
+        if fd in self.tls:
+            del self.tls[fd]                      # (frees its SSL object)
         if self.peers:
             self._forget_peer(fd)
         if self.paused and fd in self.paused:     # its next owner must not be "unpaused"
@@ -743,6 +786,7 @@ class Worker:
         except Exception:                            # half-closed state: at least drop the fd
             self.state[fd] = FREE                    # (no set_state: whatever it was, it ends)
             self.unread[fd] = 0
+            self.tls.pop(fd, None)
             if self.peers:
                 self._forget_peer(fd)
             os.close(fd)

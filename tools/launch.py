@@ -128,7 +128,7 @@ def read_banner(proc, timeout):
 def parse_ports(text):
     """(client port, app port) from a banner, or None if it lacks either line."""
     banner = text.decode(errors="replace")
-    client = re.search(r"client port +http://\S*:(\d+)", banner)
+    client = re.search(r"client port +https?://\S*:(\d+)", banner)   # https: TLS
     app = re.search(r"app port +http://\S*:(\d+)", banner)
     if client is None or app is None:
         return None
