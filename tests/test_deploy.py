@@ -1,21 +1,24 @@
 """deploy/nginx.conf and deploy/haproxy.cfg, run for real in front of the real server.
 
 Each configuration is read from deploy/ and templated as little as a test
-needs: its TLS listener becomes plain HTTP on a free loopback port (no
-certificate here), its port-80 redirect another free port, the upstream the
-server's client port, and logs and pid files go to the test's tmp dir;
-everything else (timeouts, headers, buffering, keep-alive) is the file's own.
-Every substitution must match exactly once, so a configuration that changes
-shape fails here rather than being tested half.
+needs: its TLS listener on a free loopback port, either as plain HTTP or with
+TLS as the file has it (a certificate made by the test with openssl, trusted
+by the test's clients alone), its port-80 redirect on another free port, the
+upstream the server's client port, and logs and pid files in the test's tmp
+dir; everything else (timeouts, headers, buffering, keep-alive) is the file's
+own.  Every substitution must match exactly once, so a configuration that
+changes shape fails here rather than being tested half.
 
-Then real clients go through the proxy: a long-poll held at the server and
-answered by a publish, a held poll that times out as asked, an EventSource
-stream that gets a message while it stays open, a WebSocket (the
-``websockets`` client) that gets one, keep-alive towards the server (many
-requests, few upstream connections), the app port kept out of reach, and the
-demo page's header passed on.  A held poll of 120 s, the longest a client may
-ask, is too long to wait for here: the configurations' timeouts are read and
-must exceed it (and the streams' ping interval) instead.
+Then real clients go through each proxy, over HTTP and over TLS: a long-poll
+held at the server and answered by a publish, a held poll that times out as
+asked, an EventSource stream that gets a message while it stays open, a
+WebSocket (the ``websockets`` client) that gets one, keep-alive towards the
+server (many requests, few upstream connections), the app port kept out of
+reach, the redirect to https, and the demo page's header passed on.  A held
+poll of 120 s, the longest a client may ask, is too long to wait for here: the
+configurations' timeouts are read and must exceed it instead.  haproxy's
+commented ``send-proxy-v2`` line is run too, with a server started with
+``--proxy-protocol``: the server tells clients apart by their own addresses.
 
 nginx and haproxy are started by the test (.ci/run installs both) and
 stopped by pid; without one, its tests are skipped and say why.
@@ -27,7 +30,9 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -150,8 +155,9 @@ class Proxy:
     """A proxy process in front of ``server``: ``port`` is its front door, ``plain`` the
     redirect to https."""
 
-    def __init__(self, name, argv, port, plain, log, server):
+    def __init__(self, name, argv, port, plain, log, server, tls=None):
         self.name, self.port, self.plain, self.log, self.server = name, port, plain, log, server
+        self.tls = tls                             # the Certificate its front door serves
         self.out = open(log, "ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out,
                                      stderr=subprocess.STDOUT)
@@ -182,19 +188,42 @@ class Proxy:
         launch.stop(self.proc, grace=10)           # SIGTERM, then SIGKILL it and its workers
         self.out.close()
 
+    def connection(self, timeout=WAIT, **kw):
+        """An HTTP(S) client connection to the front door."""
+        if self.tls is None:
+            return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, **kw)
+        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                           context=self.tls.context(), **kw)
 
-def start_nginx(server, tmp):
+    def socket(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT)
+        if self.tls is None:
+            return sock
+        return self.tls.context().wrap_socket(sock, server_hostname="127.0.0.1")
+
+    def url(self, path, scheme="ws"):
+        return "%s%s://127.0.0.1:%d%s" % (scheme, "s" if self.tls else "", self.port, path)
+
+
+def start_nginx(server, tmp, tls=None):
+    """nginx with deploy/nginx.conf in front of ``server``: plain HTTP on its TLS listener,
+    or with ``tls`` (a Certificate) TLS as the file has it, with that certificate."""
     binary = shutil.which("nginx", path=SBIN)
     if binary is None:
         pytest.skip("nginx is not installed: apt-get install nginx")
     port, plain = free_port(), free_port()
     text = read(NGINX_CONF)
     text = replace_once(text, "server 127.0.0.1:8000;", "server 127.0.0.1:%d;" % server.client)
-    text = replace_once(text, "listen 443 ssl http2;", "listen 127.0.0.1:%d;" % port)
     text = replace_once(text, "listen [::]:443 ssl http2;", "")
     text = replace_once(text, "listen 80;", "listen 127.0.0.1:%d;" % plain)
     text = replace_once(text, "listen [::]:80;", "")
-    text = "\n".join(line for line in text.splitlines() if not line.strip().startswith("ssl_"))
+    if tls is None:
+        text = replace_once(text, "listen 443 ssl http2;", "listen 127.0.0.1:%d;" % port)
+        text = "\n".join(line for line in text.splitlines() if not line.strip().startswith("ssl_"))
+    else:
+        text = replace_once(text, "listen 443 ssl http2;", "listen 127.0.0.1:%d ssl http2;" % port)
+        text = replace_once(text, "/etc/ssl/megacomet/fullchain.pem", tls.cert)
+        text = replace_once(text, "/etc/ssl/megacomet/privkey.pem", tls.key)
     with open(os.path.join(tmp, "megacomet.conf"), "w") as f:
         f.write(text)
     # The main context a distribution's nginx.conf gives; the file itself is http context.
@@ -209,20 +238,32 @@ def start_nginx(server, tmp):
                 "    include %(t)s/megacomet.conf;\n}\n" % {"t": tmp})
     argv = [binary, "-p", tmp + "/", "-c", main, "-e", os.path.join(tmp, "error.log"),
             "-g", "daemon off;"]
-    return Proxy("nginx", argv, port, plain, os.path.join(tmp, "error.log"), server)
+    return Proxy("nginx", argv, port, plain, os.path.join(tmp, "error.log"), server, tls)
 
 
-def start_haproxy(server, tmp):
+def start_haproxy(server, tmp, tls=None, proxy_protocol=False):
+    """haproxy with deploy/haproxy.cfg in front of ``server``: plain HTTP on its TLS bind, or
+    with ``tls`` (a Certificate) TLS as the file has it; with ``proxy_protocol``, the file's
+    commented send-proxy-v2 server line in place of the other."""
     binary = shutil.which("haproxy", path=SBIN)
     if binary is None:
         pytest.skip("haproxy is not installed: apt-get install haproxy")
     port, plain = free_port(), free_port()
     text = read(HAPROXY_CFG)
-    text = replace_once(text, "bind :443 ssl crt /etc/haproxy/certs/push.example.com.pem "
-                              "alpn h2,http/1.1", "bind 127.0.0.1:%d" % port)
+    bind = "bind :443 ssl crt /etc/haproxy/certs/push.example.com.pem alpn h2,http/1.1"
+    if tls is None:
+        text = replace_once(text, bind, "bind 127.0.0.1:%d" % port)
+    else:
+        text = replace_once(text, bind, "bind 127.0.0.1:%d ssl crt %s alpn h2,http/1.1"
+                            % (port, tls.pem))
     text = replace_once(text, "bind :80", "bind 127.0.0.1:%d" % plain)
-    text = replace_once(text, "    server megacomet 127.0.0.1:8000\n",
-                        "    server megacomet 127.0.0.1:%d\n" % server.client)
+    server_line = "    server megacomet 127.0.0.1:8000\n"
+    proxy_line = "    # server megacomet 127.0.0.1:8000 send-proxy-v2\n"
+    if proxy_protocol:
+        text = replace_once(text, server_line, "")
+        server_line = proxy_line
+    text = replace_once(text, server_line, server_line.replace("# ", "").replace(
+        "127.0.0.1:8000", "127.0.0.1:%d" % server.client))
     text = replace_once(text, "log /dev/log local0", "log stderr local0")
     text = replace_once(text, "maxconn 200000", "maxconn 1000")   # this machine's fd limit
     cfg = os.path.join(tmp, "haproxy.cfg")
@@ -231,7 +272,31 @@ def start_haproxy(server, tmp):
     check = subprocess.run([binary, "-c", "-f", cfg], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
     return Proxy("haproxy", [binary, "-db", "-f", cfg], port, plain,
-                 os.path.join(tmp, "haproxy.log"), server)
+                 os.path.join(tmp, "haproxy.log"), server, tls)
+
+
+class Certificate:
+    """A self-signed certificate for push.example.com and 127.0.0.1, made by openssl for the
+    test: ``cert`` and ``key`` (nginx), ``pem`` both in one file (haproxy)."""
+
+    def __init__(self, tmp):
+        binary = shutil.which("openssl")
+        if binary is None:
+            pytest.skip("openssl is not installed: apt-get install openssl")
+        self.cert, self.key, self.pem = (os.path.join(tmp, n) for n in
+                                         ("cert.pem", "key.pem", "both.pem"))
+        made = subprocess.run(
+            [binary, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-days", "2", "-subj", "/CN=push.example.com",
+             "-addext", "subjectAltName=DNS:push.example.com,IP:127.0.0.1",
+             "-keyout", self.key, "-out", self.cert], capture_output=True, text=True, timeout=30)
+        assert made.returncode == 0, made.stderr
+        with open(self.pem, "w") as f:
+            f.write(read(self.cert) + read(self.key))
+
+    def context(self):
+        """A client's TLS context that trusts this certificate alone."""
+        return ssl.create_default_context(cafile=self.cert)
 
 
 @pytest.fixture(scope="module")
@@ -247,19 +312,25 @@ def backend():
         server.stop()
 
 
-@pytest.fixture(scope="module", params=["nginx", "haproxy"])
+@pytest.fixture(scope="module", params=["nginx", "haproxy", "nginx+tls", "haproxy+tls"])
 def proxy(request, backend, tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp(request.param))
-    started = (start_nginx if request.param == "nginx" else start_haproxy)(backend, tmp)
+    """Each proxy in front of the server: plain HTTP, then TLS as the file has it."""
+    name, _, tls = request.param.partition("+")
+    tmp = str(tmp_path_factory.mktemp(name))
+    cert = Certificate(tmp) if tls else None
+    started = (start_nginx if name == "nginx" else start_haproxy)(backend, tmp, tls=cert)
     try:
         yield started
     finally:
         started.stop()
 
 
-def get(port, path, headers=None, timeout=WAIT, conn=None):
+def get(front, path, headers=None, timeout=WAIT, conn=None):
+    """GET through a Proxy's front door (or a plain port): (status, headers, body)."""
     own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    if own:
+        conn = (front.connection(timeout) if isinstance(front, Proxy) else
+                http.client.HTTPConnection("127.0.0.1", front, timeout=timeout))
     try:
         conn.request("GET", path, headers=headers or {"Host": "push.example.com"})
         resp = conn.getresponse()
@@ -279,7 +350,7 @@ def test_a_held_long_poll_is_answered_by_a_publish(proxy):
     answer = {}
 
     def poll():
-        answer["reply"] = get(proxy.port, "/sub/%s?since=0&timeout=60" % ident, timeout=30)
+        answer["reply"] = get(proxy, "/sub/%s?since=0&timeout=60" % ident, timeout=30)
     waiter = threading.Thread(target=poll, daemon=True)
     waiter.start()
     wait_for(lambda: totals(server)["subscribers"] > before, timeout=WAIT,
@@ -298,7 +369,7 @@ def test_a_held_long_poll_is_answered_by_a_publish(proxy):
 def test_a_poll_is_held_as_long_as_it_asks(proxy):
     """5 s here; the configurations' timeouts are checked above to exceed 120 s."""
     started = time.monotonic()
-    status, _, body = get(proxy.port, "/sub/%s?since=0&timeout=5" % uid("held"), timeout=20)
+    status, _, body = get(proxy, "/sub/%s?since=0&timeout=5" % uid("held"), timeout=20)
     held = time.monotonic() - started
     assert status == 200, (status, body)
     assert json.loads(body)["messages"] == []
@@ -307,7 +378,7 @@ def test_a_poll_is_held_as_long_as_it_asks(proxy):
 
 def test_an_eventsource_stream_gets_a_message_while_it_stays_open(proxy):
     server, ident = proxy.server, uid("sse")
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT) as sock:
+    with proxy.socket() as sock:
         sock.sendall(("GET /sse/%s HTTP/1.1\r\nHost: push.example.com\r\n"
                       "Accept: text/event-stream\r\n\r\n" % ident).encode())
         got = b""
@@ -334,8 +405,9 @@ def test_an_eventsource_stream_gets_a_message_while_it_stays_open(proxy):
 def test_a_websocket_gets_a_message(proxy):
     from websockets.sync.client import connect
     server, ident = proxy.server, uid("ws")
-    url = "ws://127.0.0.1:%d/ws/%s?since=0" % (proxy.port, ident)
-    with connect(url, open_timeout=WAIT, close_timeout=5) as ws:
+    url = proxy.url("/ws/%s?since=0" % ident)
+    tls = {"ssl": proxy.tls.context()} if proxy.tls else {}
+    with connect(url, open_timeout=WAIT, close_timeout=5, **tls) as ws:
         seq = server.pub(ident, "framed")
         frame = json.loads(ws.recv(timeout=WAIT))
     assert (frame["id"], frame["seq"], frame["data"]) == (ident, seq, "framed")
@@ -345,10 +417,10 @@ def test_requests_share_upstream_keep_alive_connections(proxy):
     server, ident = proxy.server, uid("keep")
     server.pub(ident, "kept")
     before = totals(server)["accepted"]
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=WAIT)
+    conn = proxy.connection()
     try:
         for _ in range(20):
-            status, _, body = get(proxy.port, "/sub/%s?since=0" % ident, conn=conn)
+            status, _, body = get(proxy, "/sub/%s?since=0" % ident, conn=conn)
             assert status == 200 and json.loads(body)["messages"][0]["data"] == "kept"
     finally:
         conn.close()
@@ -358,17 +430,18 @@ def test_requests_share_upstream_keep_alive_connections(proxy):
 
 
 def test_the_app_port_is_not_reachable_through_the_proxy(proxy):
-    server, ident = proxy.server, uid("private")
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=WAIT)
+    ident = uid("private")
+    conn = proxy.connection()
     try:
-        conn.request("POST", "/pub/" + ident, body=b"intruder", headers={"Host": "push.example.com"})
+        conn.request("POST", "/pub/" + ident, body=b"intruder",
+                     headers={"Host": "push.example.com"})
         resp = conn.getresponse()
         assert resp.status == 405, (resp.status, resp.read())
     finally:
         conn.close()
     for path in ("/stats", "/metrics", "/health"):
-        assert get(proxy.port, path)[0] == 404
-    status, _, body = get(proxy.port, "/sub/%s?since=0&timeout=1" % ident)
+        assert get(proxy, path)[0] == 404
+    status, _, body = get(proxy, "/sub/%s?since=0&timeout=1" % ident)
     assert status == 200 and json.loads(body)["messages"] == []
 
 
@@ -379,6 +452,73 @@ def test_plain_http_is_sent_to_https(proxy):
 
 
 def test_the_demo_page_and_what_it_tells_come_through(proxy):
-    status, headers, body = get(proxy.port, "/demo")
+    status, headers, body = get(proxy, "/demo")
     assert status == 200 and b'<script src="/megacomet.js"></script>' in body
     assert headers["x-megacomet-demo"] == "app=127.0.0.1:%d; token=0; signed=0" % proxy.server.app
+
+
+# -- the client's address in the PROXY protocol (haproxy's send-proxy-v2) ---------------------
+
+def server_has(flag):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "megacomet.py"), "--help"],
+                          capture_output=True, text=True, timeout=30)
+    return flag in done.stdout
+
+
+def get_from(proxy, source, path, timeout=WAIT):
+    """GET through the proxy from the local address ``source`` (127.0.0.2, ...)."""
+    conn = proxy.connection(timeout=timeout, source_address=(source, 0))
+    try:
+        return get(proxy, path, conn=conn)
+    finally:
+        conn.close()
+
+
+def held_poll(proxy, source, path):
+    """A poll from ``source`` through the proxy, in a thread: (thread, {"reply": ...})."""
+    answer = {}
+
+    def poll():
+        try:
+            answer["reply"] = get_from(proxy, source, path, timeout=30)
+        except OSError as e:
+            answer["reply"] = e
+    waiter = threading.Thread(target=poll, daemon=True)
+    waiter.start()
+    return waiter, answer
+
+
+def test_haproxy_send_proxy_v2_gives_the_server_each_clients_address(tmp_path):
+    """The commented server line, with a server started with --proxy-protocol: the server
+    tells clients apart by their own addresses (127.0.0.2, 127.0.0.3), not haproxy's
+    127.0.0.1, as --max-conns-per-ip 1 shows."""
+    if not server_has("--proxy-protocol"):
+        pytest.skip("this server has no --proxy-protocol yet")
+    server = Server("--proxy-protocol", "--max-conns-per-ip", 1, workers=1).start()
+    try:
+        front = start_haproxy(server, str(tmp_path), proxy_protocol=True)
+        try:
+            ident = uid("real")
+            waiter, answer = held_poll(front, "127.0.0.2", "/sub/%s?since=0&timeout=30" % ident)
+            wait_for(lambda: totals(server)["subscribers"] >= 1, timeout=WAIT,
+                     message="the first client's poll held at the server")
+            # Another client: another address at the server, though both come from haproxy.
+            status, _, body = get_from(front, "127.0.0.3",
+                                       "/sub/%s?since=0&timeout=1" % uid("other"))
+            assert status == 200, (status, body)
+            # The first client again, on a second connection: its address is at its cap.
+            status, _, body = get_from(front, "127.0.0.2",
+                                       "/sub/%s?since=0&timeout=1" % uid("again"))
+            assert status >= 500, (status, body)
+            assert totals(server)["ip_refused"] >= 1
+            seq = server.pub(ident, "to the first client")
+            waiter.join(timeout=WAIT)
+            assert not waiter.is_alive()
+            status, _, body = answer["reply"]
+            assert status == 200 and json.loads(body)["messages"] == [
+                {"seq": seq, "data": "to the first client"}]
+        finally:
+            front.stop()
+        assert "internal error" not in server.stderr()
+    finally:
+        server.stop()
