@@ -475,7 +475,7 @@ class Worker:
                     self.proxy_pending[fd] = b""
                 elif not self._admit(fd, ip):
                     continue
-                self.peers[fd] = ip
+                self.peers[self.fd_int[fd]] = ip  # (the fd's own int: no new key object)
                 self.peer_port[fd] = addr[1]
             fcntl.fcntl(fd, fcntl.F_SETFL, os.O_RDWR | os.O_NONBLOCK)
             self.set_state(fd, READING)
@@ -539,7 +539,7 @@ class Worker:
         source, used = found
         del self.proxy_pending[fd]
         if source is not None:                    # else (LOCAL, UNKNOWN) the peer's stands
-            self.peers[fd] = sys.intern(source[0])
+            self.peers[self.fd_int[fd]] = sys.intern(source[0])
             self.peer_port[fd] = source[1]
         if not self._admit(fd, self.peers[fd]):
             return None
