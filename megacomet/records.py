@@ -6,7 +6,8 @@ what, and why, is in ``routing``; this module only knows the bytes.  It
 never keeps state and never allocates beyond the record it builds.
 
     PUB     any worker -> home    store a message, deliver it, maybe ACK back
-    ACK     home -> publisher     how many of a request's messages it stored (one per turn)
+    ACK     home -> publisher     how many of a request's messages it stored (one per turn),
+                                  and the subscribers their ids had then
     SUB     any worker -> home    register the worker, answer with MSGS (backlog)
     MSGS    home -> subscriber    the backlog newer than a SUB's cursor, with the id's
                                   last seq and epoch, maybe in parts
@@ -15,16 +16,21 @@ never keeps state and never allocates beyond the record it builds.
     CGIVE   any worker -> home    give back a message taken for compat polls that had left
     CWAKE   home -> holders       compat polls: a message was given back, CPOLL again
     UNSUB   any worker -> home    the worker holds nobody (or no compat poll) for the id now
-    RESET   restarted  -> home    forget every registration of the sender
+    RESET   restarted  -> home    forget every registration of the sender; recount
     DELIVER home -> subscribers   one new message for every holder of the id
+    COUNT   any worker -> home    how the number of connections the sender holds changed
+                                  for some ids (one record per tick), or, answering a
+                                  RECOUNT, how many it holds for each (in parts)
+    RECOUNT home -> every worker  the home zeroed its counts: report all you hold of mine
 """
 
 import struct
 
 PUB, ACK, SUB, MSGS, DELIVER, UNSUB, CPOLL, CMSG, RESET, CGIVE, CWAKE = b"PASMDUCcRGW"
+COUNT, RECOUNT = b"Kk"
 
 _PUB = struct.Struct("<BIIIB")        # kind, fd, serial, line, id length | id, data
-_ACK = struct.Struct("<BIIIII")       # kind, fd, serial, stored, last seq, refused | lines
+_ACK = struct.Struct("<BIIIIQI")      # kind, fd, serial, stored, last seq, subscribers, refused | lines
 _LINE = struct.Struct("<I")
 _SUB = struct.Struct("<BIIIQBB")      # kind, fd, serial, since, epoch, flags, id length | id
 _MSGS = struct.Struct("<BIIIQBB")     # kind, fd, serial, last, epoch, flags, id length | id, (seq, len, data)*
@@ -35,6 +41,9 @@ _CPOLL = struct.Struct("<BIIBB")      # kind, fd, serial, peek, id length | id
 _CMSG = struct.Struct("<BIIIBB")      # kind, fd, serial, seq (0 = none), taken, id length | id, data
 _CGIVE = struct.Struct("<BIB")        # kind, seq, id length | id
 _CWAKE = struct.Struct("<BB")         # kind, id length | id
+_COUNT = struct.Struct("<BBI")        # kind, flags, generation | (change, id length, id)*
+_COUNT_ENTRY = struct.Struct("<iB")   # a change of holders (or holders: COUNT_FULL), id length
+_RECOUNT = struct.Struct("<BI")       # kind, generation
 
 ACK_REFUSED_MAX = 4096                # refused line numbers per ACK record
 MSGS_FINAL, MSGS_REFUSED, MSGS_RESET = 1, 2, 4   # RESET: the SUB's cursor counted as 0
@@ -44,6 +53,8 @@ SUB_QUIET = 1                         # answer only with news (or a refusal)
 UNSUB_ALL, UNSUB_COMPAT = 0, 1
 DELIVER_COMPAT = 1                    # the compat cursor moved for this worker's compat polls
 RESET_RECORD = bytes((RESET,))
+COUNT_FULL, COUNT_FINAL = 1, 2        # an answer to RECOUNT (its generation); its last part
+COUNT_HEADER = _COUNT.size
 
 
 def pub(fd, serial, line, ident, data):
@@ -57,16 +68,23 @@ def read_pub(record):
     return fd, serial, line, record[start:start + n], record[start + n:]
 
 
-def ack(fd, serial, stored, last, refused_lines):
-    return (_ACK.pack(ACK, fd, serial, stored, last, len(refused_lines))
+def ack(fd, serial, stored, last, refused_lines, subscribers=0):
+    """``subscribers``: the sum, over the messages stored, of their id's subscriber count
+    when each was stored."""
+    return (_ACK.pack(ACK, fd, serial, stored, last, subscribers, len(refused_lines))
             + b"".join(_LINE.pack(line) for line in refused_lines))
 
 
 def read_ack(record):
     """(fd, serial, stored, last seq, [refused line numbers])"""
-    _, fd, serial, stored, last, refused = _ACK.unpack_from(record)
+    _, fd, serial, stored, last, _subscribers, refused = _ACK.unpack_from(record)
     lines = [_LINE.unpack_from(record, _ACK.size + 4 * i)[0] for i in range(refused)]
     return fd, serial, stored, last, lines
+
+
+def ack_subscribers(record):
+    """An ACK's subscribers (see ``ack``)."""
+    return _ACK.unpack_from(record)[5]
 
 
 def sub(fd, serial, since, epoch, flags, ident):
@@ -163,3 +181,35 @@ def read_cwake(record):
     """id"""
     _, n = _CWAKE.unpack_from(record)
     return record[_CWAKE.size:_CWAKE.size + n]
+
+
+def count_header(flags=0, generation=0):
+    """A COUNT record's start; each id's entry (``count_entry``) follows."""
+    return _COUNT.pack(COUNT, flags, generation)
+
+
+def count_entry(ident, change):
+    return _COUNT_ENTRY.pack(change, len(ident)) + ident
+
+
+def read_count(record):
+    """(flags, generation, [(id, change)])"""
+    _, flags, generation = _COUNT.unpack_from(record)
+    found = []
+    pos = _COUNT.size
+    end = len(record)
+    while pos < end:
+        change, n = _COUNT_ENTRY.unpack_from(record, pos)
+        pos += _COUNT_ENTRY.size
+        found.append((record[pos:pos + n], change))
+        pos += n
+    return flags, generation, found
+
+
+def recount(generation):
+    return _RECOUNT.pack(RECOUNT, generation)
+
+
+def read_recount(record):
+    """generation"""
+    return _RECOUNT.unpack_from(record)[1]

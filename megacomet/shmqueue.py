@@ -11,7 +11,8 @@ Layout, and the rule that makes it safe without locks:
   to it**.  A worker killed at any instant leaves at most its own partition
   half-written; its successor (same index) calls ``Partition.repair``.
   Other workers may read an id's last seq and epoch (``peek``) as a hint that
-  the owner's answer can correct.
+  the owner's answer can correct, and its subscriber count (``subscribers``,
+  ``info``): the sum the home keeps of what every worker reports of its holders.
 * ``N * N`` single-producer single-consumer byte rings, ``ring(src, dst)``.
   The producer alone writes ``tail``, the consumer alone writes ``head``.
   A record becomes visible only when ``tail`` moves past it, so a producer
@@ -101,7 +102,8 @@ class TableFull(Exception):
 class Layout:
     """Where everything lives in the region, computed the same way in every process."""
 
-    SLOT_BYTES = 8 + 8 + 8 + 8 + 8 + 4 + 4 + 4   # key, mask, cmask, head, epoch, last, first, compat
+    # key, mask, cmask, head, epoch, last, first, compat, subscribers
+    SLOT_BYTES = 8 + 8 + 8 + 8 + 8 + 4 + 4 + 4 + 4
     INDEX_LOAD = 0.7                        # index entries per index cell, at most
 
     def __init__(self, workers, max_ids, log_bytes, ring_bytes):
@@ -300,11 +302,14 @@ class Partition:
         n = self.nslots = lay.slots
         arrays = []
         for fmt, width in (("q", 8), ("Q", 8), ("Q", 8), ("Q", 8), ("Q", 8), ("I", 4), ("I", 4),
-                           ("I", 4)):
+                           ("I", 4), ("I", 4)):
             arrays.append(view[off:off + n * width].cast(fmt))
             off += n * width
         (self.keys, self.masks, self.cmasks, self.heads, self.epochs,
-         self.lasts, self.firsts, self.compats) = arrays
+         self.lasts, self.firsts, self.compats, self.counts) = arrays
+        # What counts[] held for the id of the last publish, when it was stored (routing
+        # puts it in the ACK): an attribute, so that publish()'s answer keeps its shape.
+        self.published_count = 0
         self.log = view[off:off + lay.log_size]
         self.log_size = lay.log_size
         self.workers = lay.workers
@@ -358,7 +363,7 @@ class Partition:
             raise TableFull("id table full")
         header[_H_DIRTY] = slot
         self.masks[slot] = self.cmasks[slot] = self.heads[slot] = 0
-        self.lasts[slot] = self.compats[slot] = 0
+        self.lasts[slot] = self.compats[slot] = self.counts[slot] = 0
         self.firsts[slot] = 1
         self.epochs[slot] = self._new_epoch()
         self.keys[slot] = key
@@ -416,7 +421,8 @@ class Partition:
         header[_H_JOURNAL] = NO_SLOT
 
     def _maybe_forget(self, slot):
-        if self.lasts[slot] < self.firsts[slot] and not self.masks[slot] and not self.cmasks[slot]:
+        if (self.lasts[slot] < self.firsts[slot] and not self.masks[slot] and not self.cmasks[slot]
+                and not self.counts[slot]):
             self._delete(slot)
 
     def used_slots(self):
@@ -536,6 +542,7 @@ class Partition:
             self.dropped += overflow
             header[_H_MESSAGES] -= overflow
         header[_H_MESSAGES] += 1
+        self.published_count = self.counts[i]
         cmask = compat = self.cmasks[i]
         targets = self.masks[i] | cmask
         if cmask:
@@ -646,6 +653,49 @@ class Partition:
         found = self.lasts[i], self.epochs[i]
         return found if self.keys[i] == key else None
 
+    def subscribers(self, key):
+        """Any worker may call this: key's subscriber count (0 when not found), a hint as
+        ``peek`` is.  The count is the sum of what each worker last reported (``routing``)."""
+        i = self.find(key)
+        if i < 0:
+            return 0
+        count = self.counts[i]
+        return count if self.keys[i] == key else 0
+
+    def info(self, key):
+        """Any worker may call this: (last seq, messages buffered, subscribers, epoch) of key,
+        or None when not found; a hint as ``peek`` is.  Buffered counts what the log holds
+        for it, expired or not yet dropped (the home expires at each tick)."""
+        i = self.find(key)
+        if i < 0:
+            return None
+        last, first = self.lasts[i], self.firsts[i]
+        found = last, max(0, last - first + 1), self.counts[i], self.epochs[i]
+        return found if self.keys[i] == key else None
+
+    def add_subscribers(self, key, delta):
+        """The home adds ``delta`` to key's subscriber count (never below 0); False, and
+        nothing done, when key has no slot (nobody subscribed there: a count for it is
+        dropped).  A slot is kept while its count is above 0; at 0 it may be forgotten."""
+        i = self.find(key)
+        if i < 0:
+            return False
+        count = self.counts[i] + delta
+        self.counts[i] = count if count > 0 else 0
+        if count <= 0:
+            self._maybe_forget(i)
+        return True
+
+    def reset_counts(self):
+        """A restarted home's first step: the counts its predecessor summed are zeroed (what
+        each worker reported died with it; they report again), and slots they alone kept
+        are forgotten."""
+        counts = self.counts
+        for slot in self.used_slots():
+            if counts[slot]:
+                counts[slot] = 0
+                self._maybe_forget(slot)      # slots never move: safe while iterating
+
     def clear_worker(self, bit):
         """Forget that worker ``bit`` holds anything: it was restarted."""
         masks, cmasks = self.masks, self.cmasks
@@ -675,7 +725,8 @@ class Partition:
         for slot in range(header[_H_BUMP] - 1, -1, -1):
             if slot in indexed:
                 messages += max(0, lasts[slot] - firsts[slot] + 1)
-                if lasts[slot] < firsts[slot] and not self.masks[slot] and not self.cmasks[slot]:
+                if (lasts[slot] < firsts[slot] and not self.masks[slot] and not self.cmasks[slot]
+                        and not self.counts[slot]):
                     idle.append(slot)         # a crash came between emptying and forgetting
             else:                             # free, or lost by a crash mid-insert/delete
                 keys[slot] = EMPTY
