@@ -8,13 +8,25 @@ each DELIVER to the protocol of each holder.  Records a worker sends itself
 go through its local FIFO, never a direct call, so that a SUB's MSGS reply
 always precedes the DELIVERs of messages published after it.
 
+Subscriber counts (``GET /presence``): each holder tells each home, once per tick, how
+the number of connections it holds changed for its ids (COUNT: only ids whose number
+changed since the last tick; a fall waits one tick more, so a long-poll that comes back
+within a tick or two changes nothing).  The home adds the changes to the ids' counters in
+its partition, which any worker reads.  The home keeps nothing per id in its own memory:
+whenever a worker restarts (its RESET), and when the home itself starts again, the home
+zeroes its counters and asks every worker for all it holds of its ids (RECOUNT); until a
+worker's answer comes, its changes (already in the answer) are dropped.
+
 It never touches a socket: answering is the protocols' job.
 """
 
+import os
+
 from . import shmqueue
-from .records import (ACK_REFUSED_MAX, CGIVE, CPOLL, DELIVER, DELIVER_COMPAT, MSG_HEADER,
-                      MSGS, MSGS_FINAL, MSGS_HEADER, MSGS_REFUSED, MSGS_RESET, PUB, RESET,
-                      RESET_RECORD, SUB, SUB_QUIET, UNSUB, UNSUB_ALL, UNSUB_COMPAT)
+from .records import (ACK_REFUSED_MAX, CGIVE, COUNT, COUNT_FINAL, COUNT_FULL, COUNT_HEADER,
+                      CPOLL, DELIVER, DELIVER_COMPAT, MSG_HEADER, MSGS, MSGS_FINAL, MSGS_HEADER,
+                      MSGS_REFUSED, MSGS_RESET, PUB, RECOUNT, RESET, RESET_RECORD, SUB,
+                      SUB_QUIET, UNSUB, UNSUB_ALL, UNSUB_COMPAT)
 from . import records
 from .shmqueue import PUBLISHED, RECEIVED, REFUSED, SUBSCRIBERS
 from .worker import HELD, PENDING, READING
@@ -44,11 +56,20 @@ class Router:
         # a SUB's whole answer (``subscriptions``).
         self.deliver_to = {}
         self.backlog = None
+        # Holder side of the subscriber counts: id -> connections held here for it as its
+        # home knows it, for the ids whose number changed since the last tick (``changed``),
+        # and for those whose fall waits a tick (``falling``): see report_counts.
+        self.changed = {}
+        self.falling = {}
+        # Home side: the recount in progress (its generation, never reused: an answer to an
+        # earlier one, even a predecessor's, is told apart) and the workers yet to answer it.
+        self.count_generation = int.from_bytes(os.urandom(4), "little")
+        self.recounting = set()
 
     def handlers(self):
         return {PUB: self.on_pub, SUB: self.on_sub, CPOLL: self.on_cpoll, UNSUB: self.on_unsub,
                 RESET: self.on_reset, CGIVE: self.on_cgive, DELIVER: self.on_deliver,
-                MSGS: self.on_msgs}
+                MSGS: self.on_msgs, COUNT: self.on_count, RECOUNT: self.on_recount}
 
     def start(self):
         """A predecessor ran: forget what it held, in our own partition before any record is
@@ -58,6 +79,7 @@ class Router:
         if not w.stats.get("started_ms"):
             return
         w.part.clear_worker(1 << w.index)
+        self.recount()                            # the counts' sources died with it
         for dst in range(w.region.workers):
             if dst != w.index:
                 w.send(dst, RESET_RECORD)
@@ -75,6 +97,8 @@ class Router:
                 self.given_back[key] = seqs
             else:
                 del self.given_back[key]
+        if self.changed or self.falling:
+            self.report_counts()
         if self.lingering:
             for ident in self.lingering:
                 if ident not in self.held:
@@ -107,10 +131,11 @@ class Router:
         if serial:                                 # acknowledged in bulk by flush_acks
             tally = self.acks.get((src, fd, serial))
             if tally is None:
-                tally = self.acks[src, fd, serial] = [0, 0, []]
+                tally = self.acks[src, fd, serial] = [0, 0, [], 0]
             if seq:
                 tally[0] += 1
                 tally[1] = seq
+                tally[3] += w.part.published_count    # its subscribers as it was stored
             else:
                 tally[2].append(line)
         if targets:
@@ -129,11 +154,11 @@ class Router:
         """One ACK per publishing request and loop turn, not one per message."""
         if not self.acks:
             return
-        for (src, fd, serial), (stored, last, refused) in self.acks.items():
+        for (src, fd, serial), (stored, last, refused, subscribers) in self.acks.items():
             for start in range(0, max(len(refused), 1), ACK_REFUSED_MAX):
                 self.w.send(src, records.ack(fd, serial, stored, last,
-                                             refused[start:start + ACK_REFUSED_MAX]))
-                stored = 0
+                                             refused[start:start + ACK_REFUSED_MAX], subscribers))
+                stored = subscribers = 0
         self.acks.clear()
 
     def on_sub(self, src, record):
@@ -227,6 +252,35 @@ class Router:
     def on_reset(self, src, record):
         self.w.part.clear_worker(1 << src)
         self.generation[src] = self.w.region.stats(src).get("restarts")
+        self.recount()                            # what its predecessor held is in the counts
+
+    # -- home side: subscriber counts -------------------------------------------------------
+
+    def recount(self):
+        """Zero this partition's subscriber counts and ask every worker (this one too) for
+        all it holds of its ids: the counts summed what workers reported, and a worker that
+        restarted (or this home's predecessor) took its share with it."""
+        w = self.w
+        w.part.reset_counts()
+        self.count_generation = (self.count_generation + 1) & 0xFFFFFFFF
+        self.recounting = set(range(w.region.workers))
+        request = records.recount(self.count_generation)
+        for dst in range(w.region.workers):
+            w.send(dst, request)
+
+    def on_count(self, src, record):
+        """A worker's changes of holders for some of our ids, or its answer to a recount."""
+        flags, generation, entries = records.read_count(record)
+        if flags & COUNT_FULL:
+            if generation != self.count_generation or src not in self.recounting:
+                return                            # an answer to an earlier recount
+        elif src in self.recounting:
+            return                                # its answer to the recount will count them
+        add = self.w.part.add_subscribers
+        for ident, change in entries:
+            add(shmqueue.id_key(ident), change)   # (an id the partition does not know: dropped)
+        if flags & COUNT_FINAL:
+            self.recounting.discard(src)
 
     def stale_workers(self, mask):
         """Of the workers in mask, those that died (or were restarted) since we last heard
@@ -254,15 +308,20 @@ class Router:
         self.held_id[fd] = idents
         self.compat[fd] = compat
         fd = w.fd_int[fd]
-        held = self.held
+        held, changed = self.held, self.changed
         for ident in (idents,) if type(idents) is bytes else idents:
             entry = held.get(ident)
             if entry is None:
                 held[ident] = fd
+                before = 0
             elif type(entry) is set:
+                before = len(entry)
                 entry.add(fd)
             else:
                 held[ident] = {entry, fd}
+                before = 1
+            if ident not in changed:              # its count as of the last report
+                changed[ident] = before
         if compat:
             self.compat_held[idents] = self.compat_held.get(idents, 0) + 1
         w.counters[SUBSCRIBERS] += 1
@@ -275,11 +334,16 @@ class Router:
         if not idents:
             return
         compat = self.compat[fd]
+        changed = self.changed
         for ident in (idents,) if type(idents) is bytes else idents:
             entry = self.held.get(ident)
             if entry == fd:
                 del self.held[ident]
+                if ident not in changed:          # its count as of the last report
+                    changed[ident] = 1
             elif type(entry) is set and fd in entry:
+                if ident not in changed:
+                    changed[ident] = len(entry)
                 entry.discard(fd)
                 if entry:
                     continue
@@ -304,6 +368,63 @@ class Router:
         if self.partial:
             for key in [k for k in self.partial if k[0] == fd]:
                 del self.partial[key]
+
+    # -- holder side: subscriber counts ------------------------------------------------------
+
+    def report_counts(self):
+        """At the tick: tell each home how the number of connections held here changed for
+        its ids since the last report (one COUNT record per home; ids whose number is what
+        the home knows are left out).  A fall is reported a tick later, if it lasts: a
+        long-poll answered and back within that time leaves its id's count alone."""
+        changed, falling = self.changed, self.falling
+        self.changed, self.falling = {}, {}
+        if falling:
+            changed.update(falling)               # what the home knows: before the fall
+        held = self.held
+        workers = self.w.region.workers
+        out = {}
+        for ident, known in changed.items():
+            entry = held.get(ident)
+            now = 0 if entry is None else 1 if type(entry) is int else len(entry)
+            if now == known:
+                continue
+            if now < known and ident not in falling:
+                self.falling[ident] = known
+                continue
+            home = shmqueue.id_key(ident) % workers
+            entries = out.get(home)
+            if entries is None:
+                entries = out[home] = []
+            entries.append(records.count_entry(ident, now - known))
+        for home, entries in out.items():
+            self._send_counts(home, entries)
+
+    def on_recount(self, src, record):
+        """Home src zeroed its counts: all we hold of its ids, from scratch (in parts)."""
+        generation = records.read_recount(record)
+        workers = self.w.region.workers
+        key = shmqueue.id_key
+        entries = [records.count_entry(ident, 1 if type(entry) is int else len(entry))
+                   for ident, entry in self.held.items() if key(ident) % workers == src]
+        self._send_counts(src, entries, COUNT_FULL | COUNT_FINAL, generation)
+        for pending in (self.changed, self.falling):   # the home knows them as they are now
+            for ident in [ident for ident in pending if key(ident) % workers == src]:
+                del pending[ident]
+
+    def _send_counts(self, home, entries, flags=0, generation=0):
+        """COUNT records of ``entries`` to home, split so that none outgrows a ring; only
+        the last carries COUNT_FINAL."""
+        w = self.w
+        limit = w.outbox[home].size // 4
+        part, size = [], COUNT_HEADER
+        for entry in entries:
+            if part and size + len(entry) > limit:
+                w.send(home, records.count_header(flags & ~COUNT_FINAL, generation)
+                       + b"".join(part))
+                part, size = [], COUNT_HEADER
+            part.append(entry)
+            size += len(entry)
+        w.send(home, records.count_header(flags, generation) + b"".join(part))
 
     def registered(self, ident):
         """Is this worker registered at ident's home for /sub deliveries (or about to be)?

@@ -317,13 +317,15 @@ def response(w, fd, head=False):
 NAMES = {records.PUB: "PUB", records.ACK: "ACK", records.SUB: "SUB", records.MSGS: "MSGS",
          records.DELIVER: "DELIVER", records.UNSUB: "UNSUB", records.CPOLL: "CPOLL",
          records.CMSG: "CMSG", records.RESET: "RESET", records.CGIVE: "CGIVE",
-         records.CWAKE: "CWAKE"}
+         records.CWAKE: "CWAKE", records.COUNT: "COUNT", records.RECOUNT: "RECOUNT"}
 READERS = {records.PUB: records.read_pub, records.ACK: records.read_ack,
            records.SUB: records.read_sub, records.MSGS: records.read_msgs,
            records.DELIVER: records.read_deliver, records.UNSUB: records.read_unsub,
            records.CPOLL: records.read_cpoll, records.CMSG: records.read_cmsg,
            records.RESET: lambda record: (), records.CGIVE: records.read_cgive,
-           records.CWAKE: lambda record: (records.read_cwake(record),)}
+           records.CWAKE: lambda record: (records.read_cwake(record),),
+           records.COUNT: records.read_count,
+           records.RECOUNT: lambda record: (records.read_recount(record),)}
 
 
 def read_record(record):

@@ -293,7 +293,8 @@ def test_a_poll_coming_back_before_the_tick_keeps_the_registration(pair):
                                   % (ident.decode(), answer["last"], answer["epoch"])))
     assert holder.state[FD] == HELD and holder.sent == {}   # registered: nothing to ask
     advance(holder, 0.25)
-    assert holder.sent == {}                      # held again: no UNSUB
+    assert [r[0] for r in read_records_to(holder, 0)] == ["COUNT"]   # held again: no UNSUB
+    #                                             (the tick reports its subscriber: +1)
     publish(home, ident, b"next")
     deliver(home, holder)
     assert response(holder, FD).json()["messages"] == [{"seq": 2, "data": "next"}]
@@ -311,9 +312,11 @@ def test_reset_forgets_every_registration_of_its_sender(pair):
     holder.stats.set("started_ms", 1)             # a predecessor ran: RESET to the others
     holder.stats.set("restarts", 1)
     holder.router.start()
-    assert read_records_to(holder, 0) == [("RESET",)]
+    # (RECOUNT: the subscriber counts of its partition start again: see test_presence.py)
+    assert [r for r in read_records_to(holder, 0) if r[0] != "RECOUNT"] == [("RESET",)]
     deliver(holder, home)
     assert home.router.generation[1] == 1
+    drop_records(home)
     publish(home, ident, b"m")
     assert list(home.sent) == [0]                 # worker 0 is still registered
 
