@@ -31,7 +31,8 @@ class Publish:
     """A publishing request (one ``POST /pub/<id>`` or a ``POST /pub`` batch) whose answer
     is owed: it waits for the ACKs of its messages, and for the answers owed before it."""
 
-    __slots__ = ("serial", "ident", "flags", "waiting", "published", "errors", "seq")
+    __slots__ = ("serial", "ident", "flags", "waiting", "published", "errors", "seq",
+                 "subscribers")
 
     def __init__(self, serial, ident, flags, waiting):
         self.serial = serial     # its PUBs carry it, and so do their ACKs
@@ -41,6 +42,7 @@ class Publish:
         self.published = 0
         self.errors = []
         self.seq = 0
+        self.subscribers = 0     # the subscribers its id had when stored (one id)
 
 
 class AppPort:
@@ -177,6 +179,9 @@ class AppPort:
             publish = self.begin(fd, ident, 1)
             self.router.publish(ident, body, fd, publish.serial)
             return
+        if path == b"/presence" or path.startswith((b"/presence/", b"/info/")):
+            self.http.respond(fd, 200, self.ask(method, path, body))
+            return
         if method not in (b"GET", b"HEAD"):
             raise wire.HttpError(405, "method not allowed")
         if path == b"/stats":
@@ -265,6 +270,7 @@ class AppPort:
         publish.published += stored
         if stored:
             publish.seq = last
+            publish.subscribers += records.ack_subscribers(record)
         for line in refused:
             publish.errors.append({"line": line, "error": "id table full"})
         if not publish.waiting and publish is head:
@@ -340,6 +346,34 @@ class AppPort:
         # answers get their own, so a peer that does not read them is closed, later.
         w.set_deadline(fd, w.cfg.header_timeout)
         http.send_response(fd, b"".join(answers), False)
+
+    # -- what the application can ask: GET /presence/<id>, POST /presence, GET /info/<id> ----
+
+    def ask(self, method, path, body):
+        """The answer's body.  Read from the ids' home partitions (any worker may read them:
+        a hint, as ``Partition.peek`` is), O(1) per id, no record sent: the subscriber
+        counts are what the holders reported at their last tick (``routing``)."""
+        homes, workers, key_of = self.w.homes, self.w.region.workers, shmqueue.id_key
+        if path == b"/presence":
+            if method != b"POST":
+                raise wire.HttpError(405, "POST the ids (GET /presence/<id> for one)")
+            found = {}
+            for ident in presence_ids(body):
+                key = key_of(ident)
+                found[ident.decode()] = homes[key % workers].subscribers(key)
+            return json.dumps(found).encode()
+        if method not in (b"GET", b"HEAD"):
+            raise wire.HttpError(405, "method not allowed")
+        ident = path[path.index(b"/", 1) + 1:]
+        if not wire.valid_id(ident):
+            raise wire.HttpError(400, wire.ID_RULE)
+        key = key_of(ident)
+        part = homes[key % workers]
+        if path.startswith(b"/presence/"):
+            return b'{"id": "%s", "subscribers": %d}' % (ident, part.subscribers(key))
+        last, buffered, subscribers, epoch = part.info(key) or (0, 0, 0, 0)
+        return (b'{"id": "%s", "last": %d, "buffered": %d, "subscribers": %d, "epoch": %d}'
+                % (ident, last, buffered, subscribers, epoch))
 
     # -- the binary protocol -------------------------------------------------------------
 
@@ -481,13 +515,39 @@ def answer_of(publish):
         if publish.waiting:
             return 503, NOT_CONFIRMED, TEXT
         if publish.seq:
-            return 202, b'{"id": "%s", "seq": %d}' % (publish.ident, publish.seq), JSON
+            return 202, (b'{"id": "%s", "seq": %d, "subscribers": %d}'
+                         % (publish.ident, publish.seq, publish.subscribers)), JSON
         return 503, b"id table full\n", TEXT
     publish.errors.sort(key=lambda error: error["line"])
     document = {"published": publish.published, "errors": publish.errors}
     if publish.waiting:
         document["unconfirmed"] = publish.waiting
     return 503 if publish.waiting else 202, json.dumps(document).encode(), JSON
+
+
+PRESENCE_MAX = 10000             # ids per POST /presence
+
+
+def presence_ids(body):
+    """The ids of a POST /presence: a JSON array of strings, or one id per line."""
+    text = body.strip()
+    if text.startswith(b"["):
+        try:
+            items = json.loads(text)
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError
+            idents = [item.encode() for item in items]
+        except (ValueError, RecursionError, UnicodeError):
+            raise wire.HttpError(400, "a JSON array of ids (strings), or one id per line") from None
+    else:
+        idents = [line.strip() for line in text.split(b"\n")]
+        idents = [ident for ident in idents if ident]
+    if len(idents) > PRESENCE_MAX:
+        raise wire.HttpError(413, "at most %d ids per request" % PRESENCE_MAX)
+    for ident in idents:
+        if not wire.valid_id(ident):
+            raise wire.HttpError(400, "%s: %s" % (repr(ident[:40])[2:-1], wire.ID_RULE))
+    return idents
 
 
 def error_text(e):

@@ -505,11 +505,11 @@ def test_app_port_keep_alive_and_chunked_publish(server_factory):
             conn.send(b"POST /pub/%s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\nm%d"
                       % (ident.encode(), n))
             status, _, body = conn.response()
-            assert (status, json.loads(body)) == (202, {"id": ident, "seq": n})
+            assert (status, json.loads(body)) == (202, {"id": ident, "seq": n, "subscribers": 0})
         conn.send(b"POST /pub/%s HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                   b"3\r\nab-\r\n4\r\ncd\xc3\xa9\r\n0\r\n\r\n" % ident.encode())
         status, _, body = conn.response()
-        assert (status, json.loads(body)) == (202, {"id": ident, "seq": 4})
+        assert (status, json.loads(body)) == (202, {"id": ident, "seq": 4, "subscribers": 0})
         conn.send(b"POST /pub HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
                   % (len(json.dumps({"id": ident, "data": "b"})), json.dumps({"id": ident, "data": "b"}).encode()))
         status, _, body = conn.response()
@@ -1041,7 +1041,7 @@ def test_single_pub_limits(server_factory):
     server = server_factory("--max-message", "100", workers=2)
     ident = uid("lim")
     status, _, body = server.request("POST", "/pub/" + ident, b"x" * 100)
-    assert status == 202 and json.loads(body) == {"id": ident, "seq": 1}
+    assert status == 202 and json.loads(body) == {"id": ident, "seq": 1, "subscribers": 0}
     status, _, _ = server.request("POST", "/pub/" + ident, b"x" * 101)
     assert status == 413
     status, _, _ = server.request("POST", "/pub/" + ident, b"\xff\xfe not utf-8")
@@ -1147,7 +1147,7 @@ def test_app_token(server_factory):
     assert status == 200 and body.strip() == b"ok"
     # With the token.
     status, _, body = server.request("POST", "/pub/" + ident, b"yes", headers=good)
-    assert status == 202 and json.loads(body) == {"id": ident, "seq": 1}
+    assert status == 202 and json.loads(body) == {"id": ident, "seq": 1, "subscribers": 0}
     status, _, body = server.request("POST", "/pub", json.dumps({"id": ident, "data": "yes 2"}).encode(),
                                      headers=good)
     assert status == 202 and json.loads(body)["published"] == 1

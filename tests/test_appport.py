@@ -68,7 +68,7 @@ def test_a_publish_is_answered_202_once_its_homes_ack_arrives(pair):
     deliver(w1, w0)
     answer = response(w0, FD)
     assert (answer.status, answer.headers["content-type"]) == (202, "application/json")
-    assert answer.json() == {"id": b.decode(), "seq": 1}
+    assert answer.json() == {"id": b.decode(), "seq": 1, "subscribers": 0}
     assert not answer.closes and w0.state[FD] == READING and not w0.app.owes()
     assert w0.counters[shmqueue.RECEIVED] == 1 and w1.counters[shmqueue.PUBLISHED] == 1
 
@@ -82,9 +82,9 @@ def test_pipelined_publishes_are_answered_in_request_order_whatever_order_their_
     assert written(w0, FD) == b""                 # ... but b's answer is owed before them
     settle(w0, w1)
     got = responses(w0, FD)
-    assert [r.json() for r in got] == [{"id": b.decode(), "seq": 1},
-                                       {"id": a.decode(), "seq": 1},
-                                       {"id": a.decode(), "seq": 2}]
+    assert [r.json() for r in got] == [{"id": b.decode(), "seq": 1, "subscribers": 0},
+                                       {"id": a.decode(), "seq": 1, "subscribers": 0},
+                                       {"id": a.decode(), "seq": 2, "subscribers": 0}]
 
 
 def test_a_request_behind_publishes_waits_for_their_answers(pair):

@@ -363,7 +363,7 @@ def test_body_over_limit_gets_413(srv, pids):
     # At the limit: accepted.
     status, _, reply = srv.request("POST", "/pub/" + ident, b"m" * MAX_MESSAGE)
     assert status == 202, reply
-    assert json.loads(reply) == {"id": ident, "seq": 1}
+    assert json.loads(reply) == {"id": ident, "seq": 1, "subscribers": 0}
     # One byte over --max-message on POST /pub/<id>.
     reply, closed = exchange(srv.app, post(srv.app, "/pub/" + ident, b"m" * (MAX_MESSAGE + 1)))
     assert status_of(reply) == 413, reply

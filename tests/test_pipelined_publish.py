@@ -61,7 +61,7 @@ def test_pipelined_publishes_are_answered_in_order_each_with_its_seq(server_fact
     for (ident, _), (_, _, body) in zip(requests, answers):
         doc = json.loads(body)
         seen[ident] = seen.get(ident, 0) + 1
-        assert doc == {"id": ident, "seq": seen[ident]}, doc      # its own id's next seq
+        assert doc == {"id": ident, "seq": seen[ident], "subscribers": 0}, doc   # its id's next seq
     for ident in ids:                                 # and what was stored is what was sent
         status, _, body = server.sub(ident, since=0)
         assert status == 200
@@ -370,7 +370,8 @@ def test_a_late_ack_for_a_closed_connection_misses_the_next_one_on_its_fd(server
     answers = read_answers(stream, 2)
     second.close()
     assert [json.loads(body) for _, _, body in answers] == [
-        {"id": b, "seq": 3}, {"id": a, "seq": 2}], answers     # probes were 1; the first's 2
+        {"id": b, "seq": 3, "subscribers": 0},
+        {"id": a, "seq": 2, "subscribers": 0}], answers     # probes were 1; the first's 2
     status, _, body = server.sub(b, since=1)
     assert [m["data"] for m in json.loads(body)["messages"]] == [
         "from-the-first", "from-the-second"]
@@ -416,7 +417,7 @@ def test_batches_of_invalid_lines_answered_at_once_keep_their_turn(server_factor
             expected.append((200, "ok\n"))
         else:
             seq += 1
-            expected.append((202, {"id": a, "seq": seq}))
+            expected.append((202, {"id": a, "seq": seq, "subscribers": 0}))
     got = [(status, body.decode() if status == 200 else json.loads(body))
            for status, _, body in answers]
     assert got == expected
