@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -260,3 +261,27 @@ def test_haproxy_in_front_passes_the_client_address(server_factory, send_proxy):
         finally:
             proxy.terminate()
             proxy.wait(10)
+
+
+# -- the PROXY header before TLS ------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
+def test_the_header_comes_before_the_tls_handshake(server_factory, tmp_path):
+    from test_tls import Pki
+    pki = Pki(tmp_path)
+    cert, key = pki.server_cert("edge")
+    server = server_factory("--proxy-protocol", "--tls-cert", cert, "--tls-key", key, workers=1)
+    for header, client in ((proxyproto.v2_header(("203.0.113.44", 4444), ("192.0.2.1", 443)),
+                            "203.0.113.44:4444"),
+                           (b"PROXY TCP6 2001:db8::44 2001:db8::1 4445 443\r\n",
+                            "[2001:db8::44]:4445")):
+        raw = connect(server.client)
+        raw.sendall(header)
+        with pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(NOT_FOUND)
+            assert read_response(sock)[0] == 404
+        logged(server, "client: 404 no such path (client %s)" % client)
+    with connect(server.client) as raw:               # a ClientHello with no header first
+        with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+            pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    logged(server, "no PROXY protocol header (first byte 0x16); closed")
