@@ -186,6 +186,18 @@ def test_max_conns_per_ip_counts_the_real_address_behind_a_proxy(server_factory)
     assert admitted(first)
     for sock in (first, second, third):
         sock.close()
+    # Closed connections give their place back (none is left counted, refused or not).
+    header = proxyproto.v2_header(("198.51.100.30", 4), ("192.0.2.1", 8000))
+
+    def served_behind_the_proxy():
+        with connect(server.client) as sock:
+            sock.sendall(header)
+            try:
+                return served(sock)
+            except OSError:                       # (refused: its place is not back yet)
+                return False
+    for _ in range(5):
+        wait_for(served_behind_the_proxy, message="a place for 198.51.100.30")
 
 
 # -- the app port's Host check --------------------------------------------------------------
