@@ -77,7 +77,7 @@ class AppPort:
         first = w.inbuf[fd][0]
         if first in (wire.FRAME_PUBLISH, wire.FRAME_PING):
             if self.token is not None:
-                w.log("app: binary protocol refused (--app-token is set)")
+                w.log("app: binary protocol refused (--app-token is set)", fd=fd)
                 w.close(fd)
                 return
             w.proto[fd] = protocols.APP_BINARY
@@ -335,7 +335,7 @@ class AppPort:
         for publish in owed:
             del self.publishes[fd, publish.serial]
         w.log("publish: %d messages not confirmed in %.0f s"
-              % (sum(publish.waiting for publish in owed), CONFIRM_TIMEOUT))
+              % (sum(publish.waiting for publish in owed), CONFIRM_TIMEOUT), fd=fd)
         owed[-1].flags &= ~KEEP_ALIVE
         answers = []
         for publish in owed:
@@ -402,7 +402,7 @@ class AppPort:
         self.half_closed.discard(fd)
         w.log("app: binary publisher closed after %d frames%s" % (
             self.frames_in.pop(fd, 0), " (%d bytes unparsed)" % len(w.inbuf[fd])
-            if fd in w.inbuf else ""), "info")
+            if fd in w.inbuf else ""), "info", fd=fd)
 
     def stop_binary(self, fd):
         """EOF tells the publisher to go elsewhere; what it sent before closing is still read."""
