@@ -297,3 +297,39 @@ def test_the_header_comes_before_the_tls_handshake(server_factory, tmp_path):
         with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
             pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
     logged(server, "no PROXY protocol header (first byte 0x16); closed")
+
+
+# -- the Host check's rules, without a server -------------------------------------------
+
+def host_rules(app_host, names=(), port=9000):
+    from megacomet import appport
+    from inprocess import make_config
+    cfg = make_config(app_host=app_host, app_port=port, app_server_names=names)
+    hosts, any_ip = appport.allowed_hosts(cfg)
+    return lambda host: host in hosts or (any_ip and appport.ip_literal(host))
+
+
+def test_host_rules_for_loopback_wildcard_and_named_app_hosts():
+    loopback = host_rules("127.0.0.1", ("push.internal:8080",))
+    assert all(map(loopback, (b"127.0.0.1", b"127.0.0.1:9000", b"localhost", b"localhost:9000",
+                              b"[::1]", b"[::1]:9000", b"push.internal:8080")))
+    assert not any(map(loopback, (b"127.0.0.1:9001", b"127.0.0.2", b"push.internal",
+                                  b"rebound.example", b"rebound.example:9000", b"", b"[::1]x")))
+    wildcard = host_rules("0.0.0.0")
+    assert all(map(wildcard, (b"10.0.0.5", b"10.0.0.5:9000", b"[fd00::5]:9000", b"localhost",
+                              b"127.0.0.1:9000")))
+    assert not any(map(wildcard, (b"rebound.example", b"10.0.0.5.nip.io", b"fd00::5",
+                                  b"[fe80::1%25eth0]", b"10.0.0.5:x")))
+    ipv6 = host_rules("::1")
+    assert ipv6(b"[::1]:9000") and ipv6(b"localhost") and not ipv6(b"::1")
+    named = host_rules("10.0.0.5", ("push.internal",))
+    assert named(b"10.0.0.5:9000") and named(b"push.internal:9000")
+    assert not named(b"localhost") and not named(b"127.0.0.1")
+
+
+def test_two_different_host_headers_trust_neither(server_factory):
+    server = server_factory(workers=1)
+    with socket.create_connection(("127.0.0.1", server.app), timeout=5) as sock:
+        sock.sendall(b"GET /stats HTTP/1.1\r\nHost: localhost\r\nHost: rebound.example\r\n"
+                     b"Connection: close\r\n\r\n")
+        assert read_response(sock)[0] == 421
