@@ -7,7 +7,7 @@ never keeps state and never allocates beyond the record it builds.
 
     PUB     any worker -> home    store a message, deliver it, maybe ACK back
     ACK     home -> publisher     how many of a request's messages it stored (one per turn),
-                                  and the subscribers their ids had then
+                                  and a single publish's subscribers when stored
     SUB     any worker -> home    register the worker, answer with MSGS (backlog)
     MSGS    home -> subscriber    the backlog newer than a SUB's cursor, with the id's
                                   last seq and epoch, maybe in parts
@@ -69,8 +69,8 @@ def read_pub(record):
 
 
 def ack(fd, serial, stored, last, refused_lines, subscribers=0):
-    """``subscribers``: the sum, over the messages stored, of their id's subscriber count
-    when each was stored."""
+    """``subscribers``: a single publish's (line 0) id's subscriber count when it was
+    stored; 0 for a batch's messages (their answer does not say it)."""
     return (_ACK.pack(ACK, fd, serial, stored, last, subscribers, len(refused_lines))
             + b"".join(_LINE.pack(line) for line in refused_lines))
 

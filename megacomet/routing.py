@@ -135,7 +135,8 @@ class Router:
             if seq:
                 tally[0] += 1
                 tally[1] = seq
-                tally[3] += w.part.published_count    # its subscribers as it was stored
+                if not line:                       # a single publish: its id's subscribers
+                    tally[3] = w.part.published_count     # as it was stored (not for batches)
             else:
                 tally[2].append(line)
         if targets:
@@ -313,15 +314,16 @@ class Router:
             entry = held.get(ident)
             if entry is None:
                 held[ident] = fd
-                before = 0
+                if ident not in changed:          # its count as of the last report
+                    changed[ident] = 0
             elif type(entry) is set:
-                before = len(entry)
+                if ident not in changed:
+                    changed[ident] = len(entry)
                 entry.add(fd)
             else:
                 held[ident] = {entry, fd}
-                before = 1
-            if ident not in changed:              # its count as of the last report
-                changed[ident] = before
+                if ident not in changed:
+                    changed[ident] = 1
         if compat:
             self.compat_held[idents] = self.compat_held.get(idents, 0) + 1
         w.counters[SUBSCRIBERS] += 1
