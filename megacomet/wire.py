@@ -116,7 +116,9 @@ def parse_head(buf, max_head=MAX_HEAD):
     for field in _FIELDS.finditer(lower, line_end):
         name = field.group(1)
         value = field.group(2).rstrip(b" \t")
-        if name == b"content-length":
+        if name == b"host":                       # (first: every request has one)
+            host = value if host is None or host == value else b""   # two: none is trusted
+        elif name == b"content-length":
             if not value.isdigit() or len(value) > 18 or \
                     (content_length is not None and int(value) != content_length):
                 raise HttpError(400, "bad Content-Length")
@@ -142,8 +144,6 @@ def parse_head(buf, max_head=MAX_HEAD):
             websocket_key = head[field.start(2):field.start(2) + len(value)]   # case matters
         elif name == b"sec-websocket-version":
             websocket_version = value
-        elif name == b"host":
-            host = value if host is None or host == value else b""   # two: none is trusted
         else:
             browser = True
     if chunked and content_length is not None:
