@@ -4,17 +4,22 @@ HTTP (``POST /pub/<id>``, ``POST /pub`` batches, ``/stats``, ``/metrics``,
 ``/health``) and the original's binary protocol share the port; the first
 byte of a connection tells them apart.  A publish is answered once its
 messages' homes have stored them (their ACKs), or with 503 after
-CONFIRM_TIMEOUT without progress.  Browsers are refused here, and with an app
-token so is every caller that does not show it, on the request head.
+CONFIRM_TIMEOUT without progress.  Browsers are refused here (but for the live
+dashboard: ``GET /dashboard``, a static page, and its own reads of ``/stats``), and
+with an app token so is every caller that does not show it, on the request head.
 It never stores a message itself: ``routing`` sends each to its home.
 """
 
+import base64
 import collections
+import hashlib
 import hmac
 import ipaddress
 import json
+import re
 import time
 
+from . import front
 from . import protocols
 from . import records
 from . import shmqueue
@@ -139,9 +144,9 @@ class AppPort:
                                                                 ip_literal(host)):
             raise wire.HttpError(421, "Host %s is not a name of this app port (see "
                                       "--app-server-name)" % repr(host[:80])[1:])
-        if req.browser:
+        if req.browser and not dashboard_read(req):
             raise wire.HttpError(403, "browser requests (Origin, Sec-Fetch-*) are refused here")
-        if self.token is None or req.path == b"/health":
+        if self.token is None or req.path in PUBLIC_PATHS:
             return
         scheme, _, credentials = (req.authorization or b"").partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self.token):
@@ -186,6 +191,8 @@ class AppPort:
             raise wire.HttpError(405, "method not allowed")
         if path == b"/stats":
             self.http.respond(fd, 200, json.dumps(self.stats_document()).encode())
+        elif path == b"/dashboard":
+            self.http.respond(fd, *dashboard_page())
         elif path == b"/metrics":
             self.http.respond(fd, 200, self.metrics_text().encode(),
                               b"text/plain; version=0.0.4; charset=utf-8")
@@ -558,3 +565,46 @@ def error_text(e):
     if isinstance(e, RecursionError):
         return "invalid JSON: nested too deeply"
     return str(e)
+
+
+# -- the live dashboard: GET /dashboard, a static page that reads GET /stats every second ----
+
+PUBLIC_PATHS = (b"/health", b"/dashboard")    # answered without the app token (no data in them)
+DASHBOARD_READS = (b"/dashboard", b"/stats")  # what a browser may GET here, on its user's word
+
+
+def dashboard_read(req):
+    """May this browser request pass the browser check?  Only a GET (or HEAD) of the dashboard
+    or of /stats that the browser itself says was asked by its user (``Sec-Fetch-Site: none``:
+    typed in, a bookmark) or by a page of this very origin (``same-origin``: the dashboard's own
+    fetches), with no Origin or this port's own.  Another site's page (cross-site; same-site,
+    such as the client port's) is refused as before, and so is any other request: a POST, a GET
+    of /metrics.  A name rebound to this address is refused by the Host check before this, and
+    /stats still needs the app token when there is one."""
+    return (req.method in (b"GET", b"HEAD") and req.path in DASHBOARD_READS
+            and req.fetch_site in (b"same-origin", b"none")
+            and (req.origin is None or req.origin == b"http://" + (req.host or b"")))
+
+
+DASHBOARD_HEADERS = (b"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+                     b"X-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\n")
+
+
+def dashboard_page():
+    """The (status, body, content type, headers) of GET /dashboard: the page from the package's
+    static/, read on each request (a rare one: nothing is kept per worker), with a
+    Content-Security-Policy that lets it run only its own inline script and style, and fetch
+    from its own origin only."""
+    page = front.static_file("dashboard.html")
+    if page is None:
+        return 404, b"no dashboard.html in this installation\n", TEXT, b""
+    hashes = {}
+    for tag in (b"script", b"style"):
+        hashes[tag] = b" ".join(
+            b"'sha256-%s'" % base64.b64encode(hashlib.sha256(block).digest())
+            for block in re.findall(b"<%s>(.*?)</%s>" % (tag, tag), page, re.S)) or b"'none'"
+    policy = (b"default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+              b"img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+              % (hashes[b"script"], hashes[b"style"]))
+    return (200, page, b"text/html; charset=utf-8",
+            DASHBOARD_HEADERS + b"Content-Security-Policy: %s\r\n" % policy)

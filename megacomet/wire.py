@@ -51,11 +51,12 @@ class Request:
 
     __slots__ = ("method", "path", "query", "keep_alive", "content_length",
                  "chunked", "authorization", "head_end", "browser", "accept", "last_event_id",
-                 "websocket_key", "websocket_version", "host")
+                 "websocket_key", "websocket_version", "host", "origin", "fetch_site")
 
     def __init__(self, method, path, query, keep_alive, content_length, chunked,
                  authorization, head_end, browser=False, accept=None, last_event_id=None,
-                 websocket_key=None, websocket_version=None, host=None):
+                 websocket_key=None, websocket_version=None, host=None, origin=None,
+                 fetch_site=None):
         self.method = method
         self.path = path
         self.query = query
@@ -72,6 +73,10 @@ class Request:
         self.websocket_key = websocket_key
         self.websocket_version = websocket_version
         self.host = host                  # lower-cased; None if absent, b"" if sent twice
+        # What a browser says of who asks (lower-cased; None if absent): the Origin header,
+        # and Sec-Fetch-Site (same-origin, same-site, cross-site, none: the user asked).
+        self.origin = origin
+        self.fetch_site = fetch_site
 
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/1\.([01])\Z")
@@ -111,6 +116,7 @@ def parse_head(buf, max_head=MAX_HEAD):
     content_length = None
     chunked = False
     authorization = accept = last_event_id = websocket_key = websocket_version = host = None
+    origin = fetch_site = None
     browser = upgrade = connection_upgrade = False
     lower = head.lower()
     for field in _FIELDS.finditer(lower, line_end):
@@ -146,6 +152,10 @@ def parse_head(buf, max_head=MAX_HEAD):
             websocket_version = value
         else:
             browser = True
+            if name == b"origin":
+                origin = value if origin is None or origin == value else b""
+            elif name == b"sec-fetch-site":
+                fetch_site = value if fetch_site is None or fetch_site == value else b""
     if chunked and content_length is not None:
         raise HttpError(400, "both Content-Length and Transfer-Encoding")
     # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless
@@ -158,7 +168,7 @@ def parse_head(buf, max_head=MAX_HEAD):
         websocket_key = b""
     return Request(method, path, query, keep_alive, content_length, chunked,
                    authorization, end + 4, browser, accept, last_event_id,
-                   websocket_key, websocket_version, host)
+                   websocket_key, websocket_version, host, origin, fetch_site)
 
 
 def parse_body(buf, req, max_body):
