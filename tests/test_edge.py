@@ -333,3 +333,17 @@ def test_two_different_host_headers_trust_neither(server_factory):
         sock.sendall(b"GET /stats HTTP/1.1\r\nHost: localhost\r\nHost: rebound.example\r\n"
                      b"Connection: close\r\n\r\n")
         assert read_response(sock)[0] == 421
+
+
+def test_the_flags_are_checked():
+    from megacomet import cli
+    args = cli.parse_args(["--proxy-protocol", "--max-conns-per-ip", "5",
+                           "--app-server-name", "Push.Internal", "--app-server-name", "[fd00::5]:9000"])
+    assert args.proxy_protocol and args.max_conns_per_ip == 5
+    assert args.app_server_names == ("push.internal", "[fd00::5]:9000")
+    plain = cli.parse_args([])
+    assert not plain.proxy_protocol and plain.max_conns_per_ip == 0 and plain.app_server_names == ()
+    for bad in (["--max-conns-per-ip", "-1"], ["--app-server-name", "a b"],
+                ["--app-server-name", "evil.example/x"], ["--app-server-name", ""]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(bad)
