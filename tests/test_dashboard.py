@@ -2,7 +2,8 @@
 
 - The page is one self-contained file: HTML with its own inline style and script, nothing
   loaded from anywhere (no ``src``, ``href``, ``url(``, no other host named), served with a
-  Content-Security-Policy that lets it run only that script and fetch from its own origin.
+  Content-Security-Policy that lets it run only that script and fetch from its own origin;
+  the single-file ``.pyz`` serves it too.
 - With an app token, the page itself is public (it holds no data: it is the file in the
   package) and its data is not: ``/stats`` without the token is 401, as before.
 - The browser check lets through only a browser's GET of ``/dashboard`` or ``/stats`` that
@@ -22,13 +23,15 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from conftest import ROOT
-from megacomet import front
+from megacomet import front, wire
 
 try:
     from playwright.sync_api import sync_playwright
@@ -88,6 +91,19 @@ def test_dashboard_is_one_self_contained_page(server):
     # Only GET and HEAD.
     status, _, _ = server.request("POST", "/dashboard", b"x")
     assert status == 405
+
+
+def test_the_pyz_serves_the_dashboard(server_factory, tmp_path):
+    """The single-file server has the page too (package data, read through its loader)."""
+    pyz = tmp_path / "megacomet.pyz"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_pyz.py"),
+                           "-o", str(pyz)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    server = server_factory(workers=1, command=[sys.executable, "-I", str(pyz)],
+                            cwd=str(tmp_path), env={"PATH": os.environ["PATH"]})
+    status, headers, body = server.request("GET", "/dashboard")
+    assert status == 200 and body == front.static_file("dashboard.html")
+    assert "sha256-" in headers["Content-Security-Policy"]
 
 
 def sha256(text):
@@ -159,6 +175,24 @@ def test_the_browser_check_lets_through_the_dashboard_and_its_reads_only(server)
     status, _ = raw_get(server, "/stats", b"Sec-Fetch-Site: same-origin\r\n",
                         host=b"evil.example:%d" % server.app)
     assert status == 421
+
+
+def test_wire_reads_origin_and_sec_fetch_site():
+    def head(*lines):
+        return wire.parse_head(b"GET /stats HTTP/1.1\r\nHost: a:9\r\n%s\r\n"
+                               % b"".join(line + b"\r\n" for line in lines))
+    req = head(b"Origin: HTTP://A:9", b"Sec-Fetch-Site: Same-Origin ")
+    assert (req.browser, req.origin, req.fetch_site) == (True, b"http://a:9", b"same-origin")
+    req = head()
+    assert (req.browser, req.origin, req.fetch_site) == (False, None, None)
+    req = head(b"Sec-Fetch-Mode: cors")
+    assert (req.browser, req.origin, req.fetch_site) == (True, None, None)
+    # Twice, differing: neither is believed (the same twice is the same).
+    req = head(b"Sec-Fetch-Site: same-origin", b"Sec-Fetch-Site: cross-site",
+               b"Origin: http://a:9", b"Origin: http://b")
+    assert (req.origin, req.fetch_site) == (b"", b"")
+    req = head(b"Sec-Fetch-Site: none", b"sec-fetch-site: none")
+    assert req.fetch_site == b"none"
 
 
 def raw_get(server, path, extra, host=None):
