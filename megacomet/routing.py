@@ -136,7 +136,8 @@ class Router:
                 tally[0] += 1
                 tally[1] = seq
                 if not line:                       # a single publish: its id's subscribers
-                    tally[3] = w.part.published_count     # as it was stored (not for batches)
+                    part = w.part                  # as it was stored (not for batches)
+                    tally[3] = part.counts[part.published_slot]
             else:
                 tally[2].append(line)
         if targets:

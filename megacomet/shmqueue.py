@@ -307,9 +307,9 @@ class Partition:
             off += n * width
         (self.keys, self.masks, self.cmasks, self.heads, self.epochs,
          self.lasts, self.firsts, self.compats, self.counts) = arrays
-        # What counts[] held for the id of the last publish, when it was stored (routing
-        # puts it in the ACK): an attribute, so that publish()'s answer keeps its shape.
-        self.published_count = 0
+        # The slot of the last publish (routing reads its subscriber count for the ACK): an
+        # attribute, so that publish()'s answer keeps its shape, and an int, the cheapest store.
+        self.published_slot = 0
         self.log = view[off:off + lay.log_size]
         self.log_size = lay.log_size
         self.workers = lay.workers
@@ -542,7 +542,7 @@ class Partition:
             self.dropped += overflow
             header[_H_MESSAGES] -= overflow
         header[_H_MESSAGES] += 1
-        self.published_count = self.counts[i]
+        self.published_slot = i
         cmask = compat = self.cmasks[i]
         targets = self.masks[i] | cmask
         if cmask:
