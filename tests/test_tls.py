@@ -272,6 +272,95 @@ def test_many_tls_connections_at_once(server_factory, pki, cert):
     wait_for(lambda: no_client_connections(server), timeout=10, message="every connection closed")
 
 
+class TlsStream:
+    """An EventSource over TLS, read by hand: the head, then events."""
+
+    def __init__(self, server, pki, ident, rcvbuf=None):
+        raw = socket.socket()
+        if rcvbuf:                                      # before connecting, or the window is set
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        raw.settimeout(10)
+        raw.connect(("127.0.0.1", server.client))
+        self.sock = pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
+        self.sock.sendall(b"GET /sse/%s HTTP/1.1\r\nHost: test\r\n\r\n" % ident.encode())
+        self.buf = b""
+        assert self.until(b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+
+    def until(self, marker, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while marker not in self.buf:
+            assert time.monotonic() < deadline, self.buf[-300:]
+            chunk = self.sock.recv(65536)
+            assert chunk, "stream closed: %r" % self.buf[-300:]
+            self.buf += chunk
+        block, _, self.buf = self.buf.partition(marker)
+        return block
+
+    def message(self):
+        while True:
+            block = self.until(b"\n\n")
+            if block.startswith(b"id: "):
+                return block
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_tls_stream_that_does_not_read_is_closed_and_counted(server_factory, pki, cert):
+    server = tls_server(server_factory, cert, "--max-message", 65536, workers=1)
+    ident = uid("tls-slow")
+    slow = TlsStream(server, pki, ident, rcvbuf=4096)
+    fine = TlsStream(server, pki, ident)
+    try:
+        big = "x" * 60000
+        rounds = 0
+        while server.stats()["totals"]["slow_closed"] == 0 and rounds < 40:
+            server.pub_batch([(ident, big)] * 8)        # its ciphertext piles up, then the bound
+            for _ in range(8):
+                assert fine.message().endswith(big.encode())
+            rounds += 1
+        wait_for(lambda: server.stats()["totals"]["slow_closed"] == 1, timeout=5,
+                 message="the slow stream to be closed")
+        server.pub(ident, "after")
+        assert fine.message() == b"id: %d\ndata: after" % (rounds * 8 + 1)
+    finally:
+        slow.close()
+        fine.close()
+
+
+def test_an_answer_that_closes_ends_with_close_notify(server_factory, pki, cert):
+    server = tls_server(server_factory, cert)
+    raw = socket.create_connection(("127.0.0.1", server.client), timeout=10)
+    # A ragged EOF (a close without close_notify) would raise SSLEOFError here.
+    with pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1",
+                                          suppress_ragged_eofs=False) as sock:
+        sock.sendall(b"GET /sub/%s?since=0&timeout=1 HTTP/1.1\r\nHost: test\r\n"
+                     b"Connection: close\r\n\r\n" % uid("bye").encode())
+        got = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200") and b'"messages": []' in got
+
+
+def test_tls_after_a_proxy_protocol_header(server_factory, pki, cert):
+    server = tls_server(server_factory, cert, "--proxy-protocol")
+    ident = uid("tls-proxied")
+    server.pub(ident, "behind a balancer")
+    raw = socket.create_connection(("127.0.0.1", server.client), timeout=10)
+    raw.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 %d\r\n" % server.client)
+    with pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        sock.sendall(b"GET /sub/%s?since=0 HTTP/1.1\r\nHost: test\r\n\r\n" % ident.encode())
+        status, _, body = read_response(sock)
+        assert status == 200 and json.loads(body)["messages"][0]["data"] == "behind a balancer"
+    # Without the header the handshake never starts: closed, as any connection without one.
+    with socket.create_connection(("127.0.0.1", server.client), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, OSError)):
+            pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
+
+
 # -- what must cost nothing but the connection ------------------------------------------
 
 
