@@ -195,3 +195,52 @@ def wait_for(predicate, timeout=10.0, interval=0.05, message="condition"):
             return value
         time.sleep(interval)
     raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, message))
+
+
+# -- Chromium (tests/test_browser.py, test_demo.py, test_dashboard.py, test_tls.py) ---------
+
+CHROMIUM = "/usr/bin/chromium"
+PAGE_WAIT_MS = 20000                 # the longest any one page wait may take
+
+
+def launch_chromium(playwright, *args):
+    """Debian's Chromium, never a browser build of Playwright's own (there is no download
+    here); the machine has no network beyond loopback, so its background traffic is off.
+    Skips the test when Playwright or Chromium is missing."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("chromium is not installed: apt-get install chromium")
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM, timeout=30000,
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update",
+              "--disable-sync", *args])
+
+
+def playwright_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: python3 -m pip install -e '.[test]'")
+    return sync_playwright()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One Chromium per module (its start is the slow part); each test has its own context."""
+    with playwright_or_skip() as playwright:
+        chromium = launch_chromium(playwright)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(PAGE_WAIT_MS)
+        yield page
+    finally:
+        context.close()

@@ -40,52 +40,18 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import PAGE_WAIT_MS, wait_for
 from test_bad_input import uid
 from test_hardening import is_dead
 from test_streams import Stream, pids_or_none
 
 try:
-    from playwright.sync_api import TimeoutError as PageTimeout, sync_playwright
-except ImportError:                                   # skipped below, with the reason
-    sync_playwright = None
+    from playwright.sync_api import TimeoutError as PageTimeout
+except ImportError:                                   # skipped by conftest's browser fixture
+    PageTimeout = TimeoutError
 
-CHROMIUM = "/usr/bin/chromium"
 TRANSPORTS = ["websocket", "eventsource", "poll"]
 LINE = re.compile(r"\[(\w+)\] (\S+) #(\d+): (.*)")
-WAIT_MS = 20000                                       # the longest any one page wait may take
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """One Chromium for the module (its start is the slow part); each test has its own context."""
-    if sync_playwright is None:
-        pytest.skip("playwright is not installed: python -m pip install -e '.[test]'")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip("chromium is not installed: apt-get install chromium")
-    with sync_playwright() as playwright:
-        # Never Playwright's own browser build (there is no download here): Debian's.  The
-        # machine has no network beyond loopback, so Chromium's own background traffic is off.
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, timeout=30000,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context()
-    try:
-        page = context.new_page()
-        page.set_default_timeout(WAIT_MS)
-        yield page
-    finally:
-        context.close()
 
 
 def publish(server, ident, data, timeout=15.0):
@@ -142,7 +108,7 @@ def expect_shown(page, transport, ident, expected):
     """Wait until the page shows as many lines as published, then they must be exactly those."""
     try:
         page.wait_for_function("n => document.querySelectorAll('#log div').length >= n",
-                               arg=len(expected), timeout=WAIT_MS)
+                               arg=len(expected), timeout=PAGE_WAIT_MS)
     except PageTimeout:
         pass                                          # the comparison below shows what is missing
     assert shown(page) == [(transport, ident, seq, data) for seq, data in expected]
@@ -163,7 +129,7 @@ def expect_shown_by_id(page, transport, expected):
     ids is the server's (a backlog of several ids comes home by home), each id's is fixed."""
     try:
         page.wait_for_function("n => document.querySelectorAll('#log div').length >= n",
-                               arg=sum(map(len, expected.values())), timeout=WAIT_MS)
+                               arg=sum(map(len, expected.values())), timeout=PAGE_WAIT_MS)
     except PageTimeout:
         pass
     assert shown_by_id(page, transport) == {i: m for i, m in expected.items() if m}
@@ -343,7 +309,7 @@ def test_a_client_resumed_from_saved_epochs_takes_a_new_epoch_of_one_id_alone(
             });
         }""", [[a, b], transport, saved])
         try:
-            page.wait_for_function("n => window.got.length >= n", arg=5, timeout=WAIT_MS)
+            page.wait_for_function("n => window.got.length >= n", arg=5, timeout=PAGE_WAIT_MS)
         except PageTimeout:
             pass
         time.sleep(0.5)                                       # and nothing more, later

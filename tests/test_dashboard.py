@@ -28,17 +28,9 @@ import sys
 import threading
 import time
 
-import pytest
-
 from conftest import ROOT
 from megacomet import front, wire
 
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:                                   # skipped below, with the reason
-    sync_playwright = None
-
-CHROMIUM = "/usr/bin/chromium"
 TOKEN = "dashboard-test-token-0123456789"
 SCREENSHOT = os.path.join(ROOT, "docs", "dashboard.png")
 SAME_ORIGIN = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"}
@@ -211,24 +203,6 @@ def raw_get(server, path, extra, host=None):
 
 
 # -- in Chromium -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if sync_playwright is None:
-        pytest.skip("playwright is not installed: python -m pip install -e '.[test]'")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip("chromium is not installed: apt-get install chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, timeout=30000,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 class Load:

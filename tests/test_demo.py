@@ -15,21 +15,14 @@ The header is checked over plain HTTP; the page itself in headless Chromium
 """
 
 import json
-import os
 import time
 import uuid
 
 import pytest
 
+from conftest import PAGE_WAIT_MS
 from megacomet import signing
 
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:                                   # skipped below, with the reason
-    sync_playwright = None
-
-CHROMIUM = "/usr/bin/chromium"
-WAIT_MS = 20000
 TOKEN = "demo-token-" + "t" * 24
 SECRET = "demo-secret-" + "s" * 24
 
@@ -75,34 +68,6 @@ def test_the_page_is_told_a_token_is_needed_but_never_the_token(server_factory, 
 
 # -- the page, in a browser ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def browser():
-    if sync_playwright is None:
-        pytest.skip("playwright is not installed: python -m pip install -e '.[test]'")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip("chromium is not installed: apt-get install chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, timeout=30000,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context()
-    try:
-        page = context.new_page()
-        page.set_default_timeout(WAIT_MS)
-        yield page
-    finally:
-        context.close()
-
 
 def open_demo(page, server, ident, transport="auto", query=None):
     url = "http://127.0.0.1:%d/demo?ids=%s&transport=%s" % (server.client, ident, transport)
@@ -114,14 +79,14 @@ def open_demo(page, server, ident, transport="auto", query=None):
 def wait_text(page, selector, text):
     """Wait until the element's text contains ``text``; then return its text."""
     page.wait_for_function("([s, t]) => document.querySelector(s).textContent.includes(t)",
-                           arg=[selector, text], timeout=WAIT_MS)
+                           arg=[selector, text], timeout=PAGE_WAIT_MS)
     return page.text_content(selector)
 
 
 def wait_line(page, data):
     page.wait_for_function("t => [...document.querySelectorAll('#log div')]"
                            ".some(row => row.textContent.endsWith(': ' + t))",
-                           arg=data, timeout=WAIT_MS)
+                           arg=data, timeout=PAGE_WAIT_MS)
 
 
 def test_the_page_shows_the_real_app_port(page, server_factory):
