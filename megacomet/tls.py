@@ -199,6 +199,6 @@ class Connection:
             w.write_raw(fd, data)
 
     def _fail(self, w, fd, what, e):
-        w.log("tls: %s: %s; closed" % (what, describe(e)), "info")
+        w.log("tls: %s: %s; closed" % (what, describe(e)), "info", fd=fd)   # names the client
         self._send(w, fd)                         # the alert, if OpenSSL made one
         w.close(fd)
