@@ -544,3 +544,22 @@ def test_a_sigkilled_worker_leaves_the_count_right_once_restarted(server_factory
         settles_at(server, ident, 0, timeout=3)
     finally:
         close_all(socks)
+
+
+def test_a_reload_leaves_the_counts_right(server_factory):
+    """SIGHUP replaces every worker in turn (each RESET starts a recount at every home):
+    the streams it closes leave the count, new ones count."""
+    server = server_factory(workers=2)
+    ident = uid("reload")
+    socks = open_spread(server, ident, 8)
+    try:
+        settles_at(server, ident, 8, timeout=2)
+        os.kill(server.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "reload: done" in server.stderr(), timeout=30, message="the reload")
+        wait_for(lambda: all(ended(sock) for sock in socks), timeout=5,
+                 message="the old workers' streams to end")
+        settles_at(server, ident, 0, timeout=3)
+        socks += [event_source(server, "/sse/" + ident) for _ in range(5)]
+        settles_at(server, ident, 5, timeout=2)
+    finally:
+        close_all(socks)
