@@ -27,7 +27,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, is_closed, read_response, wait_for
+from conftest import (PAGE_WAIT_MS, ROOT, is_closed, launch_chromium, playwright_or_skip,
+                      read_response, wait_for)
 from test_bad_input import uid
 
 OPENSSL = shutil.which("openssl")
@@ -534,19 +535,10 @@ def spki_hash(cert_file):
 
 @pytest.fixture(scope="module")
 def tls_browser(cert):
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed: python -m pip install -e '.[test]'")
-    from test_browser import CHROMIUM
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip("chromium is not installed: apt-get install chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, timeout=30000,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--ignore-certificate-errors-spki-list=" + spki_hash(cert[0])])
+    """Chromium told to accept the test certificate by its key's hash (as a pinned key)."""
+    with playwright_or_skip() as playwright:
+        chromium = launch_chromium(
+            playwright, "--ignore-certificate-errors-spki-list=" + spki_hash(cert[0]))
         try:
             yield chromium
         finally:
@@ -561,7 +553,7 @@ def test_chromium_over_https_and_wss(server_factory, cert, tls_browser, transpor
     context = tls_browser.new_context()               # no ignore_https_errors: the key hash
     try:
         page = context.new_page()
-        page.set_default_timeout(20000)
+        page.set_default_timeout(PAGE_WAIT_MS)
         sockets, requests = [], []
         page.on("websocket", lambda ws: sockets.append(ws.url))
         page.on("request", lambda request: requests.append(request.url))
