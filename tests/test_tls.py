@@ -362,6 +362,29 @@ def test_tls_after_a_proxy_protocol_header(server_factory, pki, cert):
             pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
 
 
+def test_handshakes_in_parallel_interleave_in_one_loop(server_factory, pki, cert):
+    """50 clients at a time, 300 in all, on one worker: their handshakes and requests are
+    interleaved in its loop, each connection's state its own."""
+    from concurrent.futures import ThreadPoolExecutor
+    server = tls_server(server_factory, cert, workers=1)
+    ident = uid("tls-parallel")
+    server.pub(ident, "for all")
+
+    def poll(i):
+        conn = https(server, pki, timeout=30)
+        try:
+            status, _, body = get(conn, "/sub/%s?since=0" % ident)
+            return status, json.loads(body)["messages"][0]["data"]
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(poll, range(300)))
+    assert answers == [(200, "for all")] * 300
+    assert tls_log_lines(server) == []
+    wait_for(lambda: no_client_connections(server), message="every connection closed")
+
+
 # -- what must cost nothing but the connection ------------------------------------------
 
 
