@@ -196,7 +196,7 @@ class Connection:
     def _send(self, w, fd):
         data = self.outgoing.read()
         if data:
-            w.write_raw(fd, data)
+            w.write(fd, data, sealed=True)
 
     def _fail(self, w, fd, what, e):
         w.log("tls: %s: %s; closed" % (what, describe(e)), "info", fd=fd)   # names the client

@@ -617,32 +617,16 @@ class Worker:
         elif used:
             self.inbuf[fd] = buf[used:]
 
-    def write(self, fd, data):
-        """Send what the socket takes now; keep the rest for EPOLLOUT."""
-        if fd in self.tls:                        # TLS: what is sent (and kept) is ciphertext
+    def write(self, fd, data, sealed=False):
+        """Send what the socket takes now; keep the rest for EPOLLOUT.  On a TLS connection
+        the data is encrypted first, unless it is ``sealed`` already (tls.py's handshake)."""
+        if not sealed and fd in self.tls:         # TLS: what is sent (and kept) is ciphertext
             data = self.tls[fd].seal(self, fd, data)
             if data is None:                      # (it failed: fd is closed)
                 return
         pending = self.outbuf.get(fd)
         if pending is not None:
             pending += data                       # a bytearray: appends do not copy what waits
-            return
-        try:
-            n = os.write(fd, data)
-        except BlockingIOError:
-            n = 0
-        except OSError:
-            self.close(fd)
-            return
-        if n < len(data):
-            self.outbuf[fd] = bytearray(memoryview(data)[n:])
-            self.ep.modify(fd, self._mask(fd))
-
-    def write_raw(self, fd, data):
-        """``write`` for bytes that go out as they are, TLS or not (tls.py's handshake)."""
-        pending = self.outbuf.get(fd)
-        if pending is not None:
-            pending += data
             return
         try:
             n = os.write(fd, data)
