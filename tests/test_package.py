@@ -175,20 +175,26 @@ def venv(tmp_path_factory, source):
 
 @pytest.fixture(scope="module")
 def user_install(tmp_path_factory, source):
-    """``pip install --user .`` with PYTHONUSERBASE a directory of our own: this Python's
-    site-packages (where the development install is) is never written to."""
+    """``pip install --user .`` with PYTHONUSERBASE a directory of our own: the Python's
+    site-packages (where a development install may be) is never written to.  A virtual
+    environment (the README's test command runs in one) sees no user site-packages, so the
+    Python used is the one the environment was made from."""
+    python = sys.executable
     if sys.prefix != sys.base_prefix:
-        pytest.skip("the tests run in a virtual environment, which sees no user site-packages")
+        python = getattr(sys, "_base_executable", None)
+        if not python or not os.access(python, os.X_OK):
+            pytest.skip("no base interpreter behind this virtual environment")
     base = tmp_path_factory.mktemp("userbase")
     env = clean_env(PYTHONUSERBASE=str(base))
-    where = run([sys.executable, "-c", "import site; print(site.ENABLE_USER_SITE, "
+    where = run([python, "-c", "import site; print(site.ENABLE_USER_SITE, "
                  "site.getusersitepackages())"], env=env)
     enabled, user_site = where.stdout.split()
     if enabled != "True":
         pytest.skip("this Python has user site-packages disabled")
     assert user_site.startswith(str(base)), (user_site, base)
-    pip_install(sys.executable, source, "--user", env=env)
-    return {"base": base, "site": user_site, "env": env, "command": base / "bin" / "megacomet"}
+    pip_install(python, source, "--user", env=env)
+    return {"base": base, "site": user_site, "env": env, "python": python,
+            "command": base / "bin" / "megacomet"}
 
 
 # -- what an install holds --------------------------------------------------------------
@@ -249,7 +255,7 @@ def test_user_install_serves_its_own_copy(user_install, source, server_factory, 
     installed = os.path.join(user_install["site"], "megacomet")
     # The import a user's shell (this environment) resolves: the user site's copy, ahead of
     # the development install's finder that points at the clone.
-    where = run([sys.executable, "-c", "import megacomet; print(megacomet.__file__)"],
+    where = run([user_install["python"], "-c", "import megacomet; print(megacomet.__file__)"],
                 env=user_install["env"], cwd=str(tmp_path))
     assert where.returncode == 0, where.stderr
     assert where.stdout.strip() == os.path.join(installed, "__init__.py"), where.stdout
