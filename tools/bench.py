@@ -42,6 +42,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import launch  # noqa: E402  (tools/launch.py)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MEGATEST = os.path.join(HERE, "megatest.py")
@@ -205,13 +208,7 @@ http {{
         with open(self.log_path, "rb") as f:
             return b"ready" in f.read()
 
-    @staticmethod
-    def accepts(port):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            return False
+    accepts = staticmethod(launch.accepts)
 
     def tail(self, n=2000):
         try:

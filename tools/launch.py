@@ -20,6 +20,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -192,3 +193,12 @@ if __name__ == "__main__":
     print(started.banner, end="")
     print("launch: client %d, app %d" % (started.client, started.app))
     stop(started.proc)
+
+
+def accepts(port, host="127.0.0.1"):
+    """Does something accept connections on (host, port) now?"""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False

@@ -145,7 +145,7 @@ http {
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         deadline = time.monotonic() + 20
-        while len(launch.children_of(self.proc.pid)) < workers or not accepts(self.port):
+        while len(launch.children_of(self.proc.pid)) < workers or not launch.accepts(self.port):
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError("nginx did not start (see %s/error.log)" % d)
@@ -160,14 +160,6 @@ http {
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
-
-
-def accepts(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def connect(port, ctx):
