@@ -18,7 +18,7 @@ epoch at seq 1).  This module alone decides what a subscription is owed:
   the home said the cursor was reset.
 
 The transports (``longpoll``: JSON, JSONP; ``streams``: EventSource,
-WebSocket) only encode what this module hands them, through four functions
+WebSocket) only encode what this module hands them, through five functions
 of theirs: ``announce(fd)`` (the epochs are known, or changed), ``news(fd,
 ident, [(seq, data)])`` and ``news_many(fd, [(ident, seq, data)])`` (the
 messages owed, cursors already moved), ``deliver(fd, ident, seq, epoch,
