@@ -1157,16 +1157,24 @@ def child_main(index, ctl, cfg, lo, hi):
 # ---------------------------------------------------------------------------
 # Coordinator.
 
+# The percentiles of a latency's "curve" (tools/plots.py draws it): the whole distribution in
+# a few numbers, denser in the tail.
+CURVE_PERCENTILES = (0, 1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97.5, 99, 99.5, 99.9, 100)
+
+
 def percentiles(values):
+    """Nearest-rank p50/p90/p99, max and mean of ``values``, and "curve": [[percentile,
+    value], ...] at CURVE_PERCENTILES (p0 is the smallest value, p100 the largest)."""
     if not values:
         return {"n": 0}
     values = sorted(values)
     n = len(values)
 
     def pick(q):
-        return round(values[min(n - 1, int(math.ceil(q * n)) - 1)], 3)
+        return round(values[max(0, min(n - 1, math.ceil(round(q * n, 6)) - 1))], 3)
     return {"n": n, "p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99),
-            "max": round(values[-1], 3), "mean": round(sum(values) / n, 3)}
+            "max": round(values[-1], 3), "mean": round(sum(values) / n, 3),
+            "curve": [[p, pick(p / 100)] for p in CURVE_PERCENTILES]}
 
 
 def ip_add(base, k):
