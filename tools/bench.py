@@ -23,6 +23,14 @@ Servers:
     python tools/bench.py --servers megacomet,aiohttp --modes hold,deliver --json out.json
     python tools/bench.py --modes hold-sse,hold-ws,deliver-sse,deliver-ws,fanout-ws
     python tools/bench.py --servers megacomet --modes hold-sse,hold-ws --hold-n 100000
+    python tools/bench.py --quick --json out.json --plot charts/     # records and charts
+    python tools/bench.py --plot charts/ --from-json a.json b.json   # charts only, no run
+
+--plot DIR writes SVG charts (tools/plots.py; needs matplotlib, the bench extra:
+pip install 'megacomet[bench]'): memory per connection against the number held,
+CPU per delivery, publish-to-receive latency. --from-json draws them from earlier
+--json files without running anything; several files (e.g. hold runs at 10 000,
+100 000 and 300 000 with --hold-n) make the memory chart's lines.
 
 Ratios are megacomet / peer. For memory, CPU and latency lower is better;
 for rates higher is better. A single-process peer cannot hold more than its
@@ -436,6 +444,18 @@ def annotate(rec):
             p["not_exactly_once"] = p["expected"] - p.get("exactly_one", 0) + p.get("wrong_id", 0)
 
 
+def write_plots(plots, docs, outdir):
+    """The charts of ``docs`` into ``outdir``; False if there was nothing to draw."""
+    written, skipped = plots.write_charts(docs, outdir)
+    for path in written:
+        log("wrote " + path)
+    for name, why in skipped.items():
+        log("no %s chart: %s" % (name, why))
+    for note in plots.gaps(docs):
+        log("charts: " + note)
+    return bool(written)
+
+
 def main(argv=None):
     global NCHAN
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -452,11 +472,33 @@ def main(argv=None):
                          "for hold-sse,hold-ws); peers stay capped at what they can hold")
     ap.add_argument("--workers", type=int, default=8, help="megacomet and nginx workers")
     ap.add_argument("--json", metavar="FILE", help="write all records and the table")
+    ap.add_argument("--plot", metavar="DIR",
+                    help="write SVG charts of the records into DIR (needs matplotlib: "
+                         "pip install 'megacomet[bench]')")
+    ap.add_argument("--from-json", metavar="FILE", nargs="+",
+                    help="with --plot: no run, chart these earlier --json files")
     ap.add_argument("--workdir", help="keep logs and records here (default: a temp dir)")
     ap.add_argument("--duration", type=float, default=0,
                     help="cap per megatest run in seconds (default 60 quick, 240 full)")
     ap.add_argument("--verbose", "-v", action="store_true", help="show megatest progress")
     args = ap.parse_args(argv)
+    if args.from_json and not args.plot:
+        ap.error("--from-json needs --plot DIR")
+    if args.plot:
+        # Before a run of minutes, not after it.
+        try:
+            import plots
+            plots.require_matplotlib()
+        except ImportError as e:
+            print("bench: %s" % e, file=sys.stderr)
+            return 2
+    if args.from_json:
+        try:
+            docs = plots.load(args.from_json)
+        except (OSError, ValueError) as e:
+            print("bench: %s" % e, file=sys.stderr)
+            return 2
+        return 0 if write_plots(plots, docs, args.plot) else 1
 
     sizes = SIZES["quick" if args.quick else "full"]
     if args.hold_n:
@@ -549,13 +591,22 @@ def main(argv=None):
         print("notes:")
         for n in notes:
             print("  - " + n)
+    doc = {"tool": "bench", "quick": args.quick, "elapsed_s": round(elapsed, 1),
+           "servers": servers, "skipped": skipped, "modes": modes,
+           "sizes": sizes, "workers": args.workers, "table": rows,
+           "notes": notes, "results": results}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"tool": "bench", "quick": args.quick, "elapsed_s": round(elapsed, 1),
-                       "servers": servers, "skipped": skipped, "modes": modes,
-                       "sizes": sizes, "workers": args.workers, "table": rows,
-                       "notes": notes, "results": results}, f, indent=1)
+            json.dump(doc, f, indent=1)
         log("wrote " + args.json)
+    if args.plot:
+        try:
+            drawn = write_plots(plots, [doc], args.plot)
+        except Exception as e:      # the run's records stay: --json, or the logs kept below
+            log("--plot failed: %r" % (e,))
+            drawn = False
+        if not drawn:
+            notes.append("--plot: no chart written")
     if not keep:
         if notes:
             log("logs kept in %s (there were notes)" % workdir)
