@@ -1,4 +1,4 @@
-"""The Redis lab itself (tools/redislab.py, tests/redisfixtures.py).
+"""The Redis lab itself (tools/redislab.py, tests/redisfixtures.py, tools/cluster.py --dry-run).
 
 Real redis-server processes: a standalone server starts, answers, loses its
 data on restart and leaves no process when stopped; a cluster forms with 3
@@ -7,11 +7,15 @@ a killed master is failed over within a bounded time.  About 15 s in all.
 """
 
 import os
+import re
+import subprocess
+import sys
 import time
 
 import hiredis
 import pytest
 
+from conftest import ROOT
 from redisfixtures import redis_cluster, redis_standalone, require_redis  # noqa: F401 (fixtures)
 
 import redislab
@@ -112,3 +116,17 @@ def test_a_killed_master_is_failed_over_in_bounded_time():
         pids = [n.pid for n in c.nodes]
     assert all(gone(pid) for pid in pids)
 
+
+def test_cluster_tool_dry_run_starts_redis_prints_the_node_commands_and_stops():
+    require_redis()
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cluster.py"), "--dry-run",
+                           "--nodes", "2", "--workers", "3", "--base-port", "18000"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    url, pid = re.search(r"Redis: (redis://127\.0\.0\.1:\d+)  pid (\d+)", done.stdout).groups()
+    commands = [line for line in done.stdout.splitlines() if "megacomet.py" in line]
+    assert len(commands) == 2
+    for i, line in enumerate(commands):
+        assert ("--workers 3 --host 127.0.0.1 --port %d --app-port %d --redis %s"
+                % (18000 + 10 * i, 19000 + 10 * i, url)) in line
+    assert gone(int(pid))
