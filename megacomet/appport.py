@@ -30,6 +30,7 @@ from .worker import BUSY, READING
 
 CONFIRM_TIMEOUT = 3.0            # seconds a publish may wait for its home's ACK without progress
 PIPELINE_MAX = 128               # pipelined publishes in flight per connection
+IDEMPOTENCY_KEY_MAX = 128        # bytes of an Idempotency-Key (kept in Redis for the TTL)
 
 
 class Publish:
@@ -37,7 +38,7 @@ class Publish:
     is owed: it waits for the ACKs of its messages, and for the answers owed before it."""
 
     __slots__ = ("serial", "ident", "flags", "waiting", "published", "errors", "seq",
-                 "subscribers")
+                 "subscribers", "unavailable")
 
     def __init__(self, serial, ident, flags, waiting):
         self.serial = serial     # its PUBs carry it, and so do their ACKs
@@ -48,6 +49,7 @@ class Publish:
         self.errors = []
         self.seq = 0
         self.subscribers = 0     # the subscribers its id had when stored (one id)
+        self.unavailable = 0     # messages Redis did not confirm (cluster mode)
 
 
 class AppPort:
@@ -163,6 +165,9 @@ class AppPort:
             if method not in (b"GET", b"HEAD"):
                 raise wire.HttpError(405, "method not allowed")
             alive = self.all_responsive()
+            if alive and self.w.cfg.redis and not self.redis_reachable():
+                self.http.respond(fd, 503, b"redis unreachable\n", TEXT)
+                return
             self.http.respond(fd, 200 if alive else 503, b"ok\n" if alive else b"worker down\n",
                               TEXT)
             return
@@ -181,8 +186,11 @@ class AppPort:
                 body.decode("utf-8")
             except UnicodeDecodeError:
                 raise wire.HttpError(400, "message is not UTF-8") from None
+            idempotency = req.idempotency_key or b""
+            if len(idempotency) > IDEMPOTENCY_KEY_MAX:
+                raise wire.HttpError(400, "Idempotency-Key over %d bytes" % IDEMPOTENCY_KEY_MAX)
             publish = self.begin(fd, ident, 1)
-            self.router.publish(ident, body, fd, publish.serial)
+            self.router.publish(ident, body, fd, publish.serial, 0, idempotency)
             return
         if path == b"/presence" or path.startswith((b"/presence/", b"/info/")):
             self.http.respond(fd, 200, self.ask(method, path, body))
@@ -207,9 +215,14 @@ class AppPort:
                 continue
             try:
                 item = json.loads(line)
-                ident, data = item["id"], item["data"]
+                ident, data, idempotency = item["id"], item["data"], item.get("key", "")
                 if not isinstance(ident, str) or not isinstance(data, str):
                     raise ValueError("id and data must be strings")
+                if not isinstance(idempotency, str):
+                    raise ValueError("key must be a string")
+                idempotency = idempotency.encode()
+                if len(idempotency) > IDEMPOTENCY_KEY_MAX:
+                    raise ValueError("key over %d bytes" % IDEMPOTENCY_KEY_MAX)
                 ident = ident.encode()
                 if not wire.valid_id(ident):
                     raise ValueError("invalid id")
@@ -220,7 +233,7 @@ class AppPort:
                 publish.errors.append({"line": number, "error": error_text(e)})
                 continue
             publish.waiting += 1
-            self.router.publish(ident, data, fd, publish.serial, number)
+            self.router.publish(ident, data, fd, publish.serial, number, idempotency)
         if not publish.waiting:                   # every line was refused: nothing to wait for
             self.answer_ready(fd, resume=False)
 
@@ -267,19 +280,28 @@ class AppPort:
 
     def on_ack(self, src, record):
         fd, serial, stored, last, refused = records.read_ack(record)
+        self.confirm(fd, serial, stored, last, refused, records.ack_subscribers(record))
+
+    def confirm(self, fd, serial, stored, last, refused, subscribers, unavailable=()):
+        """What became of some of a publish's messages: ``stored`` (the last of them seq
+        ``last``), refused (the lines of those the id table had no room for), or not
+        confirmed by Redis (``unavailable``: their lines; cluster mode)."""
         publish = self.publishes.get((fd, serial))
         if publish is None:
             return                                   # the publisher went away meanwhile
         head = self.owed[fd][0]
         if publish is head:
             self.w.set_deadline(fd, CONFIRM_TIMEOUT)  # progress: the wait starts again
-        publish.waiting -= stored + len(refused)
+        publish.waiting -= stored + len(refused) + len(unavailable)
         publish.published += stored
         if stored:
             publish.seq = last
-            publish.subscribers += records.ack_subscribers(record)
+            publish.subscribers += subscribers
         for line in refused:
             publish.errors.append({"line": line, "error": "id table full"})
+        for line in unavailable:
+            publish.unavailable += 1
+            publish.errors.append({"line": line, "error": "redis unavailable: retry"})
         if not publish.waiting and publish is head:
             self.answer_ready(fd)
 
@@ -420,6 +442,12 @@ class AppPort:
 
     # -- /health, /stats and /metrics --------------------------------------------------
 
+    def redis_reachable(self):
+        """Cluster mode: every live worker reaches Redis (each counts itself down or up)."""
+        region = self.w.region
+        return not any(region.stats(i).get("redis_down") for i in range(region.workers)
+                       if region.stats(i).get("pid"))
+
     def all_responsive(self):
         w = self.w
         now_ms = time.time() * 1000
@@ -449,7 +477,7 @@ class AppPort:
         doc = self.stats_document()
         lines = []
         for name in shmqueue.COUNTER_FIELDS:
-            gauge = name in ("connections", "subscribers", "rss_bytes")
+            gauge = name in ("connections", "subscribers", "rss_bytes", "redis_down")
             metric = "megacomet_" + name + ("" if gauge else "_total")
             lines.append("# TYPE %s %s" % (metric, "gauge" if gauge else "counter"))
             for row in doc["workers"]:
@@ -516,20 +544,32 @@ def ip_literal(host):
 NOT_CONFIRMED = b"not confirmed: a worker restarted; it may or may not have been stored\n"
 
 
+RETRY_AFTER = b"Retry-After: 1\r\n"
+
+
 def answer_of(publish):
-    """(status, body, content type) of a publish's answer, confirmed by its ACKs or not."""
+    """(status, body, content type, headers) of a publish's answer, confirmed by its ACKs
+    or not."""
     if publish.ident is not None:
         if publish.waiting:
-            return 503, NOT_CONFIRMED, TEXT
+            return 503, NOT_CONFIRMED, TEXT, b""
         if publish.seq:
             return 202, (b'{"id": "%s", "seq": %d, "subscribers": %d}'
-                         % (publish.ident, publish.seq, publish.subscribers)), JSON
-        return 503, b"id table full\n", TEXT
+                         % (publish.ident, publish.seq, publish.subscribers)), JSON, b""
+        if publish.unavailable:
+            return 503, REDIS_UNAVAILABLE, TEXT, RETRY_AFTER
+        return 503, b"id table full\n", TEXT, b""
     publish.errors.sort(key=lambda error: error["line"])
     document = {"published": publish.published, "errors": publish.errors}
     if publish.waiting:
         document["unconfirmed"] = publish.waiting
-    return 503 if publish.waiting else 202, json.dumps(document).encode(), JSON
+    if publish.unavailable:
+        return 503, json.dumps(document).encode(), JSON, RETRY_AFTER
+    return 503 if publish.waiting else 202, json.dumps(document).encode(), JSON, b""
+
+
+REDIS_UNAVAILABLE = (b"redis unavailable: not stored, or not confirmed stored; retry "
+                     b"(with the same Idempotency-Key header, it is stored once)\n")
 
 
 PRESENCE_MAX = 10000             # ids per POST /presence

@@ -41,6 +41,7 @@ from . import worker
 PROG = "megacomet.py"
 TOKEN_ENV = "MEGACOMET_APP_TOKEN"
 SECRET_ENV = "MEGACOMET_SECRET"
+REDIS_ENV = "MEGACOMET_REDIS_URL"
 DEFAULT_WORKERS = os.cpu_count() or 1
 
 # Restarts.  A worker that dies young waits RESTART_BACKOFF_MIN, then twice as long each time
@@ -159,6 +160,20 @@ def parse_args(argv=None):
                         "the files when it starts: a reload (SIGHUP) takes a renewed one")
     p.add_argument("--tls-key", default=None, metavar="FILE",
                    help="the private key of --tls-cert (PEM, without a pass phrase)")
+    p.add_argument("--redis", action="append", default=[], metavar="URL",
+                   help="cluster mode: join the other nodes through this Redis "
+                        "(redis://[user:password@]host:port[/db], rediss:// for TLS). Several "
+                        "seed URLs, or one node that answers CLUSTER SLOTS, mean a Redis "
+                        "Cluster (repeatable; also %s or --redis-url-file, since a URL can "
+                        "hold a password). Needs pip install 'megacomet[redis]'" % REDIS_ENV)
+    p.add_argument("--redis-url-file", default=None, metavar="FILE",
+                   help="read the Redis URLs from this file, one per line")
+    p.add_argument("--redis-timeout", type=float, default=2.0, metavar="S",
+                   help="seconds Redis may take to answer before a publish gets 503 and the "
+                        "link is opened again (default %(default)s)")
+    p.add_argument("--redis-wait-replicas", type=int, default=0, metavar="N",
+                   help="confirm a publish only once N replicas have it (Redis WAIT), so that "
+                        "a failover cannot lose it (default 0: the master's word)")
     p.add_argument("--worker-timeout", type=float, default=10.0,
                    help="seconds a worker may go without turning its loop before it is killed "
                         "and replaced (default %(default)s)")
@@ -201,6 +216,7 @@ def parse_args(argv=None):
     if not args.worker_timeout >= MIN_WORKER_TIMEOUT:
         p.error("--worker-timeout must be at least %g second" % MIN_WORKER_TIMEOUT)
     check_tls_arguments(p, args)
+    check_redis_arguments(p, args)
     if args.max_message * 2 + LOG_RECORD_ROOM > (args.shm_mb << 20) // args.workers:
         p.error("--max-message must fit twice in each worker's share of --shm-mb")
     args.ring_kb = max(args.ring_kb, (2 * (args.max_message + RING_RECORD_ROOM) + 1023) // 1024)
@@ -219,6 +235,37 @@ def check_tls_arguments(p, args):
         problem = tls.check(args.tls_cert, args.tls_key)
         if problem:
             p.error(problem)
+
+
+def check_redis_arguments(p, args):
+    """The Redis URLs (flags, else the file, else the environment), checked; hiredis with them."""
+    urls = list(args.redis)
+    if not urls and args.redis_url_file:
+        try:
+            with open(args.redis_url_file, encoding="utf-8") as f:
+                urls = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except (OSError, UnicodeDecodeError) as e:
+            p.error("cannot read the Redis URLs from %s: %s" % (args.redis_url_file, e))
+        if not urls:
+            p.error("%s holds no Redis URL" % args.redis_url_file)
+    if not urls and os.environ.get(REDIS_ENV):
+        urls = os.environ[REDIS_ENV].replace(",", " ").split()
+    args.redis = tuple(urls)
+    if not urls:
+        return
+    try:
+        from . import redislink              # (only then: one box never imports hiredis)
+    except ImportError:
+        p.error("--redis needs the hiredis package: pip install 'megacomet[redis]'")
+    for url in urls:
+        try:
+            redislink.Target(url)
+        except ValueError as e:
+            p.error(str(e))
+    if not args.redis_timeout > 0:
+        p.error("--redis-timeout must be positive")
+    if args.redis_wait_replicas < 0:
+        p.error("--redis-wait-replicas must be 0 or more")
 
 
 def header_value(value):

@@ -33,6 +33,10 @@ class Config:
     # TLS on the client port (both or neither): absolute paths, read by each worker at its start.
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Cluster mode: the Redis URLs (none: one box), and how it is used (``cluster``).
+    redis: tuple = ()
+    redis_timeout: float = 2.0
+    redis_wait_replicas: int = 0
 
     @classmethod
     def from_args(cls, args, **resolved):

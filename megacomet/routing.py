@@ -56,6 +56,7 @@ class Router:
         # a SUB's whole answer (``subscriptions``).
         self.deliver_to = {}
         self.backlog = None
+        self.cluster = None      # cluster.ClusterNode in cluster mode: publishes go to Redis
         # Holder side of the subscriber counts: id -> connections held here for it as its
         # home knows it, for the ids whose number changed since the last tick (``changed``),
         # and for those whose fall waits a tick (``falling``): see report_counts.
@@ -108,9 +109,14 @@ class Router:
 
     # -- publishing --------------------------------------------------------------
 
-    def publish(self, ident, data, fd=0, serial=0, line=0):
-        """Send a message to its home; with a serial, the home ACKs it back to (fd, serial)."""
+    def publish(self, ident, data, fd=0, serial=0, line=0, idempotency=b""):
+        """Send a message to its home; with a serial, the home ACKs it back to (fd, serial).
+        In cluster mode, to Redis instead (``cluster.publish``); idempotency keys only
+        matter there (one box never stores a message twice: it has no retries to absorb)."""
         w = self.w
+        if self.cluster is not None:
+            self.cluster.publish(ident, data, fd, serial, line, idempotency)
+            return
         w.counters[RECEIVED] += 1
         w.send_home(ident, records.pub(fd, serial, line, ident, data))
 
@@ -141,16 +147,21 @@ class Router:
             else:
                 tally[2].append(line)
         if targets:
-            if compat:                             # the cursor moved: given back if nobody reads it
-                self.compat_sent[shmqueue.id_key(ident), seq] = [bin(compat).count("1"), w.now]
-            plain = records.deliver(seq, epoch, 0, ident, data)
-            dst = 0
-            while targets:
-                if targets & 1:
-                    w.send(dst, records.deliver(seq, epoch, DELIVER_COMPAT, ident, data)
-                           if compat >> dst & 1 else plain)
-                targets >>= 1
-                dst += 1
+            self.fan_out(ident, data, seq, targets, compat, epoch)
+
+    def fan_out(self, ident, data, seq, targets, compat, epoch):
+        """DELIVER message seq to the workers registered for it (just stored by this home)."""
+        w = self.w
+        if compat:                                 # the cursor moved: given back if nobody reads it
+            self.compat_sent[shmqueue.id_key(ident), seq] = [bin(compat).count("1"), w.now]
+        plain = records.deliver(seq, epoch, 0, ident, data)
+        dst = 0
+        while targets:
+            if targets & 1:
+                w.send(dst, records.deliver(seq, epoch, DELIVER_COMPAT, ident, data)
+                       if compat >> dst & 1 else plain)
+            targets >>= 1
+            dst += 1
 
     def flush_acks(self):
         """One ACK per publishing request and loop turn, not one per message."""
@@ -174,8 +185,12 @@ class Router:
             return
         if flags & SUB_QUIET and not messages and not reset:
             return                                # the poll is held already: no news, no answer
+        self.answer_sub(src, fd, serial, ident, last, epoch, reset, messages)
+
+    def answer_sub(self, src, fd, serial, ident, last, epoch, reset, messages):
+        """Send a SUB's answer, split so that no record outgrows a ring."""
+        w = self.w
         reset = MSGS_RESET if reset else 0
-        # Split a long backlog so that no record outgrows a ring.
         limit = w.outbox[src].size // 4
         parts = [records.msgs_header(fd, serial, last, epoch, reset, ident)]
         size = MSGS_HEADER + len(ident)

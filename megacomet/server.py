@@ -64,4 +64,14 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
     w.before_sleep = [router.flush_acks]
     w.on_tick = [router.flush_acks, router.tick]
     w.owes = lambda: bool(router.acks) or app.owes()
+    if config.redis:
+        # Cluster mode: publishes go through Redis, and a home joins its ids' channels
+        # before it answers for them (cluster; imported only here: one box needs no hiredis).
+        from . import cluster
+        node = cluster.ClusterNode(w, router, subs, app)
+        router.cluster = node
+        w.record_handlers.update(node.handlers())
+        w.on_start.append(node.start)
+        w.before_sleep.append(node.before_sleep)
+        w.on_tick.append(node.tick)
     return w

@@ -44,6 +44,8 @@ import struct
 import time
 
 MAX_WORKERS = 64
+# What Partition.store says of a message it did not cache (cluster mode).
+STALE, REPEAT, GAP = "stale", "repeat", "gap"
 EMPTY = 0          # key of a free slot; also the log's wrap marker
 
 _U64 = struct.Struct("<Q")
@@ -62,12 +64,18 @@ _RING_REWIND = 16384      # an empty ring whose tail is at least this far in sta
 # (written by the supervisor).  The counters follow, in the order /stats lists them.
 PROCESS_FIELDS = ("pid", "started_ms", "heartbeat_ms", "restarts")
 COUNTER_FIELDS = ("connections", "subscribers", "accepted", "received", "published", "refused",
-                  "delivered", "slow_closed", "expired", "dropped", "rss_bytes", "ip_refused")
+                  "delivered", "slow_closed", "expired", "dropped", "rss_bytes", "ip_refused",
+                  "redis_round_trips", "redis_commands", "redis_reconnects",
+                  "redis_resubscribes", "redis_gaps_filled", "redis_unavailable", "redis_down")
 # Their places in StatsBlock.counters(), where the worker counts in place: /stats is always
 # current, and nothing is copied per loop turn.  (A field without a name here fails import.)
 # IP_REFUSED: client connections refused by --max-conns-per-ip.
+# REDIS_*: cluster mode (``cluster``, ``redislink``): writes to Redis, commands in them, links
+# lost, channels joined again, gaps read from a stream, publishes Redis did not confirm, and
+# 1 while this worker cannot reach Redis (/health).
 (CONNECTIONS, SUBSCRIBERS, ACCEPTED, RECEIVED, PUBLISHED, REFUSED, DELIVERED, SLOW_CLOSED,
- EXPIRED, DROPPED, RSS_BYTES, IP_REFUSED) = range(len(COUNTER_FIELDS))
+ EXPIRED, DROPPED, RSS_BYTES, IP_REFUSED, REDIS_ROUND_TRIPS, REDIS_COMMANDS, REDIS_RECONNECTS,
+ REDIS_RESUBSCRIBES, REDIS_GAPS_FILLED, REDIS_UNAVAILABLE, REDIS_DOWN) = range(len(COUNTER_FIELDS))
 STAT_FIELDS = PROCESS_FIELDS + COUNTER_FIELDS
 _STAT_BLOCK = 256                  # bytes per worker: room for 32 fields (16 were full)
 assert len(STAT_FIELDS) * 8 <= _STAT_BLOCK, "the stats block is full: raise _STAT_BLOCK"
@@ -320,6 +328,7 @@ class Partition:
         # Ids that only subscribers created may fill this many slots: the rest is kept for
         # publishers, so that polls on made-up ids cannot lock publishing out.
         self.sub_limit = n - max(1, n // 4)
+        self.local_epochs = True   # False in cluster mode: Redis gives ids their epochs
 
     # -- the table ---------------------------------------------------------
 
@@ -365,7 +374,8 @@ class Partition:
         self.masks[slot] = self.cmasks[slot] = self.heads[slot] = 0
         self.lasts[slot] = self.compats[slot] = self.counts[slot] = 0
         self.firsts[slot] = 1
-        self.epochs[slot] = self._new_epoch()
+        # (In cluster mode an id's epoch comes from Redis: 0 until ``store`` or ``adopt``.)
+        self.epochs[slot] = self._new_epoch() if self.local_epochs else 0
         self.keys[slot] = key
         self.index[cell] = slot + 1           # the id exists from here on
         header[_H_DIRTY] = NO_SLOT
@@ -520,14 +530,66 @@ class Partition:
 
         Raises TableFull when the id is new and the table has no room.
         """
+        pos, need, i = self._reserve_slot(key, data, now_ms)
+        return self._append(pos, need, i, key, self.lasts[i] + 1, data, now_ms, stale)
+
+    def store(self, key, epoch, seq, data, now_ms, stale=None):
+        """Cluster mode: cache message ``seq`` of the id's life ``epoch``, numbered by Redis.
+
+        Returns what ``publish`` does when it is the next of the id's current life (or the
+        first of a newer life: the cache starts again), STALE for one of an older life,
+        REPEAT for one already cached or counted, GAP when messages between are missing
+        (nothing is stored: the caller fetches them first).  Raises TableFull as publish.
+        """
+        pos, need, i = self._reserve_slot(key, data, now_ms)
+        if epoch != self.epochs[i]:
+            if epoch < self.epochs[i]:
+                return STALE
+            self._restart(i, epoch)
+        last = self.lasts[i]
+        if seq <= last:
+            return REPEAT
+        if seq != last + 1:
+            return GAP
+        return self._append(pos, need, i, key, seq, data, now_ms, stale)
+
+    def adopt(self, key, epoch, last, now_ms):
+        """Cluster mode: the id's life and last seq as Redis has them, after its messages
+        (``store``) were cached.  A cache of another life, or ahead of Redis (it lost what
+        it held), starts again; messages Redis no longer holds are counted, not cached."""
+        i = self._find_or_add(key, self.sub_limit)
+        if epoch != self.epochs[i] or self.lasts[i] > last:
+            self._restart(i, epoch)
+        if last > self.lasts[i]:
+            header = self.header
+            header[_H_DIRTY] = i
+            header[_H_MESSAGES] -= max(0, self.lasts[i] - self.firsts[i] + 1)
+            self.lasts[i] = last
+            self.firsts[i] = last + 1
+            header[_H_DIRTY] = NO_SLOT
+        return i
+
+    def _restart(self, i, epoch):
+        """Slot i begins the id's life ``epoch``: nothing of it is cached."""
+        header = self.header
+        header[_H_DIRTY] = i
+        header[_H_MESSAGES] -= max(0, self.lasts[i] - self.firsts[i] + 1)
+        self.lasts[i] = self.compats[i] = 0     # emptied before the epoch changes: see repair()
+        self.firsts[i] = 1
+        self.epochs[i] = epoch
+        header[_H_DIRTY] = NO_SLOT
+
+    def _reserve_slot(self, key, data, now_ms):
+        """Room in the log for a record of data, then key's slot: (position, size, slot)."""
         need = REC_HEADER + len(data)
         need += -need % 8
         if need > self.log_size // 2:
             raise ValueError("message larger than half a partition's log")
         pos = self._reserve(need, now_ms)     # may forget slots: find ours after it
-        i = self._find_or_add(key)
+        return pos, need, self._find_or_add(key)
+
+    def _append(self, pos, need, i, key, seq, data, now_ms, stale):
         header = self.header
-        seq = self.lasts[i] + 1
         header[_H_PENDING] = pos               # with dirty: repair() finishes or forgets this
         header[_H_DIRTY] = i
         phys = pos % self.log_size

@@ -51,12 +51,13 @@ class Request:
 
     __slots__ = ("method", "path", "query", "keep_alive", "content_length",
                  "chunked", "authorization", "head_end", "browser", "accept", "last_event_id",
-                 "websocket_key", "websocket_version", "host", "origin", "fetch_site")
+                 "websocket_key", "websocket_version", "host", "origin", "fetch_site",
+                 "idempotency_key")
 
     def __init__(self, method, path, query, keep_alive, content_length, chunked,
                  authorization, head_end, browser=False, accept=None, last_event_id=None,
                  websocket_key=None, websocket_version=None, host=None, origin=None,
-                 fetch_site=None):
+                 fetch_site=None, idempotency_key=None):
         self.method = method
         self.path = path
         self.query = query
@@ -77,6 +78,7 @@ class Request:
         # and Sec-Fetch-Site (same-origin, same-site, cross-site, none: the user asked).
         self.origin = origin
         self.fetch_site = fetch_site
+        self.idempotency_key = idempotency_key   # as sent (case kept); cluster mode uses it
 
 
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/1\.([01])\Z")
@@ -85,7 +87,7 @@ _HEADER_LINES = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\0]*\r\n)*\Z"
 # The few fields we act on, found in the lower-cased block (same offsets as the original).
 _FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|authorization|origin|"
                      rb"sec-fetch-[a-z]+|accept|last-event-id|upgrade|sec-websocket-key|"
-                     rb"sec-websocket-version|host):[ \t]*([^\r]*)")
+                     rb"sec-websocket-version|host|idempotency-key):[ \t]*([^\r]*)")
 
 
 def parse_head(buf, max_head=MAX_HEAD):
@@ -116,7 +118,7 @@ def parse_head(buf, max_head=MAX_HEAD):
     content_length = None
     chunked = False
     authorization = accept = last_event_id = websocket_key = websocket_version = host = None
-    origin = fetch_site = None
+    origin = fetch_site = idempotency_key = None
     browser = upgrade = connection_upgrade = False
     lower = head.lower()
     for field in _FIELDS.finditer(lower, line_end):
@@ -150,6 +152,8 @@ def parse_head(buf, max_head=MAX_HEAD):
             websocket_key = head[field.start(2):field.start(2) + len(value)]   # case matters
         elif name == b"sec-websocket-version":
             websocket_version = value
+        elif name == b"idempotency-key":
+            idempotency_key = head[field.start(2):field.start(2) + len(value)]   # case matters
         else:
             browser = True
             if name == b"origin":
@@ -168,7 +172,7 @@ def parse_head(buf, max_head=MAX_HEAD):
         websocket_key = b""
     return Request(method, path, query, keep_alive, content_length, chunked,
                    authorization, end + 4, browser, accept, last_event_id,
-                   websocket_key, websocket_version, host, origin, fetch_site)
+                   websocket_key, websocket_version, host, origin, fetch_site, idempotency_key)
 
 
 def parse_body(buf, req, max_body):

@@ -200,6 +200,7 @@ class Worker:
         self.accept_failing = False
         self.listeners = {}      # fd -> (socket, protocol byte of its connections, is client)
         self.listening = {}
+        self.watched = {}        # fd -> handler(events): sockets that are not connections (Redis)
         self.listen_on = []      # (host, port, protocol byte, is the client port)
         # Set by server.assemble: the protocol table, the record handlers, and what runs
         # before each sleep and at each tick.
@@ -310,6 +311,12 @@ class Worker:
                 self._accept(*self.listeners[fd])
             elif fd == self.wake_r:
                 os.read(self.wake_r, 64)
+            elif fd in self.watched:
+                try:
+                    self.watched[fd](ev)
+                except Exception as e:          # (a bug there must not stop the loop either)
+                    self.log("internal error on fd %d: %r" % (fd, e), "error",
+                             with_traceback=True)
         if busy:
             busy = self._drain_inbox()
         self.busy = busy
@@ -321,6 +328,19 @@ class Worker:
         if self.now >= self.next_tick:
             self._tick()
             self.next_tick = self.now + TICK
+
+    # -- other sockets on the loop (the Redis links of cluster mode) -------------------------
+
+    def register(self, fd, handler, events):
+        self.watched[fd] = handler
+        self.ep.register(fd, events)
+
+    def modify(self, fd, events):
+        self.ep.modify(fd, events)
+
+    def unregister(self, fd):
+        del self.watched[fd]
+        self.ep.unregister(fd)
 
     def _on_sigterm(self, signum, frame):
         self.stopping = True

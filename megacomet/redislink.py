@@ -1,0 +1,579 @@
+"""Redis, spoken from a worker's own loop: non-blocking connections, replies parsed by hiredis.
+
+Cluster mode only (``--redis``); imported only then, so a one-box server needs nothing beyond
+the standard library.  ``hiredis`` is the Redis project's sans-IO parser (``Reader.feed`` /
+``gets``, ``pack_command``); the sockets are ours, on the worker's epoll, beside its clients.
+
+* ``Link``: one connection to one Redis server.  Commands are queued as packed bytes with a
+  callback each and written once per loop turn (``flush``): whatever a turn asked of one
+  server goes in one write, so a batch of publishes costs one round trip.  A link that
+  breaks, or whose oldest command waits longer than the timeout, is closed: every callback
+  still waiting gets ``UNAVAILABLE`` at once, and it connects again after a backoff with
+  jitter.  A subscriber link hands pub/sub pushes to its owner instead.
+* ``Redis``: the links of one worker.  A single server, or a Redis Cluster (recognised by
+  ``CLUSTER SLOTS``, at the first connection): then each command goes to the master of its
+  key's slot, ``MOVED`` refreshes the slot map and retries, ``ASK`` retries once with
+  ``ASKING``; sharded pub/sub (``SSUBSCRIBE``) goes to the slot's master too.
+
+It never blocks, never starts a thread, and never decides what a reply means for a
+subscription: ``cluster`` does.
+"""
+
+import binascii
+import collections
+import errno
+import random
+import socket
+import ssl
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+
+IN, OUT = 0x001, 0x004                    # select.EPOLLIN, EPOLLOUT
+SLOTS = 16384
+MAX_REDIRECTS = 5
+PING_EVERY = 1.0                          # seconds between pings of an idle link
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0      # seconds before connecting again, doubled per failure
+PUSH_KINDS = frozenset((b"message", b"smessage", b"subscribe", b"ssubscribe", b"unsubscribe",
+                        b"sunsubscribe", b"pong"))
+
+
+class Unavailable(Exception):
+    """What a callback gets when its command cannot be answered: the link broke or timed out
+    (the command may or may not have run), or no server is reachable (it did not run)."""
+
+
+UNAVAILABLE = Unavailable("redis unavailable")
+
+
+class Target:
+    """Where one URL points: redis://[user:password@]host:port[/db], rediss:// for TLS."""
+
+    __slots__ = ("host", "port", "user", "password", "db", "tls", "verify")
+
+    def __init__(self, url):
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError("a Redis URL starts with redis:// or rediss://: %r" % url)
+        if not parts.hostname:
+            raise ValueError("no host in Redis URL %r" % url)
+        self.host = parts.hostname
+        self.port = parts.port or 6379
+        self.user = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password is not None else None
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError("the path of a Redis URL is a database number: %r" % url)
+        self.db = int(path or 0)
+        self.tls = parts.scheme == "rediss"
+        self.verify = "ssl_cert_reqs=none" not in (parts.query or "")
+
+    def hello(self):
+        """The commands that open a connection: AUTH, then SELECT."""
+        commands = []
+        if self.password is not None:
+            commands.append(("AUTH", self.user, self.password) if self.user
+                            else ("AUTH", self.password))
+        if self.db:
+            commands.append(("SELECT", self.db))
+        return commands
+
+
+def key_slot(tag: bytes) -> int:
+    """The cluster slot of a key whose hash tag is ``tag`` (Redis's CRC16, XMODEM)."""
+    return binascii.crc_hqx(tag, 0) % SLOTS
+
+
+class Link:
+    """One connection to one Redis server, driven by the loop (``on_event``, ``tick``)."""
+
+    DOWN, CONNECTING, UP = 0, 1, 2
+
+    def __init__(self, redis, target, addr, subscriber=False):
+        self.redis = redis
+        self.target = target
+        self.addr = addr                  # (host, port)
+        self.subscriber = subscriber
+        self.state = self.DOWN
+        self.sock = None
+        self.reader = None
+        self.out = []                     # packed commands not yet written
+        self.unsent = b""                 # what the kernel did not take of the last write
+        self.callbacks = collections.deque()
+        self.waiting_since = 0.0          # when the oldest unanswered command was written
+        self.heard_at = 0.0
+        self.backoff = 0.0
+        self.retry_at = 0.0
+        self.handshaking = False          # TLS handshake in progress
+        self.channels = set()             # subscriber link: channels subscribed or asked for
+        self.leaving = collections.Counter()   # channels we asked to leave, not yet confirmed
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def call(self, callback, *args):
+        """Queue one command; callback(reply) when it is answered, or with UNAVAILABLE."""
+        if self.state == self.DOWN:
+            if callback is not None:
+                callback(UNAVAILABLE)
+            return
+        self.out.append(hiredis.pack_command(args))
+        self.callbacks.append(callback)
+        self.redis.dirty.add(self)
+
+    def send(self, *args):
+        """A command whose answer comes as a push (a subscriber link's SSUBSCRIBE)."""
+        if self.state != self.DOWN:
+            self.out.append(hiredis.pack_command(args))
+            self.redis.dirty.add(self)
+
+    def flush(self):
+        if self.state != self.UP or self.handshaking:
+            return
+        if self.out:
+            data = self.unsent + b"".join(self.out)
+            self.redis.count("commands", len(self.out))
+            self.out.clear()
+        elif self.unsent:
+            data = self.unsent
+        else:
+            return
+        self.redis.count("round_trips", 1)
+        if not self.waiting_since:
+            self.waiting_since = self.redis.now
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        except OSError as e:
+            self.lost("write failed: %s" % e)
+            return
+        self.unsent = data[sent:]
+        self.redis.watch(self, IN | OUT if self.unsent else IN)
+
+    # -- the connection ----------------------------------------------------------------------
+
+    def connect(self):
+        host, port = self.addr
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(info[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:
+            self.lost("cannot connect: %s" % e)
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(info[4])
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.lost("cannot connect: %s" % errno.errorcode.get(err, err))
+            return
+        self.sock = sock
+        self.state = self.CONNECTING
+        self.reader = hiredis.Reader()
+        self.waiting_since = self.redis.now       # connecting counts against the timeout
+        self.redis.watch(self, OUT, new=True)
+
+    def _connected(self):
+        if self.target.tls:
+            context = ssl.create_default_context()
+            if not self.target.verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self.sock = context.wrap_socket(self.sock, server_hostname=self.addr[0],
+                                            do_handshake_on_connect=False)
+            self.handshaking = True
+        self.state = self.UP
+        self.heard_at = self.redis.now
+        self.waiting_since = 0.0
+        # Hello first: whatever was queued while connecting follows it in the same write.
+        queued, self.out = self.out, []
+        queued_callbacks, self.callbacks = self.callbacks, collections.deque()
+        for command in self.target.hello():
+            self.call(self._hello_answered, *command)
+        self.out += queued
+        self.callbacks += queued_callbacks
+        self.redis.dirty.add(self)
+        self.redis.link_up(self)
+
+    def _hello_answered(self, reply):
+        if isinstance(reply, Exception) and reply is not UNAVAILABLE:
+            self.lost("refused the connection: %s" % reply)
+
+    def on_event(self, events):
+        if self.state == self.CONNECTING:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.lost("cannot connect: %s" % errno.errorcode.get(err, err))
+                return
+            self._connected()
+            if not self.handshaking:
+                self.flush()
+                return
+        if self.handshaking:
+            try:
+                self.sock.do_handshake()
+            except ssl.SSLWantReadError:
+                self.redis.watch(self, IN)
+                return
+            except ssl.SSLWantWriteError:
+                self.redis.watch(self, IN | OUT)
+                return
+            except (ssl.SSLError, OSError) as e:
+                self.lost("TLS handshake failed: %s" % e)
+                return
+            self.handshaking = False
+            self.flush()
+            return
+        if events & OUT and self.unsent:
+            self.flush()
+        if events & ~OUT:
+            self._read()
+
+    def _read(self):
+        while self.state == self.UP:
+            try:
+                data = self.sock.recv(262144)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return
+            except OSError as e:
+                self.lost("read failed: %s" % e)
+                return
+            if not data:
+                self.lost("closed by the server")
+                return
+            self.heard_at = self.redis.now
+            reader = self.reader
+            reader.feed(data)
+            try:
+                while True:
+                    reply = reader.gets()
+                    if reply is False:
+                        break
+                    self._dispatch(reply)
+                    if self.state != self.UP:
+                        return
+            except hiredis.ProtocolError as e:
+                self.lost("protocol error: %s" % e)
+                return
+            if len(data) < 262144 and not (self.target.tls and self.sock.pending()):
+                return
+
+    def _dispatch(self, reply):
+        if (self.subscriber and type(reply) is list and reply and type(reply[0]) is bytes
+                and reply[0] in PUSH_KINDS):
+            self.redis.push(self, reply)
+            return
+        if not self.callbacks:
+            if self.subscriber and reply == b"PONG":   # PING on a link not subscribed yet
+                self.pong()
+                return
+            self.lost("an answer nobody asked for")
+            return
+        callback = self.callbacks.popleft()
+        self.waiting_since = self.redis.now if self.callbacks else 0.0
+        if callback is not None:
+            callback(reply)
+
+    def tick(self, now, timeout):
+        if self.state == self.DOWN:
+            if now >= self.retry_at:
+                self.connect()
+            return
+        if self.waiting_since and now - self.waiting_since > timeout:  # (connecting too)
+            self.lost("no answer for %.1f s" % (now - self.waiting_since))
+        elif self.state == self.UP and now - self.heard_at > PING_EVERY and not self.callbacks:
+            if self.subscriber:
+                self.send("PING")                 # answered by a push: see Redis.push
+                if not self.waiting_since:
+                    self.waiting_since = now
+            else:
+                self.call(None, "PING")
+
+    def lost(self, reason):
+        """Close, fail every command waiting, and connect again after a backoff."""
+        was = self.state
+        if self.sock is not None:
+            self.redis.unwatch(self)
+            self.sock.close()
+            self.sock = None
+        self.state = self.DOWN
+        self.handshaking = False
+        self.out.clear()
+        self.unsent = b""
+        self.waiting_since = 0.0
+        callbacks, self.callbacks = self.callbacks, collections.deque()
+        self.leaving.clear()
+        self.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self.backoff * 2))
+        self.retry_at = self.redis.now + self.backoff * random.uniform(0.5, 1.5)
+        self.redis.link_down(self, reason, was)
+        for callback in callbacks:
+            if callback is not None:
+                callback(UNAVAILABLE)
+
+    def pong(self):
+        self.waiting_since = 0.0
+        self.backoff = 0.0                         # healthy: the next failure starts small
+
+
+class Redis:
+    """One worker's links: one per server for commands and one for pub/sub, slot-routed."""
+
+    def __init__(self, urls, loop, on_push, on_subscriber_lost, log, count, timeout):
+        self.targets = [Target(url) for url in urls]
+        self.loop = loop                  # register(fd, handler, events) / modify / unregister
+        self.on_push = on_push            # (kind, channel, data) of a pub/sub push
+        self.on_subscriber_lost = on_subscriber_lost   # (channels) a subscriber link dropped
+        self.log = log
+        self.count = count                # count(name, n)
+        self.timeout = timeout
+        self.now = 0.0
+        self.links = {}                   # (host, port) -> command Link
+        self.subscribers = {}             # (host, port) -> subscriber Link
+        self.dirty = set()
+        self.cluster = len(self.targets) > 1 or None   # None: not known before CLUSTER SLOTS
+        self.slots = None                 # cluster: slot -> (host, port) of its master
+        self.refreshing = False
+        self.refresh_after = 0.0
+        self.seed = 0
+        self.auth = self.targets[0]       # every server of one cluster takes the same AUTH
+        self.deferred = []                # calls made before the first CLUSTER SLOTS answered
+        self.discover()
+
+    # -- loop glue ---------------------------------------------------------------------------
+
+    def watch(self, link, events, new=False):
+        if new:
+            self.loop.register(link.sock.fileno(), link.on_event, events)
+        else:
+            self.loop.modify(link.sock.fileno(), events)
+
+    def unwatch(self, link):
+        self.loop.unregister(link.sock.fileno())
+
+    def flush(self):
+        """Once per loop turn: everything asked of each server in one write."""
+        dirty, self.dirty = self.dirty, set()
+        for link in dirty:
+            link.flush()
+
+    def tick(self, now):
+        self.now = now
+        for link in list(self.links.values()) + list(self.subscribers.values()):
+            link.tick(now, self.timeout)
+        if not self.refreshing and now >= self.refresh_after:
+            if self.cluster is None:
+                self.discover()
+            elif self.cluster:
+                self.refresh_slots()
+
+    def healthy(self):
+        """Every server this worker knows answers (and the mode is known)."""
+        return self.cluster is not None and all(
+            link.state == Link.UP for link in self.links.values())
+
+    # -- which server --------------------------------------------------------------------------
+
+    def link(self, addr, subscriber=False):
+        links = self.subscribers if subscriber else self.links
+        link = links.get(addr)
+        if link is None:
+            link = links[addr] = Link(self, self.auth, addr, subscriber)
+            link.connect()
+        return link
+
+    def link_for(self, slot, subscriber=False):
+        if self.cluster:
+            addr = self.slots[slot] if self.slots else None
+            if addr is None:
+                return None
+        else:
+            addr = (self.targets[0].host, self.targets[0].port)
+        return self.link(addr, subscriber)
+
+    def discover(self):
+        """Ask a seed what it is: a Redis Cluster answers CLUSTER SLOTS with its slot map."""
+        self.refreshing = True
+        target = self.targets[self.seed % len(self.targets)]
+        self.seed += 1
+        self.link((target.host, target.port)).call(self._discovered, "CLUSTER", "SLOTS")
+
+    def refresh_slots(self):
+        """Ask for the slot map again (after MOVED, a lost master, and now and then)."""
+        if self.refreshing:
+            return
+        self.refreshing = True
+        links = [link for link in self.links.values() if link.state == Link.UP]
+        if links:
+            random.choice(links).call(self._discovered, "CLUSTER", "SLOTS")
+        else:
+            target = self.targets[self.seed % len(self.targets)]
+            self.seed += 1
+            self.link((target.host, target.port)).call(self._discovered, "CLUSTER", "SLOTS")
+
+    def _discovered(self, reply):
+        self.refreshing = False
+        if reply is UNAVAILABLE:
+            self.refresh_after = self.now + BACKOFF_MIN * random.uniform(1, 4)
+            if self.cluster is None:              # try the next seed, soon
+                self.cluster_unknown()
+            return
+        if isinstance(reply, Exception):
+            if self.cluster:                      # a master that lost its slots for now
+                self.refresh_after = self.now + 0.2
+                return
+            self.cluster = False                  # "cluster support disabled": one server
+            self.log("redis: %s:%d is a single server" % (self.targets[0].host,
+                                                         self.targets[0].port), "info")
+        else:
+            slots = [None] * SLOTS
+            for start, end, master, *_replicas in reply:
+                addr = (master[0].decode() or self.targets[0].host, master[1])
+                slots[start:end + 1] = [addr] * (end - start + 1)
+            moved = self.slots is not None and slots != self.slots
+            first = self.cluster is not True or self.slots is None
+            self.slots = slots
+            self.cluster = True
+            self.refresh_after = self.now + 30.0
+            if first:
+                self.log("redis: a cluster of %d masters" % len(set(filter(None, slots))),
+                         "info")
+            if moved:
+                self.resubscribe_moved()
+            self.forget_gone(set(slots))
+        deferred, self.deferred = self.deferred, []
+        for args in deferred:
+            self.call(*args)
+
+    def forget_gone(self, masters):
+        """Stop calling servers that hold no slot any more (a failed master), once down."""
+        seeds = {(target.host, target.port) for target in self.targets}
+        for links in (self.links, self.subscribers):
+            for addr in [addr for addr, link in links.items()
+                         if addr not in masters and addr not in seeds
+                         and link.state == Link.DOWN and not link.channels]:
+                del links[addr]
+
+    def cluster_unknown(self):
+        """No seed answered yet: calls made meanwhile fail now, the next seed is tried."""
+        deferred, self.deferred = self.deferred, []
+        for _slot, callback, *_args in deferred:
+            if callback is not None:
+                callback(UNAVAILABLE)
+        self.refresh_after = self.now + BACKOFF_MIN
+
+    # -- commands --------------------------------------------------------------------------
+
+    def call(self, slot, callback, *args, redirects=0):
+        """Send one command about the key of ``slot`` to the server that holds it."""
+        if self.cluster is None:
+            if self.refreshing:
+                self.deferred.append((slot, callback) + args)
+            else:
+                callback(UNAVAILABLE)
+            return
+        link = self.link_for(slot)
+        if link is None:
+            callback(UNAVAILABLE)
+            self.refresh_slots()
+            return
+        if not self.cluster:
+            link.call(callback, *args)
+            return
+        link.call(lambda reply: self._answered(slot, callback, args, redirects, reply), *args)
+
+    def _answered(self, slot, callback, args, redirects, reply):
+        if type(reply) is hiredis.ReplyError and redirects < MAX_REDIRECTS:
+            text = str(reply)
+            if text.startswith(("MOVED ", "ASK ")):
+                kind, _slot, where = text.split(" ", 2)
+                host, _, port = where.rpartition(":")
+                addr = (host or self.targets[0].host, int(port))
+                if kind == "MOVED":
+                    if self.slots is not None:
+                        self.slots[slot] = addr
+                    self.refresh_after = 0.0      # the next tick refreshes the whole map
+                    self.call(slot, callback, *args, redirects=redirects + 1)
+                else:
+                    link = self.link(addr)
+                    link.call(None, "ASKING")
+                    link.call(lambda again: self._answered(slot, callback, args, redirects + 1,
+                                                           again), *args)
+                return
+            if text.startswith(("TRYAGAIN", "CLUSTERDOWN")):
+                self.refresh_after = 0.0
+        callback(reply)
+
+    # -- pub/sub ---------------------------------------------------------------------------
+
+    def subscribe(self, slot, channel):
+        """Ask for a channel's messages; the answer comes as a push.  False: no server."""
+        link = self.link_for(slot, subscriber=True)
+        if link is None or link.state == Link.DOWN:
+            return False
+        link.channels.add(channel)
+        link.send("SSUBSCRIBE" if self.cluster else "SUBSCRIBE", channel)
+        return True
+
+    def unsubscribe(self, slot, channel):
+        for link in self.subscribers.values():
+            if channel in link.channels:
+                link.channels.discard(channel)
+                if link.state != Link.DOWN:
+                    link.leaving[channel] += 1
+                    link.send("SUNSUBSCRIBE" if self.cluster else "UNSUBSCRIBE", channel)
+
+    def push(self, link, reply):
+        kind = reply[0]
+        if kind == b"pong":
+            link.pong()
+            return
+        link.pong()                               # any push shows the link alive
+        channel = reply[1]
+        if kind in (b"sunsubscribe", b"unsubscribe"):
+            if link.leaving[channel]:             # the answer to our own UNSUBSCRIBE
+                link.leaving[channel] -= 1
+                if not link.leaving[channel]:
+                    del link.leaving[channel]
+            elif channel in link.channels:        # not asked for: the slot moved away
+                link.channels.discard(channel)
+                self.refresh_after = 0.0
+                self.on_subscriber_lost([channel])
+            return
+        self.on_push(kind, channel, reply[2])
+
+    def resubscribe_moved(self):
+        """The slot map changed: channels subscribed where their slot no longer is go again."""
+        for link in self.subscribers.values():
+            gone = [channel for channel in link.channels
+                    if self.slots[key_slot(channel_tag(channel))] != link.addr]
+            for channel in gone:
+                link.channels.discard(channel)
+                if link.state != Link.DOWN:
+                    link.leaving[channel] += 1
+                    link.send("SUNSUBSCRIBE", channel)
+            if gone:
+                self.on_subscriber_lost(gone)
+
+    def link_up(self, link):
+        pass
+
+    def link_down(self, link, reason, was):
+        if was == Link.UP or link.backoff <= BACKOFF_MIN:
+            self.log("redis: %s:%d %s (%s)" % (link.addr[0], link.addr[1],
+                                               "subscriber link lost" if link.subscriber
+                                               else "link lost", reason))
+        if was == Link.UP:
+            self.count("reconnects", 1)
+        if link.subscriber and link.channels:
+            channels = list(link.channels)
+            link.channels.clear()
+            self.on_subscriber_lost(channels)
+        if self.cluster:
+            self.refresh_after = 0.0              # a master may have failed over
+        elif self.cluster is None and not self.refreshing:
+            self.refresh_after = 0.0
+
+
+def channel_tag(channel):
+    """The hash tag of a channel (or key) named ``...{tag}...``."""
+    start = channel.index(b"{") + 1
+    return channel[start:channel.index(b"}", start)]
