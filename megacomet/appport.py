@@ -414,17 +414,25 @@ class AppPort:
             frames, used = wire.parse_frames(w.inbuf[fd], w.cfg.max_message)
         except wire.FrameError as e:
             for ident, message in e.frames:
-                self.router.publish(ident, message)
+                self.router.publish(ident, message, fd)
             self.frames_in[fd] = self.frames_in.get(fd, 0) + len(e.frames)
             w.log("app: binary protocol: %s; connection closed" % e, fd=fd)
             w.close(fd)
             return
         w.consumed(fd, used)
         for ident, message in frames:
-            self.router.publish(ident, message)
+            self.router.publish(ident, message, fd)
         self.frames_in[fd] = self.frames_in.get(fd, 0) + len(frames)
         if w.backlogged > worker.BACKLOG_PAUSE:
             w.pause_reading(fd)                   # back-pressure: read again once rings drain
+
+    def binary_unconfirmed(self, fd):
+        """Cluster mode: Redis did not confirm a frame of fd's.  The protocol has one way to
+        say so: the connection closes (its publisher reconnects, and may publish again)."""
+        w = self.w
+        if w.state[fd] and w.proto[fd] == protocols.APP_BINARY:
+            w.log("app: binary publisher closed: Redis did not confirm its messages", fd=fd)
+            w.close(fd)
 
     def closed_binary(self, fd):
         w = self.w

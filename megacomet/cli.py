@@ -361,10 +361,25 @@ def check_main(argv):
                    help="connections to hold (default %(default)s)")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="worker processes (default: CPU count, %(default)s here)")
+    p.add_argument("--redis", action="append", default=[], metavar="URL",
+                   help="also check this Redis for cluster mode: reachable, its version, and "
+                        "maxmemory-policy noeviction (repeatable)")
     args = p.parse_args(argv)
     if args.connections < 1 or not 1 <= args.workers <= shmqueue.MAX_WORKERS:
         p.error("--connections must be positive and --workers 1..%d" % shmqueue.MAX_WORKERS)
-    return hostcheck.report(args.connections, args.workers)
+    status = hostcheck.report(args.connections, args.workers)
+    if args.redis:
+        try:
+            from . import redislink
+        except ImportError:
+            p.error("--redis needs the hiredis package: pip install 'megacomet[redis]'")
+        for url in args.redis:
+            try:
+                redislink.Target(url)
+            except ValueError as e:
+                p.error(str(e))
+        status |= redislink.check(args.redis)
+    return status
 
 
 def reload_main(argv):

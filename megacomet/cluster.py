@@ -250,6 +250,8 @@ class ClusterNode:
             w.log("publish: Redis refused the message for %s: %s" % (ident.decode(), reply))
         if serial:
             self.app.confirm(fd, serial, 0, 0, (), 0, unavailable=(line,))
+        elif fd:
+            self.app.binary_unconfirmed(fd)
 
     def script(self, slot, name, keys, args, callback):
         source, sha = SCRIPTS[name]

@@ -577,3 +577,79 @@ def channel_tag(channel):
     """The hash tag of a channel (or key) named ``...{tag}...``."""
     start = channel.index(b"{") + 1
     return channel[start:channel.index(b"}", start)]
+
+
+def ask(url, commands, timeout=3.0):
+    """Blocking, for ``megacomet.py check --redis`` only (never in a worker): the replies to
+    ``commands`` on one connection to ``url``, errors as ReplyError values.  Raises OSError
+    (or hiredis.ProtocolError) when the server cannot be reached or spoken to."""
+    target = Target(url)
+    sock = socket.create_connection((target.host, target.port), timeout=timeout)
+    try:
+        if target.tls:
+            context = ssl.create_default_context()
+            if not target.verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            sock = context.wrap_socket(sock, server_hostname=target.host)
+        hello = target.hello()
+        sock.sendall(b"".join(hiredis.pack_command(tuple(c)) for c in hello + list(commands)))
+        reader = hiredis.Reader()
+        replies = []
+        while len(replies) < len(hello) + len(commands):
+            reply = reader.gets()
+            if reply is False:
+                data = sock.recv(65536)
+                if not data:
+                    raise OSError("connection closed by the server")
+                reader.feed(data)
+            else:
+                replies.append(reply)
+        for reply in replies[:len(hello)]:
+            if isinstance(reply, hiredis.ReplyError):
+                raise OSError("refused: %s" % reply)
+        return replies[len(hello):]
+    finally:
+        sock.close()
+
+
+def check(urls, out=print):
+    """``megacomet.py check --redis URL...``: can the nodes use this Redis?  Exit status."""
+    problems = 0
+    for url in urls:
+        shown = Target(url)
+        name = "%s:%d" % (shown.host, shown.port)
+        try:
+            info, policy, cluster = ask(url, [("INFO", "server"),
+                                              ("CONFIG", "GET", "maxmemory-policy"),
+                                              ("CLUSTER", "INFO")])
+        except (OSError, hiredis.ProtocolError, ValueError) as e:
+            out("FIX  redis %s: not reachable (%s)" % (name, e))
+            problems += 1
+            continue
+        fields = dict(line.split(":", 1) for line in info.decode().splitlines()
+                      if ":" in line)
+        version = fields.get("redis_version", "?")
+        in_cluster = not isinstance(cluster, hiredis.ReplyError)
+        major_minor = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+        need = (7, 0) if in_cluster else (6, 2)
+        ok = len(major_minor) == 2 and major_minor >= need
+        out("%-4s redis %s: version %s (%s needs %d.%d or later)"
+            % ("ok" if ok else "FIX", name, version,
+               "a cluster node" if in_cluster else "a single server", *need))
+        problems += not ok
+        if isinstance(policy, hiredis.ReplyError) or len(policy) != 2:
+            out("tip  redis %s: maxmemory-policy cannot be read (%s): it must be noeviction"
+                % (name, policy))
+            continue
+        value = policy[1].decode()
+        ok = value == "noeviction"
+        out("%-4s redis %s: maxmemory-policy %s, needs noeviction" % ("ok" if ok else "FIX",
+                                                                      name, value))
+        if not ok:
+            out("       fix: redis-cli -h %s -p %d CONFIG SET maxmemory-policy noeviction (and in "
+                "redis.conf): an evicted stream loses messages" % (shown.host, shown.port))
+            problems += 1
+    out("megacomet check: %s" % ("Redis is ready" if not problems else
+                                 "%d Redis problem(s)" % problems))
+    return 1 if problems else 0

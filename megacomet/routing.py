@@ -118,7 +118,7 @@ class Router:
             self.cluster.publish(ident, data, fd, serial, line, idempotency)
             return
         w.counters[RECEIVED] += 1
-        w.send_home(ident, records.pub(fd, serial, line, ident, data))
+        w.send_home(ident, records.pub(fd if serial else 0, serial, line, ident, data))
 
     # -- home side -----------------------------------------------------------------
 
