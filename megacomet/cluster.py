@@ -296,10 +296,7 @@ class ClusterNode:
         sync = self.ids.get(ident)
         if (isinstance(reply, Exception) or i < 0 or sync is None or sync.state != LIVE
                 or reply[0] != part.epochs[i]):
-            self.wait(ident, sync, (self.router.on_sub, src, record))
-            if sync is not None and sync.state == LIVE:
-                sync.state = FETCHING             # read the whole id again, then answer
-                self.fetch(ident, sync)
+            self.wait(ident, sync, (self.router.on_sub, src, record))   # read it all again
             return
         stream = reply[2]
         first = part.firsts[i]
@@ -339,9 +336,14 @@ class ClusterNode:
                     subs.ask_again(fd, ident)
 
     def wait(self, ident, sync, request):
+        """``request`` (a SUB or CPOLL) is answered once the id's channel is joined and its
+        stream read: now joined if it was not, read again if it was live (the cache lost it)."""
         if sync is None:
             sync = self.ids[ident] = Sync()
             self.join(ident, sync)
+        elif sync.state == LIVE:
+            sync.state = FETCHING
+            self.fetch(ident, sync)
         if len(sync.waiting) >= WAITING_MAX:
             del sync.waiting[0]                   # its poll times out where it is held
         sync.waiting.append(request)
@@ -457,7 +459,14 @@ class ClusterNode:
                         self.router.fan_out(ident, stream[n + 1], *stored)
             part.adopt(key, epoch, last, now_ms)
         except shmqueue.TableFull:
-            pass                                  # the requests waiting are refused below
+            # No room to cache it: the requests waiting go straight to the home, which
+            # refuses them (through this module they would only wait for a room again).
+            sync.state = LIVE
+            waiting, sync.waiting = sync.waiting, []
+            direct = {self.on_sub: self.router.on_sub, self.on_cpoll: self.router.on_cpoll}
+            for handler, src, record in waiting:
+                direct.get(handler, handler)(src, record)
+            return
         sync.floor = stream[0] if stream else last + 1
         sync.state = LIVE
         buffered, sync.buffered = sync.buffered, []
