@@ -1751,3 +1751,51 @@ def test_epochs_survive_a_killed_owner_and_its_repair():
     newest = max(epochs.values())
     successor.expire(0)
     assert successor.subscribe(100, 1, 0, 0)[1] > newest      # epochs go on above the old ones
+
+
+# -- cluster mode: the partition as a cache of Redis's numbering (store, adopt) ----------------
+
+def cache_partition(max_queued=4):
+    p = sq.Partition(SharedRegion(1, 64, 1 << 16, 4096, ttl_ms=1000, max_queued=max_queued), 0)
+    p.local_epochs = False
+    return p
+
+
+def test_store_caches_the_next_seq_and_refuses_repeats_gaps_and_older_lives():
+    p = cache_partition()
+    k = 777
+    p.subscribe(k, 1, 0, 0)                        # a subscriber's worker registers first
+    assert p.peek(k) == (0, 0)                     # no epoch before Redis gives one
+    assert p.store(k, 500, 1, b"a", 0)[:4] == (1, 1, 0, 500)    # delivered to worker bit 1
+    assert p.store(k, 500, 1, b"a", 0) is sq.REPEAT
+    assert p.store(k, 500, 3, b"c", 0) is sq.GAP   # 2 is missing: nothing stored
+    assert p.peek(k) == (1, 500)
+    assert p.store(k, 500, 2, b"b", 0)[0] == 2
+    assert p.store(k, 400, 3, b"x", 0) is sq.STALE  # a message of an older life
+    assert p.subscribe(k, 1, 0, 0) == (2, 500, False, [(1, b"a"), (2, b"b")])
+    # A newer life: the cache starts again, its seq 1 comes next.
+    assert p.store(k, 600, 2, b"y", 0) is sq.GAP
+    assert p.peek(k) == (0, 600)
+    assert p.store(k, 600, 1, b"x", 0)[0] == 1
+    assert p.subscribe(k, 1, 0, 0) == (1, 600, False, [(1, b"x")])
+    assert p.header[sq._H_MESSAGES] == 1           # the older life's two are no longer counted
+
+
+def test_adopt_takes_redis_last_seq_and_epoch():
+    p = cache_partition()
+    k = 778
+    i = p.adopt(k, 900, 0, 0)                      # Redis holds 5..7 of a life at 900
+    assert p.adopt(k, 900, 4, 0) == i
+    for seq in (5, 6, 7):
+        assert p.store(k, 900, seq, b"m%d" % seq, 0)[0] == seq
+    p.adopt(k, 900, 7, 0)
+    assert p.subscribe(k, 1, 0, 0)[3] == [(5, b"m5"), (6, b"m6"), (7, b"m7")]
+    p.adopt(k, 900, 10, 0)                         # 8..10 no longer in Redis: counted, not cached
+    assert p.peek(k) == (10, 900)
+    assert p.subscribe(k, 1, 7, 0) == (10, 900, False, [])
+    assert p.store(k, 900, 11, b"n", 0)[0] == 11
+    p.adopt(k, 900, 5, 0)                          # the cache is ahead of Redis: it lost them
+    assert p.peek(k) == (5, 900) and p.subscribe(k, 1, 0, 0)[3] == []
+    p.adopt(k, 0, 0, 0)                            # Redis no longer knows the id at all
+    assert p.peek(k) == (0, 0)
+    assert p.header[sq._H_MESSAGES] == 0
