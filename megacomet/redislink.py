@@ -25,7 +25,7 @@ import errno
 import random
 import socket
 import ssl
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import hiredis
 
@@ -34,6 +34,7 @@ SLOTS = 16384
 MAX_REDIRECTS = 5
 PING_EVERY = 1.0                          # seconds between pings of an idle link
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0      # seconds before connecting again, doubled per failure
+LOG_FAILING_EVERY = 30.0                  # seconds between log lines of a link that keeps failing
 PUSH_KINDS = frozenset((b"message", b"smessage", b"subscribe", b"ssubscribe", b"unsubscribe",
                         b"sunsubscribe", b"pong"))
 
@@ -47,9 +48,11 @@ UNAVAILABLE = Unavailable("redis unavailable")
 
 
 class Target:
-    """Where one URL points: redis://[user:password@]host:port[/db], rediss:// for TLS."""
+    """Where one URL points: redis://[user:password@]host:port[/db], rediss:// for TLS (its
+    query may name the CA file that signed the server's certificate, ``ssl_ca_certs=F``, or
+    skip the check, ``ssl_cert_reqs=none``)."""
 
-    __slots__ = ("host", "port", "user", "password", "db", "tls", "verify")
+    __slots__ = ("host", "port", "user", "password", "db", "tls", "verify", "ca_file")
 
     def __init__(self, url):
         parts = urlsplit(url)
@@ -66,7 +69,16 @@ class Target:
             raise ValueError("the path of a Redis URL is a database number: %r" % url)
         self.db = int(path or 0)
         self.tls = parts.scheme == "rediss"
-        self.verify = "ssl_cert_reqs=none" not in (parts.query or "")
+        query = dict(parse_qsl(parts.query or ""))
+        self.verify = query.get("ssl_cert_reqs", "required").lower() != "none"
+        self.ca_file = query.get("ssl_ca_certs")
+
+    def tls_context(self):
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
     def hello(self):
         """The commands that open a connection: AUTH, then SELECT."""
@@ -105,6 +117,8 @@ class Link:
         self.backoff = 0.0
         self.retry_at = 0.0
         self.handshaking = False          # TLS handshake in progress
+        self.failing_since = 0.0          # when it last failed without an answer since (0: fine)
+        self.logged_at = 0.0              # when its failure was last logged
         self.channels = set()             # subscriber link: channels subscribed or asked for
         self.leaving = collections.Counter()   # channels we asked to leave, not yet confirmed
 
@@ -174,11 +188,7 @@ class Link:
 
     def _connected(self):
         if self.target.tls:
-            context = ssl.create_default_context()
-            if not self.target.verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self.sock = context.wrap_socket(self.sock, server_hostname=self.addr[0],
+            self.sock = self.target.tls_context().wrap_socket(self.sock, server_hostname=self.addr[0],
                                             do_handshake_on_connect=False)
             self.handshaking = True
         self.state = self.UP
@@ -270,6 +280,8 @@ class Link:
             return
         callback = self.callbacks.popleft()
         self.waiting_since = self.redis.now if self.callbacks else 0.0
+        if self.failing_since and not isinstance(reply, Exception):
+            self.pong()
         if callback is not None:
             callback(reply)
 
@@ -312,6 +324,7 @@ class Link:
     def pong(self):
         self.waiting_since = 0.0
         self.backoff = 0.0                         # healthy: the next failure starts small
+        self.failing_since = 0.0
 
 
 class Redis:
@@ -557,10 +570,18 @@ class Redis:
         pass
 
     def link_down(self, link, reason, was):
-        if was == Link.UP or link.backoff <= BACKOFF_MIN:
-            self.log("redis: %s:%d %s (%s)" % (link.addr[0], link.addr[1],
-                                               "subscriber link lost" if link.subscriber
-                                               else "link lost", reason))
+        """Logged when a link that worked fails, then every LOG_FAILING_EVERY while it keeps
+        failing (each retry would be a line otherwise)."""
+        now = self.now
+        if not link.failing_since or now - link.logged_at >= LOG_FAILING_EVERY:
+            self.log("redis: %s:%d %s (%s)%s" % (
+                link.addr[0], link.addr[1],
+                "subscriber link lost" if link.subscriber else "link lost", reason,
+                "; failing for %.0f s" % (now - link.failing_since) if link.failing_since
+                else ""))
+            link.logged_at = now
+        if not link.failing_since:
+            link.failing_since = now
         if was == Link.UP:
             self.count("reconnects", 1)
         if link.subscriber and link.channels:
@@ -587,11 +608,7 @@ def ask(url, commands, timeout=3.0):
     sock = socket.create_connection((target.host, target.port), timeout=timeout)
     try:
         if target.tls:
-            context = ssl.create_default_context()
-            if not target.verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            sock = context.wrap_socket(sock, server_hostname=target.host)
+            sock = target.tls_context().wrap_socket(sock, server_hostname=target.host)
         hello = target.hello()
         sock.sendall(b"".join(hiredis.pack_command(tuple(c)) for c in hello + list(commands)))
         reader = hiredis.Reader()
