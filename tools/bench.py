@@ -12,6 +12,30 @@ and fanout with EventSource or WebSocket subscribers instead (megatest
 fanout-ws; their rows are labelled with the mode (e.g. "deliver-ws/single:
 CPU us/delivery"). --hold-n N holds N connections in every hold mode.
 
+Cluster modes, chosen with --modes, run each server as two nodes sharing one fresh
+Redis (tools/redislab.py; --redis-cluster: a Redis Cluster of 3 masters + 3
+replicas): MegaComet as two `megacomet.py --redis URL` nodes, Nchan as two nginx
+instances with the same `upstream { nchan_redis_server URL; }` and
+`nchan_redis_pass`. Subscribers are on node B; each round publishes once on A
+(cross node) and once on B (same node), single POSTs pipelined over keep-alive
+connections for both servers. CPU counts both nodes' processes ("nodes") and,
+apart, redis-server's; Redis commands are INFO commandstats' calls (those a
+script runs included) per publish; Redis memory is the masters' used_memory.
+  cluster-queue        publishes on A to ids nobody holds, 4 to each: publishes/s,
+                       Redis commands and memory per buffered message (an id's
+                       first message and the later ones apart); a sample read on B
+  cluster-deliver      one message to each of N subscribers, each on its own id:
+                       publishes/s, latency, CPU per delivery (nodes, Redis)
+  cluster-fanout       one publish to N subscribers of one id
+  cluster-resubscribe  MegaComet only (Nchan has no such hook): B holds 100 000 ids
+                       (16 per WebSocket; the nodes' CPU while they sit idle), Redis
+                       restarts; the time until a message to each of a sample of
+                       ids (one per connection) reaches its subscriber, and until
+                       Redis counts every channel again
+
+    python tools/bench.py --quick --servers megacomet,nchan --workers 2 \
+        --modes cluster-queue,cluster-deliver,cluster-fanout,cluster-resubscribe
+
 Servers:
   megacomet  python megacomet.py --workers 8 (this repository)
   aiohttp    tools/peers/aiohttp_server.py (needs aiohttp: tools/requirements-bench.txt)
@@ -48,10 +72,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import launch  # noqa: E402  (tools/launch.py)
+import redislab  # noqa: E402  (real redis-server processes, for the cluster modes)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -61,6 +87,13 @@ NCHAN_MODULES = ("/usr/lib/nginx/modules/ngx_nchan_module.so",
                  "/usr/share/nginx/modules/ngx_nchan_module.so")
 MODES = ("hold", "deliver", "fanout", "queue", "churn")          # the default run: long-polls
 STREAM_MODES = ("hold-sse", "hold-ws", "deliver-sse", "deliver-ws", "fanout-sse", "fanout-ws")
+# Cluster modes: bench mode -> (megatest mode, transport).
+CLUSTER_MODES = {"cluster-queue": ("queue", "poll"), "cluster-deliver": ("deliver", "poll"),
+                 "cluster-fanout": ("fanout", "poll"), "cluster-resubscribe": ("resubscribe", "ws")}
+# How the cluster modes publish, the same for every server: single POSTs, 4 keep-alive
+# connections of 64 in flight each.
+CLUSTER_PUBLISH = ["--publish", "single", "--pub-conns", "4", "--pipeline", "64"]
+NOT_RUN = {("nchan", "cluster-resubscribe"): "Nchan has no equivalent hook to time"}
 
 # Per-mode sizes. "n" connections, "m" queued messages; churn: rate msg/s, seconds.
 SIZES = {
@@ -69,13 +102,20 @@ SIZES = {
               "churn": {"n": 2000, "rate": 2000, "seconds": 4},
               "hold-sse": {"n": 5000, "hold": 1}, "hold-ws": {"n": 5000, "hold": 1},
               "deliver-sse": {"n": 5000}, "deliver-ws": {"n": 5000},
-              "fanout-sse": {"n": 5000}, "fanout-ws": {"n": 5000}},
+              "fanout-sse": {"n": 5000}, "fanout-ws": {"n": 5000},
+              "cluster-queue": {"m": 4000, "k": 4}, "cluster-deliver": {"n": 2000},
+              "cluster-fanout": {"n": 2000},
+              "cluster-resubscribe": {"n": 625, "k": 16, "hold": 1}},
     "full": {"hold": {"n": 100000, "hold": 3}, "deliver": {"n": 18000},
              "fanout": {"n": 18000}, "queue": {"m": 200000},
              "churn": {"n": 10000, "rate": 5000, "seconds": 15},
              "hold-sse": {"n": 20000, "hold": 3}, "hold-ws": {"n": 20000, "hold": 3},
              "deliver-sse": {"n": 18000}, "deliver-ws": {"n": 18000},
-             "fanout-sse": {"n": 10000}, "fanout-ws": {"n": 10000}},
+             "fanout-sse": {"n": 10000}, "fanout-ws": {"n": 10000},
+             # queue: m messages, k to each id; resubscribe: n WebSockets of k ids each
+             "cluster-queue": {"m": 60000, "k": 4}, "cluster-deliver": {"n": 10000},
+             "cluster-fanout": {"n": 10000},
+             "cluster-resubscribe": {"n": 6250, "k": 16, "hold": 3}},
 }
 # Most subscribers a server can hold here (per-process open-file limit 20 000).
 CAPACITY = {"aiohttp": 18000}
@@ -113,12 +153,16 @@ def nchan_available():
 
 
 class Server:
-    """A server under test in its own process group, stopped with SIGTERM."""
+    """A server under test in its own process group, stopped with SIGTERM.
 
-    def __init__(self, name, workdir, workers):
+    With ``redis`` (a list of URLs) it is a node of a cluster (Deployment): MegaComet gets
+    --redis for each URL, Nchan an upstream of them that its locations pass to."""
+
+    def __init__(self, name, workdir, workers, redis=()):
         self.name = name
         self.workdir = workdir
         self.workers = workers
+        self.redis = list(redis)
         self.port = free_port()
         self.app_port = free_port()
         self.proc = None
@@ -132,7 +176,8 @@ class Server:
         common = ["--port", str(self.port), "--app-port", str(self.app_port),
                   "--max-queued", str(QUEUED), "--queue-ttl", str(TTL)]
         if self.name == "megacomet":
-            return [py, os.path.join(ROOT, "megacomet.py"), "--workers", str(self.workers)] + common
+            return ([py, os.path.join(ROOT, "megacomet.py"), "--workers", str(self.workers)]
+                    + common + [a for url in self.redis for a in ("--redis", url)])
         if self.name == "aiohttp":
             return [py, PEER] + common
         if self.name == "nchan":
@@ -144,6 +189,15 @@ class Server:
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
             os.makedirs(os.path.join(d, sub), exist_ok=True)
         load = "load_module %s;\n" % NCHAN[1] if NCHAN[1] else ""
+        # Cluster node: messages, and who holds what, live in Redis (Nchan's default
+        # "distributed" storage mode). An upstream is what Nchan 1.3 recommends (it warns
+        # that nchan_redis_url and nchan_use_redis are discouraged); several servers in it
+        # mean a Redis Cluster, which Nchan discovers.
+        upstream = redis_pass = ""
+        if self.redis:
+            upstream = "upstream redis_bench {\n%s  }\n  " % "".join(
+                "    nchan_redis_server %s;\n" % url for url in self.redis)
+            redis_pass = "nchan_redis_pass redis_bench;"
         conf = f"""{load}daemon off;
 master_process on;
 worker_processes {self.workers};
@@ -161,7 +215,7 @@ http {{
   scgi_temp_path {d}/scgi;
   client_max_body_size 16m;
   nchan_max_reserved_memory 512M;
-  server {{
+  {upstream}server {{
     listen 127.0.0.1:{self.port} backlog=4096 reuseport;
     # One location for every transport: Nchan picks EventSource on "Accept:
     # text/event-stream", WebSocket on "Upgrade: websocket", else long-poll. Streams
@@ -172,6 +226,7 @@ http {{
       nchan_subscriber_timeout 120s;
       nchan_eventsource_ping_interval 15;
       nchan_websocket_ping_interval 15;
+      {redis_pass}
     }}
   }}
   server {{
@@ -181,6 +236,7 @@ http {{
       nchan_channel_id $1;
       nchan_message_buffer_length {QUEUED};
       nchan_message_timeout {TTL}s;
+      {redis_pass}
     }}
     location = /stats {{ nchan_stub_status; }}
   }}
@@ -217,6 +273,19 @@ http {{
             return b"ready" in f.read()
 
     accepts = staticmethod(launch.accepts)
+
+    def pids(self):
+        """The supervisors megatest counts, with their descendants, as the server."""
+        return [self.proc.pid]
+
+    def check_alive(self):
+        """After a run: a note if it exited meanwhile."""
+        if self.proc.poll() is not None:
+            self.notes.append("exited during the run with status %s; log %s"
+                              % (self.proc.returncode, self.log_path))
+
+    def megatest_args(self):
+        return []
 
     def tail(self, n=2000):
         try:
@@ -261,19 +330,104 @@ http {{
 NCHAN = None
 
 
+class Deployment:
+    """A cluster mode's server: a fresh Redis (one server, or a Redis Cluster of 3 masters
+    and 3 replicas) and two nodes of one server sharing it, A and B.  Megatest holds its
+    subscribers on B and publishes on A (cross node) and on B (same node); CPU counts
+    both nodes.  It stands where a Server does in the run loop."""
+
+    def __init__(self, name, workdir, workers, redis_cluster=False):
+        self.name = name
+        self.workdir = workdir
+        self.workers = workers
+        self.proto = "nchan" if name == "nchan" else "megacomet"
+        self.stats_path = "/stats"
+        self.redis = redislab.Cluster() if redis_cluster else redislab.Standalone()
+        self.nodes = []
+        self.notes = []
+
+    def start(self):
+        try:
+            self.redis.start()
+            urls = (self.redis.urls if isinstance(self.redis, redislab.Cluster)
+                    else [self.redis.url])
+            for _ in ("A", "B"):
+                self.nodes.append(Server(self.name, self.workdir, self.workers, redis=urls))
+                self.nodes[-1].start()
+        except (RuntimeError, redislab.RedisLabError) as e:
+            self.stop()
+            raise RuntimeError("cluster of %s did not start: %s" % (self.name, e))
+
+    @property
+    def port(self):                 # subscribers, /stats: node B
+        return self.nodes[1].port
+
+    @property
+    def app_port(self):
+        return self.nodes[1].app_port
+
+    def redis_servers(self):
+        return self.redis.nodes if isinstance(self.redis, redislab.Cluster) else [self.redis]
+
+    def pids(self):
+        return [n.proc.pid for n in self.nodes]
+
+    def megatest_args(self):
+        a, b = self.nodes
+        args = ["--publish-to", "cross=%d" % a.app_port, "--publish-to", "same=%d" % b.app_port]
+        for r in self.redis_servers():
+            args += ["--redis-port", str(r.port)]
+        return args
+
+    def restart_redis(self):
+        """Stop Redis and start it again on the same port(s), empty (nothing is saved); for a
+        Redis Cluster, its masters.  The moments it went down and answered again."""
+        servers = (self.redis.masters() if isinstance(self.redis, redislab.Cluster)
+                   else [self.redis])
+        down = time.monotonic_ns()
+        for r in servers:
+            r.restart()
+        up = time.monotonic_ns()
+        if isinstance(self.redis, redislab.Cluster):
+            self.redis.wait_ok()
+        log("Redis restarted in %.3fs" % ((up - down) / 1e9))
+        return {"down_ns": down, "up_ns": up}
+
+    def check_alive(self):
+        for node, label in zip(self.nodes, "AB"):
+            node.check_alive()
+            self.notes += ["node %s %s" % (label, n) for n in node.notes]
+            node.notes = []
+        for r in self.redis_servers():
+            if not r.alive():
+                self.notes.append("redis-server on port %s exited during the run" % r.port)
+
+    def stop(self):
+        for node, label in zip(self.nodes, "AB"):
+            node.stop()
+            self.notes += ["node %s %s" % (label, n) for n in node.notes]
+        self.redis.stop()
+
+
 def split_mode(mode):
-    """A bench mode's megatest mode and transport: "deliver-ws" -> ("deliver", "ws")."""
+    """A bench mode's megatest mode and transport: "deliver-ws" -> ("deliver", "ws"),
+    "cluster-deliver" -> ("deliver", "poll")."""
+    if mode in CLUSTER_MODES:
+        return CLUSTER_MODES[mode]
     base, _, transport = mode.partition("-")
     return base, transport or "poll"
 
 
 def megatest_args(server, mode, size, duration):
+    cluster = mode in CLUSTER_MODES
     mode, transport = split_mode(mode)
     a = ["--mode", mode, "--transport", transport, "--port", str(server.port),
          "--app-port", str(server.app_port),
          "--proto", server.proto, "--stats-path", server.stats_path,
-         "--server-pid", str(server.proc.pid), "--duration", str(duration),
-         "--id-prefix", mode[:2]]
+         "--duration", str(duration), "--id-prefix", mode[:2]]
+    for pid in server.pids():
+        a += ["--server-pid", str(pid)]
+    a += server.megatest_args()
     cap = CAPACITY.get(server.name)
     n = size.get("n")
     if n is not None:
@@ -283,20 +437,30 @@ def megatest_args(server, mode, size, duration):
     if mode == "hold":
         a += ["--hold", str(size["hold"])]
     if mode == "queue":
-        a += ["--messages", str(size["m"]), "--batch-size", "1000"]
+        a += ["--messages", str(size["m"]), "--per-id", str(size.get("k", 1)),
+              "--batch-size", "1000"]
     if mode == "churn":
         a += ["--rate", str(size["rate"]), "--churn-time", str(size["seconds"])]
-    if mode == "deliver":
+    if mode == "resubscribe":
+        # A rejoin slower than the 10 s default is still measured.
+        a += ["--ids-per-conn", str(size["k"]), "--hold", str(size["hold"]), "--stall", "30"]
+    if cluster:
+        a += CLUSTER_PUBLISH
+    elif mode == "deliver":
         methods = {"megacomet": "batch,binary,single", "aiohttp": "batch,single",
                    "nchan": "single"}[server.name]
         a += ["--publish", methods]
-    if mode in ("queue", "churn") and server.name == "nchan":
+    elif mode in ("queue", "churn") and server.name == "nchan":
         a += ["--publish", "single"]
     return a
 
 
 def run_megatest(server, mode, size, workdir, duration, verbose, extra=(), tag=None):
-    """One megatest run; ``extra`` arguments come last (so they win), ``tag`` names its files."""
+    """One megatest run; ``extra`` arguments come last (so they win), ``tag`` names its files.
+
+    Megatest's standard output is passed on, but for its "megatest: restart redis now"
+    (resubscribe), which is answered on its standard input once server.restart_redis()
+    did it."""
     tag = tag or "%s-%s" % (server.name, mode)
     out = os.path.join(workdir, tag + ".json")
     errlog = os.path.join(workdir, tag + ".log")
@@ -304,12 +468,38 @@ def run_megatest(server, mode, size, workdir, duration, verbose, extra=(), tag=N
            + list(extra))
     log("%s %s: %s" % (server.name, mode, " ".join(cmd[2:])))
     with open(errlog, "wb") as ef:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=None if verbose else ef)
+        killed = []
+        timer = threading.Timer(duration + 60, lambda: (killed.append(True), proc.kill()))
+        timer.start()
         try:
-            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if verbose else ef,
-                               timeout=duration + 60)
-            code = p.returncode
-            sys.stderr.write(p.stdout.decode("utf-8", "replace"))
-        except subprocess.TimeoutExpired:
+            for line in proc.stdout:
+                if line.startswith(b"megatest: restart redis now"):
+                    try:
+                        answer = json.dumps(server.restart_redis()).encode() + b"\n"
+                    except (AttributeError, RuntimeError, redislab.RedisLabError) as e:
+                        log("could not restart Redis: %r" % (e,))
+                        answer = b""           # megatest sees stdin closed: its problem says so
+                    try:
+                        proc.stdin.write(answer)
+                        proc.stdin.close()
+                    except OSError:
+                        pass
+                else:
+                    sys.stderr.write(line.decode("utf-8", "replace"))
+            code = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:            # interrupted: as subprocess.run would
+                proc.kill()
+                proc.wait()
+            for f in (proc.stdin, proc.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        if killed:
             code = "timeout"
     try:
         with open(out) as f:
@@ -346,41 +536,102 @@ def hold_rows(mode):
     ]
 
 
-def deliver_rows(mode):
+def redis_rows(label, mode, p, per, unit, cluster):
+    """Cluster modes: Redis's share of the work (none for the other modes)."""
+    return [] if not cluster else [
+        ("%s: Redis CPU us/%s" % (label, unit), mode, p + ("redis_cpu_us_per_" + per,), "low"),
+        ("%s: nodes+Redis CPU us/%s" % (label, unit), mode, p + ("all_cpu_us_per_" + per,),
+         "low"),
+        ("%s: Redis cmds/publish" % (label,), mode, p + ("redis_commands_per_publish",), "low"),
+    ] + ([("%s: Redis B/msg" % label, mode, p + ("redis_bytes_per_message",), "low"),
+          ("%s: Redis B/msg (an id's first)" % label, mode,
+           p + ("redis_bytes_per_first_message",), "low"),
+          ("%s: Redis B/msg (later ones)" % label, mode,
+           p + ("redis_bytes_per_later_message",), "low")]
+         if per == "message" else [])
+
+
+def deliver_rows(mode, rounds=None):
+    """The rows of each round: ``rounds`` is (label, phase) pairs, by default one round per
+    way of publishing; cluster modes add the publish rate and Redis's share."""
+    cluster = mode in CLUSTER_MODES
     rows = []
-    for m in ("batch", "binary", "single"):
-        p = ("phases", "deliver_" + m)
+    for r, phase in rounds or [(m, "deliver_" + m) for m in ("batch", "binary", "single")]:
+        p = ("phases", phase)
+        label = "%s/%s" % (mode, r)
+        rows.append((label + ": subscribers", mode, p + ("expected",), None))
+        if cluster:
+            rows.append((label + ": publish msg/s", mode, p + ("publish_per_s",), "high"))
         rows += [
-            ("%s/%s: subscribers" % (mode, m), mode, p + ("expected",), None),
-            ("%s/%s: deliveries/s" % (mode, m), mode, p + ("deliveries_per_s",), "high"),
-            ("%s/%s: latency p50 ms" % (mode, m), mode, p + ("latency_ms", "p50"), "low"),
-            ("%s/%s: latency p99 ms" % (mode, m), mode, p + ("latency_ms", "p99"), "low"),
-            ("%s/%s: latency max ms" % (mode, m), mode, p + ("latency_ms", "max"), "low"),
-            ("%s/%s: CPU us/delivery" % (mode, m), mode, p + ("cpu_us_per_delivery",), "low"),
-            ("%s/%s: not exactly once" % (mode, m), mode, p + ("not_exactly_once",), "low"),
+            (label + ": deliveries/s", mode, p + ("deliveries_per_s",), "high"),
+            (label + ": latency p50 ms", mode, p + ("latency_ms", "p50"), "low"),
+            (label + ": latency p99 ms", mode, p + ("latency_ms", "p99"), "low"),
+            (label + ": latency max ms", mode, p + ("latency_ms", "max"), "low"),
+            (label + (": nodes CPU us/delivery" if cluster else ": CPU us/delivery"), mode,
+             p + ("cpu_us_per_delivery",), "low"),
+        ] + redis_rows(label, mode, p, "delivery", "delivery", cluster) + [
+            (label + ": not exactly once", mode, p + ("not_exactly_once",), "low"),
         ]
     return rows
 
 
-def fanout_rows(mode):
-    p = ("phases", "fanout")
+def fanout_rows(mode, rounds=None):
+    """As deliver_rows, for one publish to every subscriber: one round named "fanout" by
+    default, else (label, phase) pairs."""
+    cluster = mode in CLUSTER_MODES
+    rows = []
+    for r, phase in rounds or [(None, "fanout")]:
+        p = ("phases", phase)
+        label = mode if r is None else "%s/%s" % (mode, r)
+        rows += [
+            (label + ": subscribers", mode, p + ("expected",), None),
+            (label + ": time to all ms", mode, p + ("time_to_all_ms",), "low"),
+            (label + ": latency p50 ms", mode, p + ("latency_ms", "p50"), "low"),
+            (label + ": deliveries/s", mode, p + ("deliveries_per_s",), "high"),
+            (label + (": nodes CPU us/delivery" if cluster else ": CPU us/delivery"), mode,
+             p + ("cpu_us_per_delivery",), "low"),
+        ] + redis_rows(label, mode, p, "delivery", "delivery", cluster) + [
+            (label + ": not exactly once", mode, p + ("not_exactly_once",), "low"),
+        ]
+    return rows
+
+
+def queue_rows(mode):
+    p = ("phases", "queue")
+    cpu = "nodes CPU" if mode in CLUSTER_MODES else "CPU"
     return [
-        ("%s: subscribers" % mode, mode, p + ("expected",), None),
-        ("%s: time to all ms" % mode, mode, p + ("time_to_all_ms",), "low"),
-        ("%s: latency p50 ms" % mode, mode, p + ("latency_ms", "p50"), "low"),
-        ("%s: deliveries/s" % mode, mode, p + ("deliveries_per_s",), "high"),
-        ("%s: CPU us/delivery" % mode, mode, p + ("cpu_us_per_delivery",), "low"),
-        ("%s: not exactly once" % mode, mode, p + ("not_exactly_once",), "low"),
+        ("%s: messages" % mode, mode, p + ("published",), None),
+        ("%s: publish msg/s" % mode, mode, p + ("publish_per_s",), "high"),
+        ("%s: RSS B/msg" % mode, mode, p + ("rss_bytes_per_message",), "low"),
+        ("%s: PSS B/msg" % mode, mode, p + ("pss_bytes_per_message",), "low"),
+        ("%s: %s us/msg" % (mode, cpu), mode, p + ("cpu_us_per_message",), "low"),
+    ] + redis_rows(mode, mode, p, "message", "msg", mode in CLUSTER_MODES) + [
+        ("%s: drained ok (sample)" % mode, mode, p + ("drain", "ok"), "high"),
     ]
 
 
-ROWS = hold_rows("hold") + deliver_rows("deliver") + fanout_rows("fanout") + [
-    ("queue: messages", "queue", ("phases", "queue", "published"), None),
-    ("queue: publish msg/s", "queue", ("phases", "queue", "publish_per_s"), "high"),
-    ("queue: RSS B/msg", "queue", ("phases", "queue", "rss_bytes_per_message"), "low"),
-    ("queue: PSS B/msg", "queue", ("phases", "queue", "pss_bytes_per_message"), "low"),
-    ("queue: CPU us/msg", "queue", ("phases", "queue", "cpu_us_per_message"), "low"),
-    ("queue: drained ok (sample)", "queue", ("phases", "queue", "drain", "ok"), "high"),
+def resubscribe_rows(mode):
+    o, b, r = ("phases", "open"), ("phases", "before"), ("phases", "rejoin")
+    return [
+        ("%s: ids held" % mode, mode, o + ("ids",), None),
+        ("%s: connections" % mode, mode, o + ("opened",), None),
+        ("%s: channels joined at start s" % mode, mode, o + ("channels_joined_s",), "low"),
+        ("%s: nodes cores busy, held idle" % mode, mode, ("phases", "hold", "nodes_cores_busy"),
+         "low"),
+        ("%s: sample ids" % mode, mode, r + ("expected",), None),
+        ("%s: restart to sample p50 ms" % mode, mode, r + ("latency_ms", "p50"), "low"),
+        ("%s: restart to sample p99 ms" % mode, mode, r + ("latency_ms", "p99"), "low"),
+        ("%s: restart to all sample ms" % mode, mode, r + ("time_to_all_ms",), "low"),
+        ("%s: restart to all channels s" % mode, mode, r + ("channels_rejoined_s",), "low"),
+        ("%s: first publish accepted s" % mode, mode, r + ("first_accepted_s",), "low"),
+        ("%s: nodes CPU s (rejoin)" % mode, mode, r + ("cpu_s",), "low"),
+        ("%s: Redis CPU s (rejoin)" % mode, mode, r + ("redis_cpu_s",), "low"),
+        ("%s: not exactly once (before)" % mode, mode, b + ("not_exactly_once",), "low"),
+        ("%s: not exactly once (after)" % mode, mode, r + ("not_exactly_once",), "low"),
+    ]
+
+
+ROWS = hold_rows("hold") + deliver_rows("deliver") + fanout_rows("fanout") + queue_rows("queue") + [
     ("churn: subscribers", "churn", ("phases", "churn", "subscribers"), None),
     ("churn: publish msg/s", "churn", ("phases", "churn", "publish_per_s"), "high"),
     ("churn: sustained deliveries/s", "churn",
@@ -392,6 +643,11 @@ ROWS = hold_rows("hold") + deliver_rows("deliver") + fanout_rows("fanout") + [
 ]
 for _t in ("sse", "ws"):
     ROWS += hold_rows("hold-" + _t) + deliver_rows("deliver-" + _t) + fanout_rows("fanout-" + _t)
+_WHERE = ("same", "cross")
+ROWS += (queue_rows("cluster-queue")
+         + deliver_rows("cluster-deliver", [(w, "deliver_single_" + w) for w in _WHERE])
+         + fanout_rows("cluster-fanout", [(w, "fanout_" + w) for w in _WHERE])
+         + resubscribe_rows("cluster-resubscribe"))
 
 
 def fmt(v):
@@ -440,8 +696,39 @@ def table(results, servers):
 def annotate(rec):
     """Derived fields used by the table."""
     for name, p in (rec.get("phases") or {}).items():
-        if name.startswith(("deliver_", "fanout")) and "expected" in p:
+        if "expected" in p and "exactly_one" in p:
             p["not_exactly_once"] = p["expected"] - p.get("exactly_one", 0) + p.get("wrong_id", 0)
+
+
+def run_one(name, mode, size, workdir, duration, args):
+    """Start a fresh server (for a cluster mode a Deployment: Redis and two nodes), run
+    megatest against it, stop it: (record, notes)."""
+    if mode in CLUSTER_MODES:
+        srv = Deployment(name, workdir, args.workers, args.redis_cluster)
+    else:
+        srv = Server(name, workdir, args.workers)
+    try:
+        srv.start()
+    except RuntimeError as e:
+        log(str(e))
+        return ({"ok": False, "problems": [str(e)], "phases": {}},
+                ["%s %s: %s" % (name, mode, e)])
+    try:
+        rec = run_megatest(srv, mode, size, workdir, duration, args.verbose)
+        srv.check_alive()
+    finally:
+        srv.stop()
+    notes = []
+    other = max([p.get("other_cores_busy", 0) for p in rec.get("phases", {}).values()] or [0])
+    if other >= 0.3:
+        notes.append("%s %s: other processes kept %.1f of %d cores busy: wall-clock "
+                     "figures (rates, latency) unreliable; CPU and memory per "
+                     "operation still hold" % (name, mode, other, os.cpu_count()))
+    annotate(rec)
+    rec["server_notes"] = srv.notes
+    notes += ["%s (%s run): %s" % (name, mode, n) for n in srv.notes]
+    notes += ["%s %s: %s" % (name, mode, pr) for pr in rec.get("problems") or ()]
+    return rec, notes
 
 
 def write_plots(plots, docs, outdir):
@@ -465,8 +752,12 @@ def main(argv=None):
     ap.add_argument("--servers", default="megacomet,aiohttp,nchan",
                     help="comma list; unavailable ones are skipped")
     ap.add_argument("--modes", default=",".join(MODES),
-                    help="comma list of %s (default), or of the streaming modes %s"
-                         % (", ".join(MODES), ", ".join(STREAM_MODES)))
+                    help="comma list of %s (default), of the streaming modes %s, or of the "
+                         "cluster modes %s" % (", ".join(MODES), ", ".join(STREAM_MODES),
+                                               ", ".join(CLUSTER_MODES)))
+    ap.add_argument("--redis-cluster", action="store_true",
+                    help="cluster modes: a Redis Cluster of 3 masters + 3 replicas instead of "
+                         "one Redis")
     ap.add_argument("--hold-n", type=int, default=0, metavar="N",
                     help="connections of every hold mode instead of the size's (e.g. 100000 "
                          "for hold-sse,hold-ws); peers stay capped at what they can hold")
@@ -507,8 +798,12 @@ def main(argv=None):
     duration = args.duration or (60 if args.quick else 240)
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
-        if m not in MODES + STREAM_MODES:
+        if m not in MODES + STREAM_MODES + tuple(CLUSTER_MODES):
             ap.error("unknown mode %r" % m)
+    if any(m in CLUSTER_MODES for m in modes):
+        if not redislab.available() or redislab.hiredis is None:
+            ap.error("the cluster modes need redis-server and hiredis (Debian: apt-get install "
+                     "redis-server; pip install 'megacomet[redis]')")
     servers = []
     skipped = {}
     for s in [x for x in args.servers.split(",") if x]:
@@ -535,6 +830,7 @@ def main(argv=None):
     t0 = time.monotonic()
     results = {s: {} for s in servers}
     notes = []
+    not_run = {}
     stopping = []
 
     def on_term(signum, frame):
@@ -546,34 +842,12 @@ def main(argv=None):
     try:
         for mode in modes:
             for s in servers:
-                srv = Server(s, workdir, args.workers)
-                try:
-                    srv.start()
-                except RuntimeError as e:
-                    notes.append("%s %s: %s" % (s, mode, e))
-                    log(str(e))
-                    results[s][mode] = {"ok": False, "problems": [str(e)], "phases": {}}
+                if (s, mode) in NOT_RUN:
+                    not_run["%s %s" % (s, mode)] = NOT_RUN[(s, mode)]
                     continue
-                try:
-                    rec = run_megatest(srv, mode, sizes[mode], workdir, duration, args.verbose)
-                    if srv.proc.poll() is not None:
-                        srv.notes.append("exited during the run with status %s; log %s"
-                                         % (srv.proc.returncode, srv.log_path))
-                finally:
-                    srv.stop()
-                other = max([p.get("other_cores_busy", 0) for p in rec.get("phases", {}).values()]
-                            or [0])
-                if other >= 0.3:
-                    notes.append("%s %s: other processes kept %.1f of %d cores busy: wall-clock "
-                                 "figures (rates, latency) unreliable; CPU and memory per "
-                                 "operation still hold" % (s, mode, other, os.cpu_count()))
-                annotate(rec)
-                rec["server_notes"] = srv.notes
+                rec, more = run_one(s, mode, sizes[mode], workdir, duration, args)
                 results[s][mode] = rec
-                for n in srv.notes:
-                    notes.append("%s (%s run): %s" % (s, mode, n))
-                for pr in rec.get("problems") or ():
-                    notes.append("%s %s: %s" % (s, mode, pr))
+                notes += more
     except KeyboardInterrupt:
         notes.append("interrupted")
         log("interrupted: servers stopped, partial results below")
@@ -587,12 +861,16 @@ def main(argv=None):
     print(text)
     if skipped:
         print("skipped: " + "; ".join("%s (%s)" % kv for kv in skipped.items()))
+    if not_run:
+        print("not run: " + "; ".join("%s (%s)" % kv for kv in not_run.items()))
     if notes:
         print("notes:")
         for n in notes:
             print("  - " + n)
     doc = {"tool": "bench", "quick": args.quick, "elapsed_s": round(elapsed, 1),
-           "servers": servers, "skipped": skipped, "modes": modes,
+           "servers": servers, "skipped": skipped, "not_run": not_run, "modes": modes,
+           "redis": ("cluster" if args.redis_cluster else "standalone")
+           if any(m in CLUSTER_MODES for m in modes) else None,
            "sizes": sizes, "workers": args.workers, "table": rows,
            "notes": notes, "results": results}
     if args.json:

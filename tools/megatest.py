@@ -15,6 +15,18 @@ loop over non-blocking sockets bound to its own loopback source addresses
            message, then a sample of ids must drain with GET /sub/<id>
   churn    S subscribers re-polling with since=last after every delivery under
            a steady publish rate: sustained deliveries/s and latency
+  resubscribe  (cluster mode) WebSockets of --ids-per-conn ids each, held; then
+           Redis restarts (megatest prints "megatest: restart redis now" and
+           waits for a line on stdin: bench's times, or Enter once done by hand)
+           and a message to a sample of the ids must reach each subscriber: the
+           time from the restart until they all have
+
+Cluster mode (several nodes sharing a Redis): --publish-to [NAME=]PORT
+publishes on another node's app port (repeatable: deliver and fanout run a
+round per port, named deliver_single_NAME, fanout_NAME), and --redis-port PORT
+(repeatable) measures that Redis with the server: its CPU, INFO commandstats
+calls per publish, used_memory (queue: per message; --per-id K puts K messages
+on each id, the first and the later ones counted apart) and channels.
 
 Subscribers long-poll (--transport poll, the default) or, in hold, deliver and
 fanout, open one stream each and keep it: an EventSource (--transport sse,
@@ -62,6 +74,7 @@ PENDING, CONNECTING, OPEN, DEAD = 0, 1, 2, 3
 
 TRANSPORTS = ("poll", "sse", "ws")
 STREAM_MODES = ("hold", "deliver", "fanout")     # the modes a stream transport applies to
+MODES = ("hold", "deliver", "fanout", "queue", "churn", "resubscribe")
 
 # WebSocket (RFC 6455) opcodes, and the GUID of the handshake's accept key.
 WS_CONT, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -223,7 +236,9 @@ class Publisher:
     """One publisher connection (HTTP keep-alive, or a binary-protocol stream).
 
     Each message is "<round>|<monotonic ns at send>|<id>", so a subscriber can
-    check it got its own message and compute publish-to-receive latency."""
+    check it got its own message and compute publish-to-receive latency; with a
+    ``stamp`` (monotonic ns) the messages carry it instead of the send time, and the
+    latency counts from it (resubscribe: from Redis's restart)."""
 
     def __init__(self, host, port, batch_size, pipeline=128):
         self.host, self.port = host, port
@@ -232,6 +247,7 @@ class Publisher:
         self.http = HttpConn(host, port, timeout=60)
         self.bin = None
         self.done = 0          # messages handed to the server so far (progress)
+        self.refused = []      # single: ids answered 503 (cluster mode: Redis did not confirm)
 
     def close(self):
         self.http.close()
@@ -247,13 +263,13 @@ class Publisher:
             self.bin.close()
             self.bin = None
 
-    def batch(self, ids, rnd):
+    def batch(self, ids, rnd, stamp=None):
         ok = 0
         errors = collections.Counter()
         size = self.batch_size
         for i in range(0, len(ids), size):
             part = ids[i:i + size]
-            t = MONO()
+            t = stamp or MONO()
             body = "".join(['{"id":"%s","data":"%d|%d|%s"}\n' % (x, rnd, t, x)
                             for x in part]).encode()
             try:
@@ -274,33 +290,36 @@ class Publisher:
             self.done += len(part)
         return ok, errors
 
-    def binary(self, ids, rnd):
+    def binary(self, ids, rnd, stamp=None):
         if self.bin is None:
             self.bin = socket.create_connection((self.host, self.port), timeout=60)
         sent = 0
         for i in range(0, len(ids), 1000):
             part = ids[i:i + 1000]
-            t = MONO()
+            t = stamp or MONO()
             self.bin.sendall(b"".join([b"\x02%s\x00%d|%d|%s\x00" % (x.encode(), rnd, t, x.encode())
                                        for x in part]))
             sent += len(part)
             self.done += len(part)
         return sent, {}
 
-    def single(self, ids, rnd):
+    def single(self, ids, rnd, stamp=None):
         ok = 0
         errors = collections.Counter()
         window = self.window
         for i in range(0, len(ids), window):
-            t = MONO()
+            t = stamp or MONO()
+            part = ids[i:i + window]
             reqs = [HttpConn.build("POST", "/pub/" + x, ("%d|%d|%s" % (rnd, t, x)).encode())
-                    for x in ids[i:i + window]]
+                    for x in part]
             try:
-                for status, _, _, _ in self.http.pipeline(reqs):
+                for x, (status, _, _, _) in zip(part, self.http.pipeline(reqs)):
                     if status in (200, 201, 202):
                         ok += 1
                     else:
                         errors["single: http %d" % status] += 1
+                        if status == 503:
+                            self.refused.append(x)
             except (OSError, ValueError) as e:
                 errors["single: " + repr(e)] += len(reqs)
             self.done += len(reqs)
@@ -415,6 +434,75 @@ def kernel_memory():
     return out
 
 
+def redis_info(port, section="all", host="127.0.0.1", timeout=5.0):
+    """``INFO <section>`` of the Redis on port as a dict of strings, or None if it does not
+    answer (down, restarting).  INFO's reply is one RESP bulk string: read here by hand."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"INFO %s\r\n" % section.encode())
+            buf = b""
+            while True:
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    return None
+                buf += chunk
+                e = buf.find(b"\r\n")
+                if e < 0:
+                    continue
+                if buf[:1] != b"$":
+                    return None
+                n = int(buf[1:e])
+                if len(buf) >= e + 2 + n:
+                    body = buf[e + 2:e + 2 + n].decode("utf-8", "replace")
+                    break
+    except (OSError, ValueError):
+        return None
+    return dict(line.split(":", 1) for line in body.splitlines()
+                if ":" in line and not line.startswith("#"))
+
+
+SCRIPT_COMMANDS = ("eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro")
+
+
+def redis_snapshot(ports):
+    """What the Redis servers on ports have done so far (--redis-port): CPU by pid (as for the
+    server's processes, replicas included), the masters' calls by command from ``INFO
+    commandstats`` (the commands a script runs count too; INFO, which we send, does not)
+    and their ``used_memory``, and the pub/sub channels subscribed (plain and sharded)."""
+    out = {"cpu_by_pid": {}, "calls": {}, "used_memory": 0, "channels": 0, "answered": 0}
+    for port in ports:
+        info = redis_info(port)
+        if info is None:
+            continue
+        out["answered"] += 1
+        try:
+            out["cpu_by_pid"].update(cpu_by_pid([int(info["process_id"])]))
+            if info.get("role") != "master":
+                continue                  # a replica runs again what its master did
+            for k, v in info.items():
+                if k.startswith("cmdstat_") and k != "cmdstat_info":
+                    name = k[8:]
+                    out["calls"][name] = out["calls"].get(name, 0) + int(
+                        v.split(",", 1)[0].split("=", 1)[1])
+            out["used_memory"] += int(info["used_memory"])
+            out["channels"] += (int(info.get("pubsub_channels", 0))
+                                + int(info.get("pubsubshard_channels", 0)))
+        except (KeyError, ValueError, IndexError):
+            continue
+    return out
+
+
+def redis_channels(ports):
+    """Pub/sub channels (plain and sharded) subscribed on the Redis servers, or None."""
+    total, seen = 0, False
+    for port in ports:
+        info = redis_info(port, "stats", timeout=2.0)
+        if info is not None:
+            seen = True
+            total += int(info.get("pubsub_channels", 0)) + int(info.get("pubsubshard_channels", 0))
+    return total if seen else None
+
+
 def parse_stats(body):
     """Normalize a /stats answer: MegaComet JSON, or Nchan's stub status text."""
     try:
@@ -479,7 +567,10 @@ class Child:
         self.host_hdr = ("Host: %s:%d\r\n" % self.addr).encode()
         self.timeout_q = ("timeout=%d" % cfg["poll_timeout"]).encode()
         self.ids = [cfg["id_of"](lo + j) for j in range(n)]
-        self.names = [x.decode() for x in self.ids]
+        # A connection on several ids (--ids-per-conn, "a,b,c") takes a message of any of them.
+        self.multi = cfg["ids_per_conn"] > 1
+        self.names = [frozenset(x.decode().split(",")) if self.multi else x.decode()
+                      for x in self.ids]
         self.srcs = [cfg["src_of"](lo + j) for j in range(n)]
         self.socks = [None] * n
         self.state = bytearray(n)
@@ -752,7 +843,8 @@ class Child:
         except (ValueError, IndexError):
             self.counts["foreign"] += 1
             return
-        if mid != self.names[j]:
+        name = self.names[j]
+        if mid != name and not (self.multi and mid in name):
             self.counts["wrong"] += 1
         elif rnd != self.round:
             self.counts["stale"] += 1
@@ -1123,14 +1215,19 @@ class WsChild(StreamChild):
             return
         try:
             obj = json.loads(payload)
-            seq, data = obj["seq"], obj["data"]
-            if obj["id"] != self.names[j]:
-                self.counts["wrong"] += 1
-                return
+            seq, data, ident = obj["seq"], obj["data"], obj["id"]
         except (ValueError, KeyError, TypeError):
             self.counts["foreign"] += 1
             return
-        self.seen(j, seq, data, now)
+        name = self.names[j]
+        if ident != name and not (self.multi and ident in name):
+            self.counts["wrong"] += 1
+        elif self.multi:
+            # Seqs count per id, and a connection holds several: each round checks that
+            # every connection got exactly the messages it was sent.
+            self.message(j, data, now)
+        else:
+            self.seen(j, seq, data, now)
 
 
 CHILDREN = {"poll": Child, "sse": SseChild, "ws": WsChild}
@@ -1187,6 +1284,40 @@ def ip_add(base, k):
     return socket.inet_ntoa(struct.pack("!I", a))
 
 
+class ChannelWatch:
+    """A thread that asks Redis (--redis-port) every 20 ms how many channels are subscribed,
+    from a moment on (monotonic ns): ``reached_s``, the seconds until the count first reached
+    ``target`` (None: not yet), and ``curve``, [seconds, count] every 0.1 s."""
+
+    def __init__(self, ports, target, since_ns):
+        self.ports, self.target, self.since = ports, target, since_ns
+        self.reached_s = None
+        self.last = None
+        self.curve = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        next_point = 0.0
+        while not self.done.wait(0.02):
+            count = redis_channels(self.ports)
+            at = (MONO() - self.since) / 1e9
+            if count is None:
+                continue
+            self.last = count
+            if at >= next_point:
+                self.curve.append([round(at, 2), count])
+                next_point = at + 0.1
+            if self.reached_s is None and count >= self.target:
+                self.reached_s = round(at, 3)
+                self.curve.append([round(at, 2), count])
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(5)
+
+
 class Coordinator:
     def __init__(self, args):
         self.args = args
@@ -1211,6 +1342,10 @@ class Coordinator:
         self.known_pids = set()
         self.counts_subscribers = False     # set once: does /stats count subscribers?
         self.publishers = []
+        self.pub_port = args.publish_to[0][1]   # where publish() sends (--publish-to)
+        self.refused = []                       # ids answered 503 by the last publish()
+        # Every node's app port (--app-port, --publish-to), for their Redis counters in /stats.
+        self.node_ports = sorted({args.app_port} | {port for _, port in args.publish_to})
 
     # -- logging -----------------------------------------------------------
     def log(self, text):
@@ -1265,7 +1400,33 @@ class Coordinator:
         if st and isinstance(st.get("workers"), list):
             snap["stats_rss"] = sum(int(w.get("rss_bytes", 0) or 0) for w in st["workers"]
                                     if isinstance(w, dict))
+        if self.args.redis_port:
+            snap["redis"] = redis_snapshot(self.args.redis_port)
+            snap["node_counters"] = self.node_counters(st)
         return snap
+
+    def node_counters(self, st):
+        """Cluster mode: the Redis counters of every node's /stats, summed (None: no node has
+        them, e.g. Nchan)."""
+        out = collections.Counter()
+        for port in self.node_ports:
+            if port != self.args.app_port:
+                conn = HttpConn(self.args.host, port, timeout=5)
+                try:
+                    status, body = conn.request("GET", self.args.stats_path, attempts=1)
+                    other = parse_stats(body) if status == 200 else None
+                except (OSError, ValueError):
+                    other = None
+                finally:
+                    conn.close()
+            else:
+                other = st
+            for k in ("redis_round_trips", "redis_commands", "redis_reconnects",
+                      "redis_resubscribes", "redis_gaps_filled", "redis_unavailable"):
+                v = self.totals(other, k)
+                if v is not None:
+                    out[k] += v
+        return dict(out) or None
 
     @staticmethod
     def totals(st, key):
@@ -1295,13 +1456,47 @@ class Coordinator:
         dc = after["client_cpu_s"] - before["client_cpu_s"]
         out["client_cpu_s"] = round(dc, 3)
         out["client_cpu_us_per_" + per] = round(dc * 1e6 / ops, 2)
+        # Redis (--redis-port): the processes that ran in both snapshots (a restart is a new one).
+        dr = 0.0
+        if "redis" in before and "redis" in after:
+            rb, ra = before["redis"]["cpu_by_pid"], after["redis"]["cpu_by_pid"]
+            dr = sum(ra[p] - rb[p] for p in ra if p in rb)
+            out["redis_cpu_s"] = round(dr, 3)
+            out["redis_cpu_us_per_" + per] = round(dr * 1e6 / ops, 2)
+            out["all_cpu_us_per_" + per] = round((after["cpu_s"] - before["cpu_s"] + dr) * 1e6
+                                                 / ops, 2)
         wall = after["t"] - before["t"]
         if wall > 0:
-            out["cores_busy"] = round((after["cpu_s"] - before["cpu_s"] + dc) / wall, 2)
+            out["cores_busy"] = round((after["cpu_s"] - before["cpu_s"] + dc + dr) / wall, 2)
             # Everything else on the machine (other processes, unattributed softirq).
             other = after["machine_busy_s"] - before["machine_busy_s"] \
-                - (after["cpu_s"] - before["cpu_s"]) - dc
+                - (after["cpu_s"] - before["cpu_s"]) - dc - dr
             out["other_cores_busy"] = round(max(0.0, other) / wall, 2)
+        return out
+
+    @staticmethod
+    def redis_cost(before, after, publishes):
+        """What Redis did between two snapshots, per publish: calls of every command summed
+        (those a script runs included), scripts run, the busiest commands, and the change in
+        the masters' used_memory.  {} without --redis-port."""
+        if "redis" not in before or "redis" not in after:
+            return {}
+        cb, ca = before["redis"]["calls"], after["redis"]["calls"]
+        delta = {k: v - cb.get(k, 0) for k, v in ca.items() if v - cb.get(k, 0) > 0}
+        calls = sum(delta.values())
+        scripts = sum(delta.get(k, 0) for k in SCRIPT_COMMANDS)
+        p = max(publishes, 1)
+        out = {"redis_calls": calls, "redis_commands_per_publish": round(calls / p, 2),
+               "redis_scripts_per_publish": round(scripts / p, 2),
+               "redis_calls_by_command": dict(sorted(delta.items(), key=lambda kv: -kv[1])),
+               "redis_used_memory_delta": after["redis"]["used_memory"]
+               - before["redis"]["used_memory"]}
+        nb, na = before.get("node_counters"), after.get("node_counters")
+        if nb and na:
+            out["node_counters"] = {k: na[k] - nb.get(k, 0) for k in na}
+            for k in ("redis_round_trips", "redis_commands"):
+                if k in na and k in nb:
+                    out["node_%s_per_publish" % k] = round((na[k] - nb[k]) / p, 3)
         return out
 
     def memory_delta(self, before, after, count, per):
@@ -1338,7 +1533,7 @@ class Coordinator:
             return ip_add(args.source_base, 1 + i // per_src)
         n_src = max(1, math.ceil(n / per_src))
         cfg = {"host": args.host, "port": args.port, "proto": args.proto,
-               "transport": args.transport,
+               "transport": args.transport, "ids_per_conn": args.ids_per_conn,
                "poll_timeout": args.poll_timeout, "id_of": id_of, "src_of": src_of,
                "inflight": max(1, math.ceil(args.inflight / procs)),
                "connect_rate": args.connect_rate / procs if args.connect_rate else 0,
@@ -1580,22 +1775,23 @@ class Coordinator:
             res["deliveries_per_s"] = round(delivered / span, 1)
         return res
 
-    def publish(self, method, items, rnd, background=True):
-        """Publish one message to each id in items for round rnd; returns (ok, errors).
+    def publish(self, method, items, rnd, background=True, stamp=None):
+        """Publish one message to each id in items for round rnd; returns (ok, errors), and
+        leaves the ids answered 503 in self.refused.
 
-        Publisher connections persist across calls (see close_publishers).  In
-        the background (threads) the coordinator keeps reading its children and
-        printing progress meanwhile."""
+        Publisher connections (to self.pub_port) persist across calls (see
+        close_publishers).  In the background (threads) the coordinator keeps
+        reading its children and printing progress meanwhile."""
         k = max(1, min(self.args.pub_conns, len(items)))
         while len(self.publishers) < k:
-            self.publishers.append(Publisher(self.args.host, self.args.app_port,
+            self.publishers.append(Publisher(self.args.host, self.pub_port,
                                              self.args.batch_size, self.args.pipeline))
         parts = [items[i * len(items) // k:(i + 1) * len(items) // k] for i in range(k)]
         results = [None] * k
 
         def run(i):
             try:
-                results[i] = getattr(self.publishers[i], method)(parts[i], rnd)
+                results[i] = getattr(self.publishers[i], method)(parts[i], rnd, stamp)
             except Exception as e:       # counted below
                 self.publishers[i].close()
                 results[i] = (0, {method + ": " + repr(e): len(parts[i])})
@@ -1621,24 +1817,53 @@ class Coordinator:
                 continue
             ok += r[0]
             errors.update(r[1])
+        self.refused = [x for p in self.publishers for x in p.refused]
+        for p in self.publishers:
+            p.refused = []
         return ok, dict(errors)
+
+    def at_targets(self, name):
+        """The phase name of a round at each --publish-to target ("deliver_single_cross"),
+        with publish() sending there meanwhile."""
+        for where, port in self.args.publish_to:
+            self.close_publishers()
+            self.pub_port = port
+            yield name + ("_" + where if where else "")
 
     def close_publishers(self):
         for p in self.publishers:
             p.close()
         self.publishers = []
 
-    def deliver_round(self, name, method, ids, rnd, expected):
-        """Publish to ids in round rnd and wait for `expected` deliveries."""
+    def deliver_round(self, name, method, ids, rnd, expected, stamp=None, retry=0.0,
+                      before=None):
+        """Publish to ids in round rnd and wait for `expected` deliveries.
+
+        With a ``stamp`` the messages carry it (latencies count from it); with ``retry``,
+        ids answered 503 are published again, for up to that many seconds; ``before``, a
+        snapshot taken earlier, counts the round's costs from then."""
         self.await_polls(name)
         self.command("round", round=rnd)
         self.last_print = (self.last_print[0], self.last_print[1], 0)
         closed0 = self.agg()[0]["closed"]
-        before = self.snapshot()
+        before = before or self.snapshot()
         self.phase = name
         self.log("%s: publishing %d messages via %s" % (name, len(ids), method))
         t0 = time.monotonic()
-        ok, errors = self.publish(method, ids, rnd)
+        ok, errors = self.publish(method, ids, rnd, stamp=stamp)
+        attempts, retried, first_ok = 1, 0, (time.monotonic() if ok else None)
+        kept = collections.Counter()          # errors other than 503, of every attempt
+        while self.refused and time.monotonic() < t0 + retry:
+            kept.update({k: v for k, v in errors.items() if k != "single: http 503"})
+            todo = self.refused
+            self.pump(0.05)
+            more, errors = self.publish(method, todo, rnd, stamp=stamp)
+            ok += more
+            attempts += 1
+            retried += len(todo)
+            if more and first_ok is None:
+                first_ok = time.monotonic()
+        errors = dict(kept + collections.Counter(errors))
         t1 = time.monotonic()
         if errors:
             self.problem("%s: publish errors %s" % (name, errors))
@@ -1655,7 +1880,11 @@ class Coordinator:
         res = self.round_result(reports, t0, t1, expected, name)
         res.update(method=method, published=ok, publish_errors=errors,
                    publish_per_s=round(ok / max(t1 - t0, 1e-9), 1))
+        if retry:
+            res.update(publish_attempts=attempts, republished=retried,
+                       first_accepted_s=round(first_ok - t0, 3) if first_ok else None)
         res.update(self.cost(before, after, max(res["delivered"], 1), "delivery"))
+        res.update(self.redis_cost(before, after, ok))
         res["connections_lost"] = self.agg()[0]["closed"] - closed0
         if res["connections_lost"]:
             self.problem("%s: %d subscriber connections closed during the round: %s"
@@ -1691,9 +1920,11 @@ class Coordinator:
         ids = ["%s%d" % (self.tag, i) for i in range(n)]
         self.spawn(n, lambda i, t=self.tag: ("%s%d" % (t, i)).encode())
         self.record["phases"]["open"] = self.open_phase(n)
-        for rnd, method in enumerate(self.args.publish, 1):
-            name = "deliver_" + method
-            self.record["phases"][name] = self.deliver_round(name, method, ids, rnd, n)
+        rnd = 0
+        for method in self.args.publish:
+            for name in self.at_targets("deliver_" + method):
+                rnd += 1
+                self.record["phases"][name] = self.deliver_round(name, method, ids, rnd, n)
 
     def mode_fanout(self):
         n = self.args.connections
@@ -1701,35 +1932,56 @@ class Coordinator:
         self.spawn(n, lambda i, f=fan.encode(): f)
         self.record["phases"]["open"] = self.open_phase(n)
         method = self.args.publish[0] if self.args.publish[0] != "batch" else "single"
+        rnd = 0
         for r in range(1, self.args.rounds + 1):
-            name = "fanout" if self.args.rounds == 1 else "fanout_%d" % r
-            res = self.deliver_round(name, method, [fan], r, n)
-            lat = res["latency_ms"]
-            if lat.get("n"):
-                res["time_to_all_ms"] = lat["max"]
-            self.record["phases"][name] = res
+            for name in self.at_targets("fanout" if self.args.rounds == 1 else "fanout_%d" % r):
+                rnd += 1
+                res = self.deliver_round(name, method, [fan], rnd, n)
+                lat = res["latency_ms"]
+                if lat.get("n"):
+                    res["time_to_all_ms"] = lat["max"]
+                self.record["phases"][name] = res
 
     def mode_queue(self):
-        m = self.args.messages
-        ids = ["%s%d" % (self.tag, i) for i in range(m)]
+        """M messages to absent ids, --per-id K to each (M/K ids, K passes over them); with
+        K > 1 Redis's memory is also split into the ids' first messages and the others."""
+        k = self.args.per_id
+        m = self.args.messages // k * k
+        ids = ["%s%d" % (self.tag, i) for i in range(m // k)]
         method = self.args.publish[0]
         base = self.snapshot()
         self.phase = "queue"
-        self.log("queue: publishing %d messages to %d absent ids via %s" % (m, m, method))
-        t0 = time.monotonic()
-        ok, errors = self.publish(method, ids, 1)
-        t1 = time.monotonic()
+        self.log("queue: publishing %d messages to %d absent ids via %s" % (m, len(ids), method))
+        ok, errors, took = 0, collections.Counter(), 0.0
+        for rnd in range(1, k + 1):
+            t0 = time.monotonic()
+            done, err = self.publish(method, ids, rnd)
+            took += time.monotonic() - t0
+            ok += done
+            errors.update(err)
+            if rnd == 1:
+                first, first_ok = (self.snapshot(), ok) if k > 1 else (None, ok)
+        errors = dict(errors)
         self.close_publishers()
         time.sleep(self.args.settle)
         after = self.snapshot()
         if errors:
             self.problem("queue: publish errors %s" % errors)
-        res = {"messages": m, "published": ok, "publish_errors": errors, "method": method,
-               "publish_s": round(t1 - t0, 3), "publish_per_s": round(ok / max(t1 - t0, 1e-9), 1)}
+        res = {"messages": m, "ids": len(ids), "per_id": k, "published": ok,
+               "publish_errors": errors, "method": method,
+               "publish_s": round(took, 3), "publish_per_s": round(ok / max(took, 1e-9), 1)}
         res.update(self.cost(base, after, max(ok, 1), "message"))
         res.update(self.memory_delta(base, after, max(ok, 1), "message"))
+        res.update(self.redis_cost(base, after, ok))
+        if "redis_used_memory_delta" in res and ok:
+            res["redis_bytes_per_message"] = round(res["redis_used_memory_delta"] / ok, 1)
+            if first is not None and first_ok and ok > first_ok:
+                mem = [snap["redis"]["used_memory"] for snap in (base, first, after)]
+                res["redis_bytes_per_first_message"] = round((mem[1] - mem[0]) / first_ok, 1)
+                res["redis_bytes_per_later_message"] = round((mem[2] - mem[1])
+                                                             / (ok - first_ok), 1)
         # Drain a sample.
-        sample = sorted(random.sample(range(m), min(self.args.drain_sample, m)))
+        sample = sorted(random.sample(range(len(ids)), min(self.args.drain_sample, len(ids))))
         conn = HttpConn(self.args.host, self.args.port, timeout=3)
         good = bad = 0
         lat = []
@@ -1754,7 +2006,10 @@ class Coordinator:
                     datas = [mm["data"] for mm in json.loads(body)["messages"]]
                 except (ValueError, KeyError, TypeError):
                     datas = []
-            if status == 200 and len(datas) == 1 and datas[0].split("|", 3)[2:3] == [x]:
+            # All K (Nchan's long-poll: the oldest), each naming its id.
+            want = 1 if self.args.proto == "nchan" else k
+            if status == 200 and len(datas) == want and all(
+                    d.split("|", 3)[2:3] == [x] for d in datas):
                 good += 1
             else:
                 bad += 1
@@ -1767,7 +2022,7 @@ class Coordinator:
             self.problem("queue drain: %d of %d sampled ids wrong, e.g. %s"
                          % (bad, len(sample), bad_examples[:2]))
         self.record["phases"]["queue"] = res
-        self.log("queue: %d published in %.2fs; %s" % (ok, t1 - t0, {
+        self.log("queue: %d published in %.2fs; %s" % (ok, took, {
             k: v for k, v in res.items() if k.endswith("per_message")}))
 
     def mode_churn(self):
@@ -1838,6 +2093,88 @@ class Coordinator:
                          % (res["lost"], res["wrong_id"]))
         self.record["phases"]["churn"] = res
 
+    def mode_resubscribe(self):
+        """Cluster mode: --connections WebSockets on --ids-per-conn ids each, until Redis
+        counts all their channels; held idle for --hold seconds; one message to a sample (an id of every connection, at
+        every position in turn) to check them; then Redis restarts (ask_restart), and a
+        message to each sample id, stamped with the moment Redis answered again, must reach
+        its subscriber: the round's latencies are the times from the restart, its max the
+        time the node took to join the sample's channels again (publishes refused meanwhile
+        are sent again).  Redis's own count of channels is followed too (ChannelWatch)."""
+        args = self.args
+        n, k = args.connections, args.ids_per_conn
+        total = n * k
+        ports = args.redis_port
+        self.spawn(n, lambda i, t=self.tag, k=k: ",".join(
+            "%s%d" % (t, x) for x in range(i * k, (i + 1) * k)).encode())
+        t0 = time.monotonic()
+        opened = self.record["phases"]["open"] = self.open_phase(n)
+        opened["ids"] = total
+        self.phase = "join"
+        # From the first connect until Redis counts every channel.
+        if self.wait(lambda: (redis_channels(ports) or 0) >= total, max(60.0, total / 2000),
+                     "resubscribe: Redis counting the %d channels" % total):
+            opened["channels_joined_s"] = round(time.monotonic() - t0, 3)
+        # Holding them, idle: what the ids cost the nodes (and Redis) when nothing happens.
+        self.phase = "hold"
+        before = self.snapshot()
+        end = time.monotonic() + args.hold
+        self.wait(lambda: time.monotonic() >= end, args.hold + 5, "hold")
+        after = self.snapshot()
+        wall = after["t"] - before["t"]
+        hold = self.record["phases"]["hold"] = self.cost(before, after, total, "id")
+        hold.update(seconds=round(wall, 3),
+                    nodes_cores_busy=round(hold["cpu_s"] / wall, 3),
+                    redis_cores_busy=round(hold.get("redis_cpu_s", 0) / wall, 3))
+        sample = ["%s%d" % (self.tag, i * k + i % k) for i in range(n)]
+        method = args.publish[0]
+        self.record["phases"]["before"] = self.deliver_round("before", method, sample, 1, n)
+        times = self.ask_restart()
+        if times is None:
+            return
+        watch = ChannelWatch(ports, total, times["up_ns"])
+        try:
+            res = self.deliver_round("rejoin", method, sample, 2, n, stamp=times["up_ns"],
+                                     retry=max(0.0, self.deadline - time.monotonic() - 30),
+                                     before=self.snapshot())
+        finally:
+            watch.stop()
+        res.update(ids=total, restart_s=round((times["up_ns"] - times["down_ns"]) / 1e9, 3),
+                   channels_rejoined_s=watch.reached_s, channels_curve=watch.curve)
+        if res["latency_ms"].get("n"):
+            res["time_to_all_ms"] = res["latency_ms"]["max"]
+        self.record["phases"]["rejoin"] = res
+        if watch.reached_s is None:
+            self.problem("rejoin: Redis counted %s of the %d channels at the end"
+                         % (watch.last, total))
+
+    def ask_restart(self):
+        """Ask whoever runs us to restart Redis now (a line on stdout) and wait for the answer
+        on stdin: a JSON object {"down_ns", "up_ns"} (CLOCK_MONOTONIC ns: Redis stopped,
+        Redis answering again; bench sends it), or an empty line from a person who restarted
+        it by hand (then both are now).  None, and a problem, if no answer comes."""
+        self.phase = "restart"
+        self.log("asking for a Redis restart (stdout), waiting for its times (stdin)")
+        print("megatest: restart redis now", flush=True)
+        end = min(self.deadline, time.monotonic() + 120)
+        while time.monotonic() < end:
+            self.pump(0.05)
+            if select.select([sys.stdin], [], [], 0)[0]:
+                line = sys.stdin.readline()
+                if not line:
+                    break
+                if not line.strip():
+                    now = MONO()
+                    return {"down_ns": now, "up_ns": now}
+                try:
+                    times = json.loads(line)
+                    return {"down_ns": int(times["down_ns"]), "up_ns": int(times["up_ns"])}
+                except (ValueError, KeyError, TypeError):
+                    self.problem("restart: not an answer: %r" % line[:200])
+                    return None
+        self.problem("restart: no answer on stdin (who restarts Redis?)")
+        return None
+
     # -- driver ------------------------------------------------------------
     def run(self):
         args = self.args
@@ -1906,17 +2243,30 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Load generator for MegaComet and servers speaking its API (loopback only).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=("hold", "deliver", "fanout", "queue", "churn"),
-                   default="hold")
-    p.add_argument("--transport", choices=TRANSPORTS, default="poll",
+    p.add_argument("--mode", choices=MODES, default="hold")
+    p.add_argument("--transport", choices=TRANSPORTS, default=None,
                    help="how subscribers subscribe: long-poll, EventSource or WebSocket "
-                        "(sse and ws: hold, deliver and fanout modes)")
+                        "(sse and ws: hold, deliver and fanout modes; resubscribe: ws only). "
+                        "Default: poll, resubscribe ws")
     p.add_argument("--connections", "-n", type=int, default=10000,
                    help="subscriber connections")
     p.add_argument("--messages", "-m", type=int, default=100000, help="queue mode: messages")
+    p.add_argument("--per-id", type=int, default=1, metavar="K",
+                   help="queue mode: messages to each id (M/K ids)")
     p.add_argument("--host", default="127.0.0.1", help="server address (127.0.0.0/8 only)")
     p.add_argument("--port", type=int, default=8000, help="client port")
-    p.add_argument("--app-port", type=int, default=9000, help="application port")
+    p.add_argument("--app-port", type=int, default=9000,
+                   help="application port: publishes and /stats (subscribers counted there)")
+    p.add_argument("--publish-to", action="append", default=[], metavar="[NAME=]PORT",
+                   help="publish on this app port instead (e.g. another cluster node's); "
+                        "repeatable: deliver and fanout then run a round per port, their "
+                        "phases named with NAME (deliver_single_NAME), queue uses the first")
+    p.add_argument("--redis-port", type=int, action="append", default=[], metavar="PORT",
+                   help="cluster mode: a Redis server on 127.0.0.1 the servers use "
+                        "(repeatable): its CPU, INFO commandstats, used_memory and channels "
+                        "are measured with the server's")
+    p.add_argument("--ids-per-conn", type=int, default=1, metavar="K",
+                   help="ids each subscriber connection subscribes to (/ws/a,b,c; ws only)")
     p.add_argument("--proto", choices=("megacomet", "nchan"), default="megacomet",
                    help="subscriber protocol: MegaComet JSON, or Nchan long-poll")
     p.add_argument("--stats-path", default="/stats")
@@ -1943,7 +2293,8 @@ def parse_args(argv=None):
     p.add_argument("--poll-timeout", type=int, default=120, help="timeout= of each long-poll")
     p.add_argument("--confirm-timeout", type=float, default=20.0,
                    help="wait for /stats to count the subscribers")
-    p.add_argument("--hold", type=float, default=5.0, help="hold mode: seconds to hold")
+    p.add_argument("--hold", type=float, default=5.0,
+                   help="hold mode: seconds to hold; resubscribe: seconds held idle")
     p.add_argument("--rounds", type=int, default=1, help="fanout mode: publishes")
     p.add_argument("--rate", type=float, default=5000, help="churn mode: messages/s")
     p.add_argument("--churn-time", type=float, default=10.0, help="churn mode: seconds")
@@ -1960,8 +2311,15 @@ def parse_args(argv=None):
         p.error("--host must be a 127.0.0.0/8 address (loopback-only load)")
     if not loopback(args.source_base):
         p.error("--source-base must be a 127.0.0.0/8 address")
+    if args.transport is None:
+        args.transport = "ws" if args.mode == "resubscribe" else "poll"
+    try:
+        args.publish_to = [(t.rpartition("=")[0], int(t.rpartition("=")[2]))
+                           for t in args.publish_to] or [("", args.app_port)]
+    except ValueError:
+        p.error("--publish-to takes [NAME=]PORT")
     if args.publish is None:
-        if args.proto == "nchan":
+        if args.proto == "nchan" or args.mode == "resubscribe":
             args.publish = "single"
         elif args.mode == "deliver":
             args.publish = "batch,binary"
@@ -1975,11 +2333,16 @@ def parse_args(argv=None):
             p.error("unknown publish method %r" % x)
     if args.proto == "nchan" and set(args.publish) - {"single"}:
         p.error("nchan supports only --publish single")
-    if args.transport != "poll" and args.mode not in STREAM_MODES:
+    if args.transport != "poll" and args.mode not in STREAM_MODES + ("resubscribe",):
         p.error("--transport %s applies to the %s modes; %s subscribers only long-poll"
                 % (args.transport, "/".join(STREAM_MODES), args.mode))
-    if args.connections < 1 or args.messages < 1:
-        p.error("--connections and --messages must be positive")
+    if args.ids_per_conn < 1 or (args.ids_per_conn > 1 and (args.transport != "ws"
+                                                             or args.proto != "megacomet")):
+        p.error("--ids-per-conn K > 1 needs --transport ws and --proto megacomet")
+    if args.mode == "resubscribe" and (args.transport != "ws" or not args.redis_port):
+        p.error("--mode resubscribe needs --transport ws and --redis-port")
+    if args.connections < 1 or args.messages < 1 or not 1 <= args.per_id <= args.messages:
+        p.error("--connections and --messages must be positive, --per-id from 1 to --messages")
     return args
 
 
