@@ -141,7 +141,6 @@ class ClusterNode:
         self.again_budget = 0.0
         self.retry = []                      # idents whose stream read failed: read again
         cfg = w.cfg
-        self.sharded = b"0"
         self.ttl_ms = b"%d" % int(cfg.queue_ttl * 1000)
         self.max_queued = b"%d" % w.region.max_queued
         self.wait_replicas = cfg.redis_wait_replicas
@@ -154,9 +153,14 @@ class ClusterNode:
     def start(self):
         w = self.w
         w.part.local_epochs = False
+        w.counters[REDIS_DOWN] = 1                # until its links answer
         self.redis = redislink.Redis(w.cfg.redis, w, self.on_push, self.channels_lost, w.log,
-                                     self.count, w.cfg.redis_timeout)
-        self.redis.now = w.now
+                                     self.count, w.cfg.redis_timeout, w.now,
+                                     self.health_changed)
+
+    def health_changed(self):
+        if self.redis is not None:                # (not while Redis() is being made)
+            self.w.counters[REDIS_DOWN] = 0 if self.redis.healthy() else 1
 
     def count(self, name, n):
         counters = self.w.counters
@@ -165,15 +169,15 @@ class ClusterNode:
     def before_sleep(self):
         if self.again and self.w.now >= self.again_at:
             self.join_again()
-        self.redis.flush()
+        if self.redis.flush():
+            self.w.busy = True                    # failures to tell: the next turn, at once
 
     def tick(self):
         w = self.w
         redis = self.redis
         redis.now = w.now
         redis.tick(w.now)
-        self.sharded = b"1" if redis.cluster else b"0"
-        w.counters[REDIS_DOWN] = 0 if redis.healthy() else 1
+        self.health_changed()
         if self.retry:
             retry, self.retry = self.retry, []
             for ident in retry:
@@ -221,8 +225,10 @@ class ClusterNode:
             else:
                 self.confirmed(ident, fd, serial, line, reply)
 
+        cluster = self.redis.cluster
+        sharded = redislink.SHARDED if cluster is None else b"1" if cluster else b"0"
         self.script(slot, "publish", (meta_key(ident), stream_key(ident), idem_key),
-                    (data, self.max_queued, self.ttl_ms, channel_of(ident), self.sharded,
+                    (data, self.max_queued, self.ttl_ms, channel_of(ident), sharded,
                      idempotency), stored)
 
     def replicated(self, ident, fd, serial, line, reply, replicas):
@@ -278,9 +284,13 @@ class ClusterNode:
         if i < 0:
             self.wait(ident, sync, (self.on_sub, src, record))    # forgotten: read it again
             return
-        first, last = part.firsts[i], part.lasts[i]
-        if since + 1 >= first or since >= last or (epoch and epoch != part.epochs[i]) \
-                or first <= sync.floor:
+        first, last, known = part.firsts[i], part.lasts[i], part.epochs[i]
+        if epoch and epoch != known:
+            behind = epoch > known                # a life the cache has not seen begin yet
+        else:
+            behind = since > last                 # seqs the cache has not heard of yet
+        older = since + 1 < first and first > sync.floor and not (epoch and epoch != known)
+        if not (behind or older):
             self.router.on_sub(src, record)       # the cache holds all the stream would give
             return
         self.script(key_slot(ident), "sync", (meta_key(ident), stream_key(ident)),
@@ -288,7 +298,9 @@ class ClusterNode:
                     lambda reply: self.from_stream(src, record, reply))
 
     def from_stream(self, src, record, reply):
-        """A cursor older than the cache: the stream's messages before it, then the cache's."""
+        """A cursor the cache cannot answer alone: older than what it holds (the stream has
+        the messages before), or ahead of it (Redis numbered messages whose push has not
+        reached this home yet: a cursor another node confirmed is not beyond the last seq)."""
         fd, serial, since, epoch, flags, ident = records.read_sub(record)
         part = self.w.part
         key = shmqueue.id_key(ident)
@@ -296,23 +308,30 @@ class ClusterNode:
         sync = self.ids.get(ident)
         if (isinstance(reply, Exception) or i < 0 or sync is None or sync.state != LIVE
                 or reply[0] != part.epochs[i]):
-            self.wait(ident, sync, (self.router.on_sub, src, record))   # read it all again
+            self.wait(ident, sync, (self.on_sub, src, record))   # read it all again first
             return
-        stream = reply[2]
-        first = part.firsts[i]
-        older = [(stream[n], stream[n + 1]) for n in range(0, len(stream), 2)
-                 if stream[n] < first]
-        sync.floor = stream[0] if stream else reply[1] + 1
+        redis_epoch, redis_last, stream = reply
+        if since > redis_last or (epoch and epoch != redis_epoch):
+            self.router.on_sub(src, record)       # beyond Redis's too: the cursor counts as 0
+            return
+        oldest = stream[0] if stream else redis_last + 1
+        if oldest > since + 1:                    # the stream no longer has since + 1 ...
+            sync.floor = max(sync.floor, oldest)
         try:
-            last, epoch, reset, cached = part.subscribe(key, 1 << src, since, self.w.now_ms(),
-                                                        epoch)
+            last, epoch, _reset, cached = part.subscribe(key, 1 << src, min(since, part.lasts[i]),
+                                                         self.w.now_ms(), epoch)
         except shmqueue.TableFull:
             self.router.on_sub(src, record)       # (refuses it)
             return
-        messages = cached if reset else older + cached
-        if flags & SUB_QUIET and not messages and not reset:
+        found = dict(zip(stream[::2], stream[1::2]))
+        for seq, data in cached:
+            if seq > since:
+                found.setdefault(seq, data)
+        messages = sorted(found.items())
+        if flags & SUB_QUIET and not messages:
             return
-        self.router.answer_sub(src, fd, serial, ident, last, epoch, reset, messages)
+        self.router.answer_sub(src, fd, serial, ident, max(last, redis_last), epoch, False,
+                               messages)
 
     def on_cpoll(self, src, record):
         ident = records.read_cpoll(record)[3]

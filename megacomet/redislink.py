@@ -45,6 +45,9 @@ class Unavailable(Exception):
 
 
 UNAVAILABLE = Unavailable("redis unavailable")
+# An argument that is "1" on a Redis Cluster and "0" on a single server, for a call made
+# before the first CLUSTER SLOTS answered (sharded pub/sub or not): resolved when it is sent.
+SHARDED = object()
 
 
 class Target:
@@ -125,10 +128,11 @@ class Link:
     # -- commands ------------------------------------------------------------------------------
 
     def call(self, callback, *args):
-        """Queue one command; callback(reply) when it is answered, or with UNAVAILABLE."""
+        """Queue one command; callback(reply) when it is answered, or with UNAVAILABLE (never
+        from within this call: its caller may not be ready for an answer yet)."""
         if self.state == self.DOWN:
             if callback is not None:
-                callback(UNAVAILABLE)
+                self.redis.fail_soon(callback)
             return
         self.out.append(hiredis.pack_command(args))
         self.callbacks.append(callback)
@@ -330,7 +334,8 @@ class Link:
 class Redis:
     """One worker's links: one per server for commands and one for pub/sub, slot-routed."""
 
-    def __init__(self, urls, loop, on_push, on_subscriber_lost, log, count, timeout):
+    def __init__(self, urls, loop, on_push, on_subscriber_lost, log, count, timeout, now,
+                 on_health):
         self.targets = [Target(url) for url in urls]
         self.loop = loop                  # register(fd, handler, events) / modify / unregister
         self.on_push = on_push            # (kind, channel, data) of a pub/sub push
@@ -338,7 +343,9 @@ class Redis:
         self.log = log
         self.count = count                # count(name, n)
         self.timeout = timeout
-        self.now = 0.0
+        self.now = now
+        self.on_health = on_health        # () called when a link or the mode may have changed
+        self.failing = []                 # callbacks owed UNAVAILABLE, at the next flush
         self.links = {}                   # (host, port) -> command Link
         self.subscribers = {}             # (host, port) -> subscriber Link
         self.dirty = set()
@@ -363,10 +370,20 @@ class Redis:
         self.loop.unregister(link.sock.fileno())
 
     def flush(self):
-        """Once per loop turn: everything asked of each server in one write."""
+        """Once per loop turn: the failures owed, then everything asked of each server in one
+        write.  True if answering the failures asked for more that fails (the loop turns
+        again at once)."""
+        if self.failing:
+            failing, self.failing = self.failing, []
+            for callback in failing:
+                callback(UNAVAILABLE)
         dirty, self.dirty = self.dirty, set()
         for link in dirty:
             link.flush()
+        return bool(self.failing)
+
+    def fail_soon(self, callback):
+        self.failing.append(callback)
 
     def tick(self, now):
         self.now = now
@@ -452,9 +469,11 @@ class Redis:
             if moved:
                 self.resubscribe_moved()
             self.forget_gone(set(slots))
+        sharded = b"1" if self.cluster else b"0"
         deferred, self.deferred = self.deferred, []
-        for args in deferred:
-            self.call(*args)
+        for slot, callback, *args in deferred:
+            self.call(slot, callback, *(sharded if arg is SHARDED else arg for arg in args))
+        self.on_health()
 
     def forget_gone(self, masters):
         """Stop calling servers that hold no slot any more (a failed master), once down."""
@@ -470,7 +489,7 @@ class Redis:
         deferred, self.deferred = self.deferred, []
         for _slot, callback, *_args in deferred:
             if callback is not None:
-                callback(UNAVAILABLE)
+                self.fail_soon(callback)
         self.refresh_after = self.now + BACKOFF_MIN
 
     # -- commands --------------------------------------------------------------------------
@@ -481,11 +500,11 @@ class Redis:
             if self.refreshing:
                 self.deferred.append((slot, callback) + args)
             else:
-                callback(UNAVAILABLE)
+                self.fail_soon(callback)
             return
         link = self.link_for(slot)
         if link is None:
-            callback(UNAVAILABLE)
+            self.fail_soon(callback)
             self.refresh_slots()
             return
         if not self.cluster:
@@ -567,7 +586,7 @@ class Redis:
                 self.on_subscriber_lost(gone)
 
     def link_up(self, link):
-        pass
+        self.on_health()
 
     def link_down(self, link, reason, was):
         """Logged when a link that worked fails, then every LOG_FAILING_EVERY while it keeps
@@ -582,6 +601,7 @@ class Redis:
             link.logged_at = now
         if not link.failing_since:
             link.failing_since = now
+        self.on_health()
         if was == Link.UP:
             self.count("reconnects", 1)
         if link.subscriber and link.channels:
