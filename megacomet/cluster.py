@@ -360,6 +360,10 @@ class ClusterNode:
         if sync is None:
             sync = self.ids[ident] = Sync()
             self.join(ident, sync)
+            try:
+                self.w.part.keep(shmqueue.id_key(ident))   # presence counts come meanwhile
+            except shmqueue.TableFull:
+                pass                              # (the request is refused once read)
         elif sync.state == LIVE:
             sync.state = FETCHING
             self.fetch(ident, sync)

@@ -569,6 +569,11 @@ class Partition:
             header[_H_DIRTY] = NO_SLOT
         return i
 
+    def keep(self, key):
+        """Cluster mode: the id's slot now, before Redis tells its epoch (0 until then), so
+        that the subscriber counts reported meanwhile have a place.  TableFull as subscribe."""
+        return self._find_or_add(key, self.sub_limit)
+
     def _restart(self, i, epoch):
         """Slot i begins the id's life ``epoch``: nothing of it is cached."""
         header = self.header
