@@ -120,8 +120,9 @@ class Sync:
 
     def __init__(self):
         self.state = SUBSCRIBING
-        self.buffered = []       # (epoch, seq, data) that came while the stream was read
-        self.waiting = []        # (handler, src, record) that wait for the channel
+        # () until something is kept: a list or two per id held would only cost the collector.
+        self.buffered = ()       # (epoch, seq, data) that came while the stream was read
+        self.waiting = ()        # (handler, src, record) that wait for the channel
         self.idle_since = 0.0    # when the node's last subscriber of it left (0: it has some)
         self.floor = 0           # the oldest seq the stream held when last read
 
@@ -140,6 +141,7 @@ class ClusterNode:
         self.again_at = 0.0
         self.again_budget = 0.0
         self.retry = []                      # idents whose stream read failed: read again
+        self.idle_check_at = 0.0
         cfg = w.cfg
         self.ttl_ms = b"%d" % int(cfg.queue_ttl * 1000)
         self.max_queued = b"%d" % w.region.max_queued
@@ -156,7 +158,8 @@ class ClusterNode:
         w.counters[REDIS_DOWN] = 1                # until its links answer
         self.redis = redislink.Redis(w.cfg.redis, w, self.on_push, self.channels_lost, w.log,
                                      self.count, w.cfg.redis_timeout, w.now,
-                                     self.health_changed)
+                                     self.health_changed,
+                                     [("SCRIPT", "LOAD", source) for source, _ in SCRIPTS.values()])
 
     def health_changed(self):
         if self.redis is not None:                # (not while Redis() is being made)
@@ -184,11 +187,13 @@ class ClusterNode:
                 sync = self.ids.get(ident)
                 if sync is not None and sync.state == FETCHING:
                     self.fetch(ident, sync)
-        self.leave_idle()
+        if w.now >= self.idle_check_at:           # (not every tick: it reads every id)
+            self.idle_check_at = w.now + LINGER / 2
+            self.leave_idle()
 
     def leave_idle(self):
-        """Leave the channels of ids this node no longer holds a subscriber of, LINGER later
-        (a long-poll that comes back within it finds the channel joined)."""
+        """Leave the channels of ids this node no longer holds a subscriber of, LINGER to
+        1.5 LINGER later (a long-poll that comes back within it finds the channel joined)."""
         w = self.w
         part = w.part
         now = w.now
@@ -199,7 +204,7 @@ class ClusterNode:
                 sync.idle_since = 0.0
             elif not sync.idle_since:
                 sync.idle_since = now
-            elif now - sync.idle_since > LINGER:
+            elif now - sync.idle_since >= LINGER:
                 gone.append(ident)
         for ident in gone:
             del self.ids[ident]
@@ -367,7 +372,9 @@ class ClusterNode:
         elif sync.state == LIVE:
             sync.state = FETCHING
             self.fetch(ident, sync)
-        if len(sync.waiting) >= WAITING_MAX:
+        if not sync.waiting:
+            sync.waiting = []
+        elif len(sync.waiting) >= WAITING_MAX:
             del sync.waiting[0]                   # its poll times out where it is held
         sync.waiting.append(request)
 
@@ -404,7 +411,7 @@ class ClusterNode:
             sync = self.ids.get(ident)
             if sync is not None:
                 sync.state = SUBSCRIBING
-                sync.buffered.clear()
+                sync.buffered = ()
                 self.again.append(ident)
         self.again_at = max(self.again_at, self.w.now + random.uniform(0, RESUBSCRIBE_JITTER))
 
@@ -424,7 +431,7 @@ class ClusterNode:
             if sync.state == LIVE:
                 self.take(ident, sync, epoch, seq, message)
             elif len(sync.buffered) < BUFFERED_MAX:
-                sync.buffered.append((epoch, seq, message))
+                keep(sync, (epoch, seq, message))
             return
         if sync.state == SUBSCRIBING:             # joined: now read what came before
             sync.state = FETCHING
@@ -444,7 +451,7 @@ class ClusterNode:
         elif stored is shmqueue.GAP:
             self.count("gaps_filled", 1)
             sync.state = FETCHING
-            sync.buffered.append((epoch, seq, message))
+            keep(sync, (epoch, seq, message))
             self.fetch(ident, sync)
 
     def fetch(self, ident, sync):
@@ -485,26 +492,33 @@ class ClusterNode:
             # No room to cache it: the requests waiting go straight to the home, which
             # refuses them (through this module they would only wait for a room again).
             sync.state = LIVE
-            waiting, sync.waiting = sync.waiting, []
+            waiting, sync.waiting = sync.waiting, ()
             direct = {self.on_sub: self.router.on_sub, self.on_cpoll: self.router.on_cpoll}
             for handler, src, record in waiting:
                 direct.get(handler, handler)(src, record)
             return
         sync.floor = stream[0] if stream else last + 1
         sync.state = LIVE
-        buffered, sync.buffered = sync.buffered, []
+        buffered, sync.buffered = sync.buffered, ()
         for epoch, seq, message in buffered:
             if sync.state != LIVE:                # another gap: read again, keep the rest
-                sync.buffered.append((epoch, seq, message))
+                keep(sync, (epoch, seq, message))
                 continue
             self.take(ident, sync, epoch, seq, message)
         if sync.state == LIVE:
-            waiting, sync.waiting = sync.waiting, []
+            waiting, sync.waiting = sync.waiting, ()
             for handler, src, record in waiting:
                 handler(src, record)
 
     def healthy(self):
         return self.redis is not None and self.redis.healthy()
+
+
+def keep(sync, message):
+    """Buffer a message that came while the id's stream is read."""
+    if not sync.buffered:
+        sync.buffered = []
+    sync.buffered.append(message)
 
 
 COUNTER_OF = {"round_trips": shmqueue.REDIS_ROUND_TRIPS, "commands": shmqueue.REDIS_COMMANDS,

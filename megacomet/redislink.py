@@ -203,6 +203,9 @@ class Link:
         queued_callbacks, self.callbacks = self.callbacks, collections.deque()
         for command in self.target.hello():
             self.call(self._hello_answered, *command)
+        if not self.subscriber:
+            for command in self.redis.preload:    # (scripts: an EVALSHA after finds them)
+                self.call(None, *command)
         self.out += queued
         self.callbacks += queued_callbacks
         self.redis.dirty.add(self)
@@ -335,7 +338,7 @@ class Redis:
     """One worker's links: one per server for commands and one for pub/sub, slot-routed."""
 
     def __init__(self, urls, loop, on_push, on_subscriber_lost, log, count, timeout, now,
-                 on_health):
+                 on_health, preload=()):
         self.targets = [Target(url) for url in urls]
         self.loop = loop                  # register(fd, handler, events) / modify / unregister
         self.on_push = on_push            # (kind, channel, data) of a pub/sub push
@@ -345,6 +348,7 @@ class Redis:
         self.timeout = timeout
         self.now = now
         self.on_health = on_health        # () called when a link or the mode may have changed
+        self.preload = preload            # commands each command link sends first (SCRIPT LOAD)
         self.failing = []                 # callbacks owed UNAVAILABLE, at the next flush
         self.links = {}                   # (host, port) -> command Link
         self.subscribers = {}             # (host, port) -> subscriber Link
