@@ -223,9 +223,10 @@ class ClusterNode:
             if isinstance(reply, Exception):
                 self.failed(ident, fd, serial, line, reply)
             elif self.wait_replicas:
-                w_reply = reply
+                # On the link that ran the script (its slot's master), within half the time a
+                # command may take: a WAIT that outlived the link's timeout would break it.
                 self.redis.call(slot, lambda n: self.replicated(ident, fd, serial, line,
-                                                                w_reply, n),
+                                                                reply, n),
                                 "WAIT", self.wait_replicas, int(w.cfg.redis_timeout * 500))
             else:
                 self.confirmed(ident, fd, serial, line, reply)
