@@ -109,7 +109,7 @@ def test_bench_quick_deliver_side_by_side(tmp_path):
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
     table = {row["metric"]: row for row in json.loads(out.read_text())["table"]}
-    for publish in ("batch", "single"):
+    for publish in ("batch", "single one-deep", "single spread"):   # a round per publish shape
         row = table["deliver/%s: not exactly once" % publish]
         assert row["megacomet"] == "0" and row["aiohttp"] == "0", row
         assert int(table["deliver/%s: subscribers" % publish]["megacomet"]) > 0

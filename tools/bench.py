@@ -56,6 +56,13 @@ CPU per delivery, publish-to-receive latency. --from-json draws them from earlie
 --json files without running anything; several files (e.g. hold runs at 10 000,
 100 000 and 300 000 with --hold-n) make the memory chart's lines.
 
+Single publishes (deliver modes) are sent the same way to every server, in a round per
+publish shape (--publish-shape, rows "deliver/single one-deep: ..."): one-deep, 1 keep-alive
+connection 128 requests deep, and spread, 8 connections 16 deep each; both as fast as the
+server answers. Nchan gets a location per transport with one subscriber type each
+(/sub/ longpoll, /sse/ eventsource, /ws/ websocket: MegaComet's paths) and, as MegaComet's
+workers, a reuseport listener on its publishing port.
+
 Ratios are megacomet / peer. For memory, CPU and latency lower is better;
 for rates higher is better. A single-process peer cannot hold more than its
 open-file limit (20 000 here), so its connection counts are capped; the table
@@ -94,6 +101,12 @@ CLUSTER_MODES = {"cluster-queue": ("queue", "poll"), "cluster-deliver": ("delive
 # connections of 64 in flight each.
 CLUSTER_PUBLISH = ["--publish", "single", "--pub-conns", "4", "--pipeline", "64"]
 NOT_RUN = {("nchan", "cluster-resubscribe"): "Nchan has no equivalent hook to time"}
+# How the deliver modes' single publishes are sent, the same for every server; a round per
+# shape (--publish-shape): name -> (keep-alive connections, requests in flight on each).
+# one-deep is how bench always published (as fast as one connection goes, which puts every
+# publish on one worker of the server); spread is 8 connections at full rate, which the
+# server's workers share as its listening socket spreads them.
+PUBLISH_SHAPES = {"one-deep": (1, 128), "spread": (8, 16)}
 
 # Per-mode sizes. "n" connections, "m" queued messages; churn: rate msg/s, seconds.
 SIZES = {
@@ -198,6 +211,20 @@ class Server:
             upstream = "upstream redis_bench {\n%s  }\n  " % "".join(
                 "    nchan_redis_server %s;\n" % url for url in self.redis)
             redis_pass = "nchan_redis_pass redis_bench;"
+        # A location per transport with one subscriber type each, at MegaComet's paths, as
+        # a user would configure them (a location that allows every type does more work
+        # per request). Streams are pinged every 15 s, as MegaComet's --heartbeat and the
+        # aiohttp peer do.
+        subscribers = "\n    ".join(f"""location ~ ^/{path}/([A-Za-z0-9_~:@-]+)$ {{
+      nchan_subscriber {kind};
+      nchan_channel_id $1;
+      nchan_subscriber_timeout 120s;
+      {ping}
+      {redis_pass}
+    }}""" for path, kind, ping in (
+            ("sub", "longpoll", ""),
+            ("sse", "eventsource", "nchan_eventsource_ping_interval 15;"),
+            ("ws", "websocket", "nchan_websocket_ping_interval 15;")))
         conf = f"""{load}daemon off;
 master_process on;
 worker_processes {self.workers};
@@ -217,20 +244,12 @@ http {{
   nchan_max_reserved_memory 512M;
   {upstream}server {{
     listen 127.0.0.1:{self.port} backlog=4096 reuseport;
-    # One location for every transport: Nchan picks EventSource on "Accept:
-    # text/event-stream", WebSocket on "Upgrade: websocket", else long-poll. Streams
-    # are pinged every 15 s, as MegaComet's --heartbeat and the aiohttp peer do.
-    location ~ ^/sub/([A-Za-z0-9_~:@-]+)$ {{
-      nchan_subscriber longpoll eventsource websocket;
-      nchan_channel_id $1;
-      nchan_subscriber_timeout 120s;
-      nchan_eventsource_ping_interval 15;
-      nchan_websocket_ping_interval 15;
-      {redis_pass}
-    }}
+    {subscribers}
   }}
   server {{
-    listen 127.0.0.1:{self.app_port} backlog=4096;
+    # reuseport, as MegaComet's workers each listen on its app port: publisher
+    # connections are spread over the workers.
+    listen 127.0.0.1:{self.app_port} backlog=4096 reuseport;
     location ~ ^/pub/([A-Za-z0-9_~:@-]+)$ {{
       nchan_publisher;
       nchan_channel_id $1;
@@ -418,7 +437,7 @@ def split_mode(mode):
     return base, transport or "poll"
 
 
-def megatest_args(server, mode, size, duration):
+def megatest_args(server, mode, size, duration, shapes=tuple(PUBLISH_SHAPES)):
     cluster = mode in CLUSTER_MODES
     mode, transport = split_mode(mode)
     a = ["--mode", mode, "--transport", transport, "--port", str(server.port),
@@ -450,12 +469,15 @@ def megatest_args(server, mode, size, duration):
         methods = {"megacomet": "batch,binary,single", "aiohttp": "batch,single",
                    "nchan": "single"}[server.name]
         a += ["--publish", methods]
+        for shape in shapes:
+            a += ["--publish-shape", "%s=%dx%d" % ((shape,) + PUBLISH_SHAPES[shape])]
     elif mode in ("queue", "churn") and server.name == "nchan":
         a += ["--publish", "single"]
     return a
 
 
-def run_megatest(server, mode, size, workdir, duration, verbose, extra=(), tag=None):
+def run_megatest(server, mode, size, workdir, duration, verbose, extra=(), tag=None,
+                 shapes=tuple(PUBLISH_SHAPES)):
     """One megatest run; ``extra`` arguments come last (so they win), ``tag`` names its files.
 
     Megatest's standard output is passed on, but for its "megatest: restart redis now"
@@ -464,8 +486,8 @@ def run_megatest(server, mode, size, workdir, duration, verbose, extra=(), tag=N
     tag = tag or "%s-%s" % (server.name, mode)
     out = os.path.join(workdir, tag + ".json")
     errlog = os.path.join(workdir, tag + ".log")
-    cmd = ([sys.executable, MEGATEST, "--json", out] + megatest_args(server, mode, size, duration)
-           + list(extra))
+    cmd = ([sys.executable, MEGATEST, "--json", out]
+           + megatest_args(server, mode, size, duration, shapes) + list(extra))
     log("%s %s: %s" % (server.name, mode, " ".join(cmd[2:])))
     with open(errlog, "wb") as ef:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -553,10 +575,12 @@ def redis_rows(label, mode, p, per, unit, cluster):
 
 def deliver_rows(mode, rounds=None):
     """The rows of each round: ``rounds`` is (label, phase) pairs, by default one round per
-    way of publishing; cluster modes add the publish rate and Redis's share."""
+    way of publishing (single: one per publish shape); cluster modes add the publish rate and
+    Redis's share."""
     cluster = mode in CLUSTER_MODES
     rows = []
-    for r, phase in rounds or [(m, "deliver_" + m) for m in ("batch", "binary", "single")]:
+    for r, phase in rounds or ([(m, "deliver_" + m) for m in ("batch", "binary", "single")]
+                               + [("single " + s, "deliver_single_" + s) for s in PUBLISH_SHAPES]):
         p = ("phases", phase)
         label = "%s/%s" % (mode, r)
         rows.append((label + ": subscribers", mode, p + ("expected",), None))
@@ -714,7 +738,8 @@ def run_one(name, mode, size, workdir, duration, args):
         return ({"ok": False, "problems": [str(e)], "phases": {}},
                 ["%s %s: %s" % (name, mode, e)])
     try:
-        rec = run_megatest(srv, mode, size, workdir, duration, args.verbose)
+        rec = run_megatest(srv, mode, size, workdir, duration, args.verbose,
+                           shapes=args.publish_shape)
         srv.check_alive()
     finally:
         srv.stop()
@@ -762,6 +787,11 @@ def main(argv=None):
                     help="connections of every hold mode instead of the size's (e.g. 100000 "
                          "for hold-sse,hold-ws); peers stay capped at what they can hold")
     ap.add_argument("--workers", type=int, default=8, help="megacomet and nginx workers")
+    ap.add_argument("--publish-shape", default=",".join(PUBLISH_SHAPES),
+                    help="deliver modes: a single-publish round per shape, every server, rows "
+                         "labelled with it (comma list, default all): one-deep = 1 keep-alive "
+                         "connection 128 requests deep; spread = 8 connections 16 deep each; "
+                         "both as fast as the server answers")
     ap.add_argument("--json", metavar="FILE", help="write all records and the table")
     ap.add_argument("--plot", metavar="DIR",
                     help="write SVG charts of the records into DIR (needs matplotlib: "
@@ -773,6 +803,10 @@ def main(argv=None):
                     help="cap per megatest run in seconds (default 60 quick, 240 full)")
     ap.add_argument("--verbose", "-v", action="store_true", help="show megatest progress")
     args = ap.parse_args(argv)
+    args.publish_shape = [x for x in args.publish_shape.split(",") if x]
+    for x in args.publish_shape:
+        if x not in PUBLISH_SHAPES:
+            ap.error("unknown publish shape %r (%s)" % (x, ", ".join(PUBLISH_SHAPES)))
     if args.from_json and not args.plot:
         ap.error("--from-json needs --plot DIR")
     if args.plot:
@@ -871,7 +905,8 @@ def main(argv=None):
            "servers": servers, "skipped": skipped, "not_run": not_run, "modes": modes,
            "redis": ("cluster" if args.redis_cluster else "standalone")
            if any(m in CLUSTER_MODES for m in modes) else None,
-           "sizes": sizes, "workers": args.workers, "table": rows,
+           "sizes": sizes, "workers": args.workers,
+           "publish_shapes": {s: PUBLISH_SHAPES[s] for s in args.publish_shape}, "table": rows,
            "notes": notes, "results": results}
     if args.json:
         with open(args.json, "w") as f:

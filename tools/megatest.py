@@ -30,8 +30,8 @@ on each id, the first and the later ones counted apart) and channels.
 
 Subscribers long-poll (--transport poll, the default) or, in hold, deliver and
 fanout, open one stream each and keep it: an EventSource (--transport sse,
-GET /sse/<id>) or a WebSocket (--transport ws, GET /ws/<id>); with --proto
-nchan both go to Nchan's /sub/<id>, told apart by Accept and Upgrade. Every
+GET /sse/<id>) or a WebSocket (--transport ws, GET /ws/<id>), the same paths
+with --proto nchan (bench configures a location with one subscriber type each). Every
 transport checks each message the same way: its own id, this round, exactly
 once, latency from the publish time it carries.
 
@@ -55,6 +55,7 @@ import math
 import os
 import pickle
 import random
+import re
 import select
 import signal
 import socket
@@ -981,8 +982,7 @@ class StreamChild(Child):
 
     def __init__(self, *a):
         super().__init__(*a)
-        # Nchan serves every transport on its one subscriber location.
-        self.path = b"/sub/" if self.nchan else self.PATH
+        self.path = self.PATH
         self.chunked = bytearray(self.n)     # the body is chunked (aiohttp's StreamResponse)
         self.cbuf = {}                       # j -> raw bytes of a chunk not complete yet
 
@@ -1343,6 +1343,8 @@ class Coordinator:
         self.counts_subscribers = False     # set once: does /stats count subscribers?
         self.publishers = []
         self.pub_port = args.publish_to[0][1]   # where publish() sends (--publish-to)
+        # How publish() sends: connections and requests in flight on each (--publish-shape).
+        self.pub_conns, self.pipeline = args.pub_conns, args.pipeline
         self.refused = []                       # ids answered 503 by the last publish()
         # Every node's app port (--app-port, --publish-to), for their Redis counters in /stats.
         self.node_ports = sorted({args.app_port} | {port for _, port in args.publish_to})
@@ -1782,10 +1784,10 @@ class Coordinator:
         Publisher connections (to self.pub_port) persist across calls (see
         close_publishers).  In the background (threads) the coordinator keeps
         reading its children and printing progress meanwhile."""
-        k = max(1, min(self.args.pub_conns, len(items)))
+        k = max(1, min(self.pub_conns, len(items)))
         while len(self.publishers) < k:
             self.publishers.append(Publisher(self.args.host, self.pub_port,
-                                             self.args.batch_size, self.args.pipeline))
+                                             self.args.batch_size, self.pipeline))
         parts = [items[i * len(items) // k:(i + 1) * len(items) // k] for i in range(k)]
         results = [None] * k
 
@@ -1822,13 +1824,18 @@ class Coordinator:
             p.refused = []
         return ok, dict(errors)
 
-    def at_targets(self, name):
+    def at_targets(self, name, shaped=False):
         """The phase name of a round at each --publish-to target ("deliver_single_cross"),
-        with publish() sending there meanwhile."""
+        with publish() sending there meanwhile; ``shaped``: a round per --publish-shape too
+        ("deliver_single_spread"), publish() using its connections and depth."""
+        shapes = (self.args.publish_shape if shaped else []) or [("", None, None)]
         for where, port in self.args.publish_to:
-            self.close_publishers()
-            self.pub_port = port
-            yield name + ("_" + where if where else "")
+            for shape, conns, depth in shapes:
+                self.close_publishers()
+                self.pub_port = port
+                self.pub_conns = conns or self.args.pub_conns
+                self.pipeline = depth or self.args.pipeline
+                yield name + ("_" + where if where else "") + ("_" + shape if shape else "")
 
     def close_publishers(self):
         for p in self.publishers:
@@ -1922,7 +1929,7 @@ class Coordinator:
         self.record["phases"]["open"] = self.open_phase(n)
         rnd = 0
         for method in self.args.publish:
-            for name in self.at_targets("deliver_" + method):
+            for name in self.at_targets("deliver_" + method, shaped=method == "single"):
                 rnd += 1
                 self.record["phases"][name] = self.deliver_round(name, method, ids, rnd, n)
 
@@ -2279,6 +2286,10 @@ def parse_args(argv=None):
     p.add_argument("--pub-conns", type=int, default=1, help="parallel publisher connections")
     p.add_argument("--pipeline", type=int, default=128,
                    help="single: POST /pub/<id> requests in flight per connection")
+    p.add_argument("--publish-shape", action="append", default=[], metavar="NAME=CONNSxDEPTH",
+                   help="deliver: a single-publish round per shape (repeatable), named "
+                        "deliver_single_NAME, over CONNS connections DEPTH requests deep "
+                        "each, e.g. spread=8x16 (instead of --pub-conns and --pipeline)")
     p.add_argument("--procs", type=int, default=0, help="client processes (0: auto)")
     p.add_argument("--per-proc", type=int, default=15000,
                    help="connections per client process when --procs is auto")
@@ -2318,6 +2329,14 @@ def parse_args(argv=None):
                            for t in args.publish_to] or [("", args.app_port)]
     except ValueError:
         p.error("--publish-to takes [NAME=]PORT")
+    try:
+        args.publish_shape = [(n, int(c), int(d)) for n, c, d in
+                              (re.fullmatch(r"([\w-]+)=(\d+)x(\d+)", t).groups()
+                               for t in args.publish_shape)]
+    except AttributeError:
+        p.error("--publish-shape takes NAME=CONNSxDEPTH, e.g. spread=8x16")
+    if any(c < 1 or d < 1 for _, c, d in args.publish_shape):
+        p.error("--publish-shape: connections and depth must be positive")
     if args.publish is None:
         if args.proto == "nchan" or args.mode == "resubscribe":
             args.publish = "single"

@@ -123,6 +123,9 @@ def _delivery_phases(mode, rec):
         for method in ("batch", "binary", "single"):
             if "deliver_" + method in phases:
                 yield (transport, "deliver", method), phases["deliver_" + method]
+        # bench's single-publish rounds per publish shape: "deliver_single_spread".
+        for name in sorted(p for p in phases if p.startswith("deliver_single_")):
+            yield (transport, "deliver", "single " + name[15:]), phases[name]
     elif base == "fanout":
         # megatest names the phase "fanout", or "fanout_1", "fanout_2", ... with --rounds.
         for name in sorted(p for p in phases if re.fullmatch(r"fanout(_\d+)?", p)):
@@ -135,13 +138,16 @@ def _delivery_order(key):
     transport, base, method = key
     t = [t for t, _ in TRANSPORTS].index(transport) if transport in dict(TRANSPORTS) else 9
     kinds = [k for k, _ in DELIVERIES]
-    d = kinds.index((base, method)) if (base, method) in kinds else 9
+    kind = (base, method and method.split()[0])      # "single spread": a shape of "single"
+    d = kinds.index(kind) if kind in kinds else 9
     return t, d, str(method)
 
 
 def _delivery_label(key, sep="\n"):
     transport, base, method = key
     kind = dict(DELIVERIES).get((base, method), "%s/%s" % (base, method))
+    if method and " " in method and (base, method.split()[0]) in dict(DELIVERIES):
+        kind = "%s, %s" % (dict(DELIVERIES)[base, method.split()[0]], method.split(" ", 1)[1])
     return "%s%s%s" % (dict(TRANSPORTS).get(transport, transport), sep, kind)
 
 
