@@ -312,8 +312,9 @@ class Router:
 
     # -- holder side -----------------------------------------------------------------
 
-    def hold(self, fd, idents, proto, timeout, compat=False):
-        """fd waits for the messages of ``idents``, answered as protocol ``proto``.
+    def hold(self, fd, idents, proto, timeout, compat=False, state=PENDING):
+        """fd waits for the messages of ``idents``, answered as protocol ``proto``; it is
+        PENDING (its home's answer is awaited) unless ``state`` says HELD.
 
         ``idents`` is one id (bytes), or a tuple of several for a multiplexed
         subscription: the common case keeps no tuple per held connection.
@@ -321,7 +322,7 @@ class Router:
         w = self.w
         w.new_serial(fd)
         w.proto[fd] = proto
-        w.set_state(fd, PENDING)
+        w.set_state(fd, state)
         self.held_id[fd] = idents
         self.compat[fd] = compat
         fd = w.fd_int[fd]
@@ -454,7 +455,7 @@ class Router:
             return False
         if type(entry) is int:
             return not self.compat[entry]
-        return any(not self.compat[fd] for fd in entry)
+        return len(entry) > self.compat_held.get(ident, 0)   # (compat polls hold one id each)
 
     @staticmethod
     def ids_of(idents):

@@ -71,6 +71,7 @@ class Subscriptions:
         self.note = {}           # fd -> what its transport keeps of the request (a JSONP callback)
         self.expires = {}        # fd -> unix time its signature expires (with --secret)
         self.transports = {}     # protocol byte -> its transport (set by server.assemble)
+        self.workers = w.region.workers
 
     # -- opening and ending -------------------------------------------------------------
 
@@ -94,25 +95,29 @@ class Subscriptions:
             for one in ident:
                 self.w.send_home(one, records.sub(fd, serial, since[one], epoch[one], 0, one))
             return
-        registered = router.registered(ident)
-        router.hold(fd, ident, proto, timeout)
-        self.since[fd] = since
-        self.epoch[fd] = epoch
-        self.fresh[fd] = 1
         w = self.w
         key = shmqueue.id_key(ident)
-        home = key % w.region.workers
-        flags = 0
+        home = key % self.workers
         last, known = w.homes[home].peek(key) or (0, 0)
-        if since == last and epoch in (0, known):
-            w.set_state(fd, HELD)                    # up to date, as far as the partition shows
+        registered = router.registered(ident)
+        if since == last and epoch in (0, known):    # up to date, as far as the partition shows
+            router.hold(fd, ident, proto, timeout, state=HELD)
+            self.since[fd] = since
             self.epoch[fd] = known
             if known:                                # (a new id's comes with its first message)
                 self.fresh[fd] = 0
                 self.transports[proto].announce(fd)
+            else:
+                self.fresh[fd] = 1
             if registered:
                 return
             flags = SUB_QUIET
+        else:
+            router.hold(fd, ident, proto, timeout)
+            self.since[fd] = since
+            self.epoch[fd] = epoch
+            self.fresh[fd] = 1
+            flags = 0
         w.send(home, records.sub(fd, w.serial[fd], since, epoch, flags, ident))
 
     def release(self, fd):
