@@ -393,7 +393,9 @@ class Worker:
         return int(t / TICK) + 1
 
     def set_deadline(self, fd, seconds):
-        tick = self._tick_of(self.now + seconds)
+        tick = int((self.now + seconds) / TICK) + 1          # (_tick_of, inline: a hot path)
+        if self.deadline[fd] == tick:
+            return                                # in that bucket already (not yet run)
         self.deadline[fd] = tick
         bucket = self.wheel.get(tick)
         if bucket is None:
