@@ -35,10 +35,10 @@ class Http:
         at once, with ``fail``: a port whose answers may still be owed to earlier
         requests queues it behind them)."""
         w = self.w
-        state, inbuf = w.state, w.inbuf
+        state, inbuf, outbuf = w.state, w.inbuf, w.outbuf
         while state[fd] == READING:
             buf = inbuf.get(fd)
-            if buf is None or w.output_full(fd):
+            if buf is None or fd in outbuf and w.output_full(fd):
                 return
             req = None
             try:

@@ -110,8 +110,10 @@ class LongPoll:
                                                       self.common, variant & HEAD_ONLY)
         self.subs.release(fd)
         http.send_response(fd, response, variant & KEEP_ALIVE)
-        self.w.counters[DELIVERED] += 1
-        http.resume(fd)
+        w = self.w
+        w.counters[DELIVERED] += 1
+        if fd in w.inbuf:                         # requests pipelined behind it
+            http.resume(fd)
 
     def refused(self, fd):
         """The home's table had no room for an id."""
