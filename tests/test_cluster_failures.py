@@ -153,9 +153,9 @@ def held(node, ident):
 
 # -- publishing ---------------------------------------------------------------------------
 
-def post(port, ident, data, key=None, timeout=10.0):
+def post(port, ident, data, key=None, timeout=10.0, host=HOST):
     """One POST /pub/<id> on its own connection: (status or None, headers, body, seconds)."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     headers = {"Idempotency-Key": key} if key else {}
     t = time.monotonic()
     try:
@@ -187,7 +187,8 @@ class Ledger:
         while True:
             node = nodes[at % len(nodes)]
             t = time.monotonic()
-            status, headers, body, took = post(node.app, ident, data, key=data)
+            status, headers, body, took = post(node.app, ident, data, key=data,
+                                               host=getattr(node, "host", HOST))
             with self.lock:
                 self.attempts.append((t, node.app, ident, data, status, took,
                                       headers.get("retry-after")))
@@ -310,8 +311,9 @@ class Poller(Subscriber):
             t = time.monotonic()
             try:
                 if conn is None:
+                    node = self.nodes[self.at]
                     conn = self.conn = http.client.HTTPConnection(
-                        HOST, self.nodes[self.at].client, timeout=POLL + 5)
+                        getattr(node, "host", HOST), node.client, timeout=POLL + 5)
                 conn.request("GET", path)
                 self.ready.set()
                 resp = conn.getresponse()
@@ -342,8 +344,9 @@ class WsSubscriber(Subscriber):
         from websockets.sync.client import connect
         from websockets.exceptions import WebSocketException
         while not self.halt.is_set():
-            url = "ws://%s:%d/ws/%s?since=%d" % (HOST, self.nodes[self.at].client, self.topic,
-                                                self.since)
+            node = self.nodes[self.at]
+            url = "ws://%s:%d/ws/%s?since=%d" % (getattr(node, "host", HOST), node.client,
+                                                self.topic, self.since)
             if self.epoch:
                 url += "&epoch=%d" % self.epoch
             try:
@@ -1056,3 +1059,155 @@ def test_failover_with_wait_subscribers_get_every_confirmed_message_once_in_orde
     "links to seeds, and Redis.healthy() wants every link UP, slot-serving or not"))
 def test_failover_leaves_nodes_healthy(failover):
     assert failover["health_after_failover"] == [200, 200, 200, 200]
+
+
+# == 7. A node cut off from Redis by the network =============================================
+
+def ip(*args):
+    return subprocess.run(["ip", *args], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=10)
+
+
+class NsServer(Server):
+    """A node run in a network namespace (``ip netns exec`` execs it: its pid is the
+    supervisor's), reached at ``host``."""
+
+    def __init__(self, ns, host, *flags, **kw):
+        super().__init__(*flags, "--host", host, "--app-host", host, "--insecure-app-port",
+                         command=["ip", "netns", "exec", ns, sys.executable,
+                                  os.path.join(ROOT, "megacomet.py")], **kw)
+        self.host = host
+
+    def request(self, method, path, body=None, port=None, headers=None, timeout=10):
+        conn = http.client.HTTPConnection(self.host, port or self.app, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def netns():
+    """A network namespace with two veth pairs to this one: one for the node's clients, one
+    for its Redis link (the one the test cuts).  Removed whatever happens."""
+    if not os.access("/usr/sbin/ip", os.X_OK) and not os.access("/sbin/ip", os.X_OK):
+        pytest.skip("no ip command (iproute2)")
+    tag = "%d" % (os.getpid() % 100000)
+    name = "mcf" + tag
+    done = ip("netns", "add", name)
+    if done.returncode != 0:
+        pytest.skip("ip netns is not permitted here: %s" % done.stderr.strip())
+    links = [("mcc" + tag, "mcC" + tag), ("mcr" + tag, "mcR" + tag)]
+    try:
+        # Two /30s in 10.x.y.0/24, x and y from the pid, that no interface here uses.
+        used = ip("-4", "-o", "addr").stdout
+        rng = random.Random(os.getpid())
+        for _ in range(50):
+            net = "10.%d.%d." % (rng.randrange(100, 250), rng.randrange(0, 256))
+            if net not in used:
+                break
+        addrs = {}
+        for k, (here, there) in enumerate(links):
+            mine, theirs = net + str(4 * k + 1), net + str(4 * k + 2)
+            for args in (("link", "add", here, "type", "veth", "peer", "name", there),
+                         ("link", "set", there, "netns", name),
+                         ("addr", "add", mine + "/30", "dev", here),
+                         ("link", "set", here, "up"),
+                         ("-n", name, "addr", "add", theirs + "/30", "dev", there),
+                         ("-n", name, "link", "set", there, "up")):
+                done = ip(*args)
+                if done.returncode != 0:
+                    pytest.skip("cannot set up veth pairs: ip %s: %s"
+                                % (" ".join(args), done.stderr.strip()))
+            addrs[k] = (mine, theirs)
+        ip("-n", name, "link", "set", "lo", "up")
+        yield {"name": name, "client": addrs[0][1], "redis": addrs[1][0],
+               "cut": links[1][0]}
+    finally:
+        ip("netns", "del", name)           # (takes the namespace's ends of the pairs along)
+        for here, _ in links:
+            if ip("link", "show", here).returncode == 0:
+                ip("link", "del", here)
+
+
+def test_node_cut_off_from_redis_is_unhealthy_then_catches_up(netns):
+    require_redis()
+    nodes = Nodes()
+    with redislab.Standalone(args=["--bind", HOST, netns["redis"], "--protected-mode", "no"]) \
+            as redis:
+        try:
+            cut = NsServer(netns["name"], netns["client"],
+                           *redis_flags("redis://%s:%d" % (netns["redis"], redis.port))).start()
+            nodes.started.append(cut)
+            other = nodes.start(redis.url)
+            ledger = Ledger()
+            ident = "netcut"
+            subs = [Poller(ident, [cut]), WsSubscriber(ident, [cut]), Poller(ident, [other])]
+            start_all(subs)
+            pub = Publishing(ledger, [other], [ident], "n", interval=0.02)
+            pub.start()
+            time.sleep(0.5)
+            assert health(cut)[0] == 200
+            down_at = time.monotonic()
+            assert ip("link", "set", netns["cut"], "down").returncode == 0
+            try:
+                unhealthy = wait_for(lambda: health(cut)[0] == 503 and time.monotonic(),
+                                     10, message="the cut node unhealthy") - down_at
+                refused = post(cut.app, ident, "while cut", host=cut.host)
+                assert health(other)[0] == 200
+                time.sleep(max(0.0, down_at + POLL + 1.0 - time.monotonic()))
+            finally:
+                assert ip("link", "set", netns["cut"], "up").returncode == 0
+            up_at = time.monotonic()
+            healthy = wait_for(lambda: health(cut)[0] == 200 and time.monotonic(),
+                               15, message="the cut node healthy again") - up_at
+            time.sleep(0.5)
+            pub.stop()
+            assert settle(subs, ledger), {i: missing(s, ledger) for i, s in enumerate(subs)}
+            stop_all(subs)
+            figure("network cut: /health 503 after (s)", unhealthy)
+            figure("network cut: /health 200 after the link is back (s)", healthy)
+            assert refused[0] == 503 and "retry-after" in refused[1], refused
+            during = [t for t, port, _, _, status, _, _ in ledger.attempts
+                      if down_at < t < up_at and status == 202]
+            assert during, "nothing was published while the node was cut off"
+            assert all(not s.errors for s in subs), [dict(s.errors) for s in subs]
+            assert_exactly_once(subs, ledger)
+            assert totals(cut)["redis_resubscribes"] >= 1
+        finally:
+            bugs = nodes.stop()
+    assert not bugs, bugs
+
+
+# == 8. tools/chaos.py --cluster, short =======================================================
+
+CHAOS = os.path.join(ROOT, "tools", "chaos.py")
+
+
+def test_chaos_cluster_short_run_loses_nothing(tmp_path):
+    """A Redis Cluster and three nodes; 40 subscribers (a third on WebSocket) that move
+    between nodes with their cursors; publishers that retry 503s with their keys; a master
+    SIGKILLed (back later as a replica), a node SIGKILLed (started again), every pub/sub
+    link killed.  The long run: python3 tools/chaos.py --cluster (see its --help)."""
+    require_redis()
+    record = tmp_path / "chaos.json"
+    proc = subprocess.run([sys.executable, CHAOS, "--cluster", "-n", "40", "--nodes", "3",
+                           "--workers", "2", "--duration", "10", "--action-every", "3",
+                           "--actions", "master,node,pubsub", "--redis-wait-replicas", "1",
+                           "--seed", "1", "--json", str(record)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=150)
+    output = proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert record.exists(), output
+    rec = json.loads(record.read_text())
+    print("\n" + proc.stdout)
+    assert (rec["lost"], rec["duplicated"], rec["out_of_order"]) == (0, 0, 0), output
+    assert rec["hung"] == 0 and rec["checks"].get("seq mismatch", 0) == 0, output
+    # It did what it says: every action happened and was survived, messages flowed.
+    assert rec["actions_done"] == {"master": 1, "node": 1, "pubsub": 1}, output
+    assert not [x for x in rec["actions"] if "error" in x or "skipped" in x], output
+    assert rec["published"]["confirmed"] > 500 and rec["deliveries"] > 2000, output
+    assert rec["subscriber_counts"].get("moves", 0) > 20, output
+    assert proc.returncode == 0, output
+    assert not [pid for pid in rec["server_pids"] if alive(pid)], "processes left behind"

@@ -50,10 +50,40 @@ Standard library only.  tools/soak.py borrows its server and HTTP helpers.
 
     python tools/chaos.py                      # 3000 subscribers, 60 s, a kill every 3 s
     python tools/chaos.py -n 300 --workers 2 --duration 15 --json chaos.json
+
+Cluster mode (``--cluster``): a Redis Cluster of 3 masters and 3 replicas
+(tools/redislab.py: redis-server, redis-cli and hiredis) and --nodes MegaComet
+nodes (3) with ``--redis``, for --duration seconds:
+
+* subscribers, long-poll and WebSocket (--ws-share), keep each id's cursor and
+  epoch as the README says and move to another node with them every
+  --move-every seconds or so, and at once when their node fails them;
+* publishers (single POSTs, NDJSON batches) send each message with its own
+  Idempotency-Key (``key`` in a batch line) and retry a 503, or a node that
+  does not answer (on another node), with the same key for up to 30 s;
+* every --action-every seconds, in turn (--actions): ``node`` SIGKILLs a node's
+  supervisor and workers by pid and starts it again on its ports 1.5 s later;
+  ``master`` SIGKILLs a Redis master and, once its replica took over, starts
+  it again (it comes back as a replica); ``pubsub`` runs CLIENT KILL TYPE
+  pubsub on every master; ``lagging-master`` is ``master`` with the replica
+  paused and its replication link killed --lag seconds first, the window of
+  asynchronous replication that loopback never opens by itself.
+
+Among CONFIRMED messages, lost / duplicated (within one epoch) / out of order
+(a seq not above the one before it in its epoch) must be 0 / 0 / 0, no seq may
+differ from what its 202 said, and no poll or publish may hang.  A confirmed
+message missing from Redis's streams at the end was lost by Redis in a
+failover: with --redis-wait-replicas 1 it counts as lost; without, it is
+reported apart as the asynchronous replication window.  Nodes, Redis servers
+and subscriber processes are all stopped by pid on any exit.
+
+    python tools/chaos.py --cluster                          # 300 subscribers, 60 s
+    python tools/chaos.py --cluster --redis-wait-replicas 1 --actions node,master,pubsub
 """
 
 import argparse
 import asyncio
+import base64
 import collections
 import ctypes
 import json
@@ -960,16 +990,895 @@ def report(rec):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------
+# Cluster mode (--cluster): one Redis Cluster (tools/redislab.py), several nodes, clients
+# that move between them, and nodes, masters and pub/sub links killed meanwhile.
+
+CLUSTER_POLL_TIMEOUT = 5     # ?timeout= of each long-poll in cluster mode
+CLUSTER_HEARTBEAT = 2        # the nodes' --heartbeat: a WebSocket hears something every 2 s
+RETRY_FOR = 30.0             # seconds a publisher retries one message (503, no node) with its key
+NODE_DOWN = 1.5              # seconds a killed node stays down before it is started again
+
+
+def ws_frame(opcode, payload=b""):
+    """One final, masked client frame (RFC 6455): what a client sends."""
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def ws_read_frame(reader):
+    """(opcode, payload) of one server frame (never masked, never fragmented here)."""
+    b0, b1 = await reader.readexactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    elif n == 127:
+        n = int.from_bytes(await reader.readexactly(8), "big")
+    return b0 & 0x0F, await reader.readexactly(n) if n else b""
+
+
+class ClusterSubscribers:
+    """members: [(number, id, kind "lp"|"ws")].  Each keeps its cursor and epoch as the
+    README says (another epoch: the cursor is 0 before the answer's messages are taken),
+    moves to another node every --move-every seconds or so, and at once when its node fails
+    it.  Same pipe protocol as SubscriberGroup."""
+
+    def __init__(self, conn, cfg, members):
+        self.conn = conn
+        self.cfg = cfg
+        self.members = members
+        self.first = [0.0] * len(members)
+        self.got = [[] for _ in members]          # (epoch, seq, data, receive time)
+        self.counts = collections.Counter()
+        self.deliveries = 0
+        self.connected = 0
+        self.rng = random.Random(cfg["seed"] * 7919 + os.getpid())
+
+    def run(self):
+        asyncio.run(self.main())
+
+    async def main(self):
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_command():
+            try:
+                if self.conn.recv() == "stop":
+                    stop.set()
+            except (EOFError, OSError):
+                stop.set()
+        loop.add_reader(self.conn.fileno(), on_command)
+        tasks = [asyncio.create_task(self.websocket(j) if kind == "ws" else self.longpoll(j))
+                 for j, (_, _, kind) in enumerate(self.members)]
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+            self.conn.send(("progress", {"polling": sum(1 for t in self.first if t),
+                                         "connected": self.connected,
+                                         "deliveries": self.deliveries}))
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        loop.remove_reader(self.conn.fileno())
+        self.conn.send(("result", {"members": [(m[0], self.first[j], self.got[j])
+                                               for j, m in enumerate(self.members)],
+                                   "counts": dict(self.counts), "deliveries": self.deliveries}))
+
+    def next_node(self, at):
+        ports = self.cfg["ports"]
+        return (at + self.rng.randrange(1, len(ports))) % len(ports) if len(ports) > 1 else at
+
+    def move_at(self):
+        return time.monotonic() + self.cfg["move_every"] * self.rng.uniform(0.5, 1.5)
+
+    async def open(self, port):
+        try:
+            conn = await asyncio.wait_for(asyncio.open_connection(HOST, port), CONNECT_TIMEOUT)
+            self.counts["connects"] += 1
+            return conn
+        except ConnectionRefusedError:
+            self.counts["connect refused"] += 1
+        except (OSError, asyncio.TimeoutError) as e:
+            self.counts["connect " + error_name(e)] += 1
+        return None
+
+    def take(self, j, state, epoch, messages):
+        """Rule 3 of the README's epochs; then the messages, in the epoch they count in."""
+        if epoch and epoch != state["epoch"]:
+            if state["epoch"]:
+                self.counts["epoch changed"] += 1
+            state["epoch"] = epoch
+            state["since"] = 0
+        now = time.monotonic()
+        for seq, data in messages:
+            self.got[j].append((state["epoch"], seq, data, now))
+            state["since"] = seq
+        self.deliveries += len(messages)
+
+    async def longpoll(self, j):
+        _, ident, _ = self.members[j]
+        state = {"since": 0, "epoch": 0}
+        at = j % len(self.cfg["ports"])
+        timeout = CLUSTER_POLL_TIMEOUT
+        while True:
+            conn = await self.open(self.cfg["ports"][at])
+            if conn is None:
+                at = self.next_node(at)
+                await asyncio.sleep(self.rng.uniform(0.02, 0.1))
+                continue
+            reader, writer = conn
+            self.connected += 1
+            leave_at = self.move_at()
+            try:
+                while True:
+                    path = "/sub/%s?timeout=%d&since=%d" % (ident, timeout, state["since"])
+                    if state["epoch"]:
+                        path += "&epoch=%d" % state["epoch"]
+                    writer.write(build_request("GET", path))
+                    if not self.first[j]:
+                        self.first[j] = time.monotonic()
+                    status, body, close = await asyncio.wait_for(read_response(reader),
+                                                                 timeout + 10)
+                    if status != 200:
+                        self.counts["poll status %d" % status] += 1
+                        await asyncio.sleep(0.1)
+                        at = self.next_node(at)
+                        break
+                    doc = json.loads(body)
+                    before = state["since"], state["epoch"]
+                    self.take(j, state, doc["epoch"],
+                              [(m["seq"], m["data"]) for m in doc["messages"]])
+                    if doc["last"] < state["since"] or (
+                            doc["last"] < before[0] and state["epoch"] == before[1]):
+                        self.counts["last went back"] += 1
+                    state["since"] = doc["last"]
+                    self.counts["answers"] += 1
+                    if close:
+                        break
+                    if time.monotonic() >= leave_at:
+                        self.counts["moves"] += 1
+                        at = self.next_node(at)
+                        break
+            except asyncio.TimeoutError:
+                self.counts["poll hung"] += 1
+                at = self.next_node(at)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    HttpError, ValueError) as e:
+                self.counts["poll " + error_name(e)] += 1
+                at = self.next_node(at)
+            finally:
+                self.connected -= 1
+                writer.close()
+
+    async def websocket(self, j):
+        _, ident, _ = self.members[j]
+        state = {"since": 0, "epoch": 0}
+        at = j % len(self.cfg["ports"])
+        quiet = CLUSTER_HEARTBEAT * 3 + 5        # the server pings every CLUSTER_HEARTBEAT s
+        while True:
+            port = self.cfg["ports"][at]
+            conn = await self.open(port)
+            if conn is None:
+                at = self.next_node(at)
+                await asyncio.sleep(self.rng.uniform(0.02, 0.1))
+                continue
+            reader, writer = conn
+            self.connected += 1
+            leave_at = self.move_at()
+            try:
+                path = "/ws/%s?since=%d" % (ident, state["since"])
+                if state["epoch"]:
+                    path += "&epoch=%d" % state["epoch"]
+                key = base64.b64encode(os.urandom(16)).decode()
+                writer.write(("GET %s HTTP/1.1\r\nHost: localhost:%d\r\nUpgrade: websocket\r\n"
+                              "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                              "Sec-WebSocket-Version: 13\r\n\r\n" % (path, port, key)).encode())
+                if not self.first[j]:
+                    self.first[j] = time.monotonic()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                if not head.startswith(b"HTTP/1.1 101"):
+                    self.counts["ws status %s" % head[9:12].decode(errors="replace")] += 1
+                    await asyncio.sleep(0.1)
+                    at = self.next_node(at)
+                    continue
+                while True:
+                    wait = min(quiet, max(0.0, leave_at - time.monotonic()))
+                    try:
+                        opcode, payload = await asyncio.wait_for(ws_read_frame(reader), wait)
+                    except asyncio.TimeoutError:
+                        if time.monotonic() < leave_at:
+                            raise                   # nothing, not even a ping: hung
+                        writer.write(ws_frame(0x8, (1000).to_bytes(2, "big")))
+                        self.counts["moves"] += 1
+                        at = self.next_node(at)
+                        break
+                    if opcode == 0x1:
+                        frame = json.loads(payload)
+                        self.take(j, state, frame["epoch"], [(frame["seq"], frame["data"])])
+                    elif opcode == 0x9:
+                        writer.write(ws_frame(0xA, payload))
+                    elif opcode == 0x8:
+                        self.counts["ws closed by the server"] += 1
+                        at = self.next_node(at)
+                        break
+            except asyncio.TimeoutError:
+                self.counts["ws hung"] += 1
+                at = self.next_node(at)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    ValueError) as e:
+                self.counts["ws " + error_name(e)] += 1
+                at = self.next_node(at)
+            finally:
+                self.connected -= 1
+                writer.close()
+
+
+def cluster_subscriber_child(conn, cfg, members):
+    set_pdeathsig()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    ClusterSubscribers(conn, cfg, members).run()
+
+
+class ClusterPublisher:
+    """Publishes unique tokens (each its own Idempotency-Key) to its ids, one request at a
+    time: a single POST per message ("s"), or NDJSON batches whose lines carry ``key``
+    ("b").  A 503, or no answer, is retried with the same keys (for RETRY_FOR seconds), on
+    another node when its node does not answer; a message is confirmed once a 202 says so
+    (a batch line: its request answered, the line not among its errors)."""
+
+    def __init__(self, kind, number, ports, ids, rate, per_request, ledger, rng, stop):
+        self.kind, self.number, self.ports, self.ids = kind, number, ports, ids
+        self.interval = per_request / rate
+        self.per_request = per_request
+        self.ledger, self.rng, self.stop = ledger, rng, stop
+        self.at = number % len(ports)
+        self.counter = 0
+        self.reader = self.writer = None
+
+    def new_tokens(self, n):
+        out = []
+        now = time.monotonic()
+        for _ in range(n):
+            self.counter += 1
+            token = "%s%d.%d" % (self.kind, self.number, self.counter)
+            ident = self.rng.choice(self.ids)
+            self.ledger.add(token, ident, self.kind, self.number, self.counter, now)
+            out.append((token, ident))
+        return out
+
+    async def run(self):
+        next_at = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                if next_at > now:
+                    try:
+                        await asyncio.wait_for(self.stop.wait(), next_at - now)
+                        break
+                    except asyncio.TimeoutError:
+                        pass
+                next_at = max(next_at + self.interval, time.monotonic() - 1.0)
+                await self.send(self.new_tokens(self.per_request))
+        finally:
+            self.drop()
+
+    def drop(self):
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(self, raw):
+        """(status, body) of one request on the publisher's connection; None on failure."""
+        if self.writer is None:
+            try:
+                self.reader, self.writer = await asyncio.wait_for(
+                    asyncio.open_connection(HOST, self.ports[self.at]), CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as e:
+                self.ledger.counts["publisher connect " + error_name(e)] += 1
+                return None
+        try:
+            self.writer.write(raw)
+            status, body, close = await asyncio.wait_for(read_response(self.reader),
+                                                         PUBLISH_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.ledger.counts["publish hung"] += 1
+            self.drop()
+            return None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, HttpError,
+                ValueError) as e:
+            self.ledger.counts["publish connection " + error_name(e)] += 1
+            self.drop()
+            return None
+        if close:
+            self.drop()
+        return status, body
+
+    async def send(self, items):
+        """Until every item is confirmed or refused, or RETRY_FOR has passed."""
+        ledger = self.ledger
+        deadline = time.monotonic() + RETRY_FOR
+        pending = list(items)
+        tries = 0
+        while pending:
+            tries += 1
+            if self.kind == "s":
+                token, ident = pending[0]
+                raw = (b"POST /pub/%s HTTP/1.1\r\nHost: localhost\r\nIdempotency-Key: %s\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (ident.encode(), token.encode(),
+                                                          len(token), token.encode()))
+            else:
+                body = "".join('{"id":"%s","data":"%s","key":"%s"}\n' % (i, t, t)
+                               for t, i in pending).encode()
+                raw = build_request("POST", "/pub", body)
+            answer = await self.request(raw)
+            if answer is None:
+                self.at = (self.at + 1) % len(self.ports)        # its node may be down
+                status = None
+            else:
+                status, body = answer
+            if status == 202 or (status == 503 and self.kind == "b" and body[:1] == b"{"):
+                if self.kind == "s":
+                    ledger.settle([pending[0][0]], "ok", json.loads(body)["seq"])
+                    pending = []
+                else:
+                    doc = json.loads(body)
+                    errors = {e["line"]: e["error"] for e in doc.get("errors") or ()}
+                    again = []
+                    for line, (token, ident) in enumerate(pending, 1):
+                        error = errors.get(line)
+                        if error is None:
+                            ledger.settle([token], "ok")
+                        elif error.startswith("redis unavailable"):
+                            again.append((token, ident))
+                        else:
+                            ledger.counts["batch line error: %s" % error] += 1
+                            ledger.settle([token], "refused")
+                    pending = again
+            elif status == 503:
+                ledger.counts["publish 503"] += 1
+            elif status is not None:
+                ledger.counts["publish status %d" % status] += 1
+                ledger.settle([t for t, _ in pending], "refused")
+                return
+            if pending:
+                if status == 503:
+                    ledger.counts["retried after 503"] += 1
+                if time.monotonic() > deadline:
+                    ledger.settle([t for t, _ in pending], "unconfirmed")
+                    ledger.counts["gave up after %.0f s" % RETRY_FOR] += len(pending)
+                    return
+                await asyncio.sleep(self.rng.uniform(0.05, 0.25))
+        if tries > 1:
+            ledger.counts["confirmed after a retry"] += len(items)
+
+
+class ClusterChaos(Chaos):
+    """The coordinator: Redis Cluster, nodes, subscriber children, publishers, the killer."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.redis = None
+        self.nodes = []              # ServerTree per node (the live one, restarted in place)
+        self.ports = []              # (client, app) per node: a restarted node keeps its ports
+        self.trees = []              # every ServerTree ever started (logs, clean-up)
+        self.actions = []            # what the killer did, with its timings
+        self.master_down = None      # a killed master not yet back as a replica
+        self.node_down = set()       # indexes of nodes killed, not yet started again
+
+    # -- set-up ------------------------------------------------------------------------------
+    def layout(self):
+        a = self.args
+        n_ids = max(1, a.ids or a.subscribers // 5)
+        self.ids = ["cc-%d" % k for k in range(n_ids)]
+        ws = int(round(a.subscribers * a.ws_share))
+        self.members = [(j, self.ids[j % n_ids], "ws" if j < ws else "lp")
+                        for j in range(a.subscribers)]
+        procs = a.procs or max(1, math.ceil(len(self.members) / 2000))
+        return [self.members[c::procs] for c in range(procs)]
+
+    def node_flags(self):
+        a = self.args
+        flags = []
+        for url in self.redis.urls:
+            flags += ["--redis", url]
+        return flags + ["--redis-timeout", a.redis_timeout,
+                        "--redis-wait-replicas", a.redis_wait_replicas,
+                        "--max-queued", a.max_queued, "--queue-ttl", int(a.duration) + 300,
+                        "--heartbeat", CLUSTER_HEARTBEAT]
+
+    def start_node(self, index=None):
+        extra = self.node_flags()
+        if index is not None:
+            client, app = self.ports[index]
+            extra += ["--port", client, "--app-port", app]
+        tree = ServerTree(self.args.workers, extra)
+        self.trees.append(tree)
+        tree.start()
+        self.server_pids.add(tree.proc.pid)
+        self.server_pids.update(children_of(tree.proc.pid))
+        if index is None:
+            self.nodes.append(tree)
+            self.ports.append((tree.client, tree.app))
+        else:
+            self.nodes[index] = tree
+        return tree
+
+    def start(self):
+        import redislab                        # (tools/: hiredis, redis-server, redis-cli)
+        if not redislab.available():
+            raise RuntimeError("redis-server and redis-cli are needed: apt-get install redis-server")
+        if redislab.hiredis is None:
+            raise RuntimeError("hiredis is needed: python3 -m pip install hiredis")
+        self.redislab = redislab
+        t = time.monotonic()
+        self.redis = redislab.Cluster(masters=3, replicas=1)
+        self.redis.start()
+        for _ in range(self.args.nodes):
+            self.start_node()
+        self.setup_started = t
+
+    def fork_children(self, shares):
+        ctx = multiprocessing.get_context("fork")
+        cfg = {"ports": [c for c, _ in self.ports], "seed": self.args.seed,
+               "move_every": self.args.move_every}
+        for share in shares:
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=cluster_subscriber_child, args=(theirs, cfg, share),
+                               daemon=True)
+            proc.start()
+            theirs.close()
+            self.children.append((proc, ours))
+
+    def stop(self):
+        for proc, conn in self.children:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+            conn.close()
+        self.children = []
+        for tree in self.trees:
+            tree.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+    # -- the run -----------------------------------------------------------------------------
+    async def run(self):
+        a = self.args
+        loop = asyncio.get_running_loop()
+        results = {}
+        for c, (_, conn) in enumerate(self.children):
+            loop.add_reader(conn.fileno(), self.on_child, c, conn, results)
+        total = len(self.members)
+        await self.wait_until(lambda: self.total("polling") >= total, 60,
+                              "every subscriber connected")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            held = 0
+            for tree in self.nodes:
+                stats = await get_stats(tree.app)
+                held += (stats or {}).get("totals", {}).get("connections", 0)
+            if held >= total:
+                break
+            await asyncio.sleep(0.1)
+        self.setup_s = time.monotonic() - self.setup_started
+        self.t0 = time.monotonic()
+        stop = asyncio.Event()
+        publishers = []
+        app_ports = [p for _, p in self.ports]
+        weights = a.single + a.batch
+        for kind, count, per_request in (("s", a.single, 1), ("b", a.batch, a.batch_size)):
+            for k in range(count):
+                publishers.append(ClusterPublisher(kind, k, app_ports, self.ids,
+                                                   a.rate / weights, per_request, self.ledger,
+                                                   random.Random(self.rng.random()), stop))
+        tasks = [asyncio.create_task(p.run()) for p in publishers]
+        killer = asyncio.create_task(self.killer(self.t0 + a.duration))
+        await asyncio.sleep(a.duration)
+        stop.set()
+        await asyncio.wait(tasks, timeout=RETRY_FOR + PUBLISH_TIMEOUT + 5)
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait_for(killer, 90)
+        await self.recover()
+        self.publish_end = time.monotonic()
+        last, stable_since = -1, time.monotonic()
+        while time.monotonic() - self.publish_end < a.drain_max:
+            now = time.monotonic()
+            d = self.total("deliveries")
+            if d != last:
+                last, stable_since = d, now
+            elif now - stable_since >= 2.0 and now - self.publish_end >= a.drain_min:
+                break
+            await asyncio.sleep(0.25)
+        self.drain_s = time.monotonic() - self.publish_end
+        self.final_stats = [await get_stats(tree.app) for tree in self.nodes]
+        for _, conn in self.children:
+            conn.send("stop")
+        await self.wait_until(lambda: len(results) == len(self.children), 60,
+                              "subscriber results")
+        for _, conn in self.children:
+            loop.remove_reader(conn.fileno())
+        self.results = [results[c] for c in range(len(self.children))]
+        self.kept = await asyncio.to_thread(self.streams)
+
+    async def killer(self, until):
+        a = self.args
+        cycle = [k for k in a.actions.split(",") if k]
+        n = 0
+        next_at = self.t0 + min(a.action_every, 2.0)
+        pending = []
+        while next_at < until - 1.0:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            kind = cycle[n % len(cycle)]
+            n += 1
+            action = {"kind": kind, "at": round(time.monotonic() - self.t0, 3)}
+            try:
+                if kind == "node":
+                    pending.append(asyncio.create_task(self.kill_node(action)))
+                elif kind in ("master", "lagging-master"):
+                    if self.master_down is not None:
+                        action["skipped"] = "a master is still down"
+                    else:
+                        pending.append(asyncio.create_task(self.kill_master(
+                            action, a.lag if kind == "lagging-master" else 0.0)))
+                elif kind == "pubsub":
+                    action["killed"] = await asyncio.to_thread(self.kill_pubsub)
+                else:
+                    raise RuntimeError("unknown action %r (node, master, lagging-master, "
+                                       "pubsub)" % kind)
+            finally:
+                self.actions.append(action)
+            next_at += a.action_every
+        if pending:
+            await asyncio.wait(pending, timeout=80)
+
+    # (Nodes and Redis servers started again from asyncio.to_thread get their death signal
+    # when the thread that started them ends: the default executor's threads live until
+    # asyncio.run returns, after everything is measured, and stop() follows.)
+
+    async def kill_node(self, action):
+        live = [i for i in range(len(self.nodes)) if i not in self.node_down]
+        if len(live) < 2:
+            action["skipped"] = "only one node is up"
+            return
+        index = self.rng.choice(live)
+        tree = self.nodes[index]
+        pids = [tree.proc.pid, *children_of(tree.proc.pid)]
+        self.node_down.add(index)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed = time.monotonic()
+        await asyncio.to_thread(tree.proc.wait, 10)
+        action.update(node=index, pids=pids)
+        await asyncio.sleep(NODE_DOWN)
+        try:
+            new = await asyncio.to_thread(self.start_node, index)
+            action["restart_s"] = round(time.monotonic() - killed, 3)
+            action["new_pid"] = new.proc.pid
+        except Exception as e:                    # (StartError: reported, the run goes on)
+            action["error"] = "restart failed: %s" % str(e)[:300]
+        finally:
+            self.node_down.discard(index)
+
+    async def kill_master(self, action, lag=0.0):
+        """SIGKILL a master; once a replica took over, start it again (a replica now).  With
+        ``lag``, its replica is first paused and its replication link killed, and the master
+        takes writes for ``lag`` seconds that no replica sees: on loopback a replica is never
+        behind by more than microseconds, and this is the window a real network opens."""
+        cluster = self.redis
+        try:
+            slots = await asyncio.to_thread(cluster.slot_map)
+        except self.redislab.TRANSIENT as e:
+            action["skipped"] = "no slot map: %s" % e
+            return
+        masters = {m: reps for _, _, m, reps in slots if m.alive() and reps}
+        if not masters:
+            action["skipped"] = "no master has a replica"
+            return
+        victim = self.rng.choice(sorted(masters, key=lambda m: m.port))
+        self.master_down = victim
+        action["port"] = victim.port
+        killed = time.monotonic()
+        try:
+            if lag:
+                replica = masters[victim][0]
+                replica.pause()
+                try:
+                    await asyncio.to_thread(victim.command, "CLIENT", "KILL", "TYPE", "replica")
+                    await asyncio.sleep(lag)
+                    await asyncio.to_thread(cluster.kill, victim)
+                finally:
+                    replica.resume()
+                action["lag_s"] = lag
+                killed = time.monotonic()
+            else:
+                await asyncio.to_thread(cluster.kill, victim)
+            await asyncio.to_thread(cluster.wait_failover, victim, 30)
+            action["failover_s"] = round(time.monotonic() - killed, 3)
+            # Back as a replica of the master that took over, once the cluster agrees.
+            await asyncio.sleep(self.args.master_down)
+            await asyncio.to_thread(victim.restart)
+            await asyncio.to_thread(cluster.wait_ok, 30, True)
+            action["back_as_replica_s"] = round(time.monotonic() - killed, 3)
+        except Exception as e:
+            action["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
+        finally:
+            self.master_down = None
+
+    def kill_pubsub(self):
+        """CLIENT KILL TYPE pubsub on every master: every node's channels on it drop."""
+        killed = {}
+        for m in self.redis.masters():
+            try:
+                killed[m.port] = m.command("CLIENT", "KILL", "TYPE", "pubsub", timeout=2)
+            except self.redislab.TRANSIENT as e:
+                killed[m.port] = "error: %s" % e
+        return killed
+
+    async def recover(self):
+        """After the last action: every node and master back (the drain needs them)."""
+        deadline = time.monotonic() + 60
+        while (self.node_down or self.master_down is not None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.node_down or self.master_down is not None:
+            self.notes.append("not everything came back: nodes %s, master %s"
+                              % (sorted(self.node_down), self.master_down))
+
+    def streams(self):
+        """{id: {token: seq}} of what Redis holds at the end (the masters' streams)."""
+        kept = {}
+        for ident in self.ids:
+            try:
+                master = self.redis.master_for_key("mc:{%s}:s" % ident)
+                entries = master.command("XRANGE", "mc:{%s}:s" % ident, "-", "+", timeout=5)
+            except self.redislab.TRANSIENT as e:
+                self.notes.append("could not read the stream of %s: %s" % (ident, e))
+                continue
+            kept[ident] = {fields[1]: int(entry_id.split("-")[0]) for entry_id, fields in entries}
+        return kept
+
+
+def analyse_cluster(chaos):
+    """Each subscriber against the ledger: among confirmed messages, lost (split: those Redis
+    still holds, and those it lost, the asynchronous replication window), duplicated within
+    an epoch, out of order (a seq not above the one before it in its epoch), seq mismatch
+    (another seq than its 202 said)."""
+    messages = chaos.ledger.messages
+    by_id = collections.defaultdict(list)
+    for token, m in messages.items():
+        by_id[m.ident].append(token)
+    c = collections.Counter()
+    examples = collections.defaultdict(list)
+    latencies = []
+    members = {m[0]: m for m in chaos.members}
+    for result in chaos.results:
+        for number, first, got in result["members"]:
+            _, ident, kind = members[number]
+            seen = collections.Counter()
+            received = set()
+            last_seq = {}
+            for epoch, seq, data, at in got:
+                m = messages.get(data)
+                if m is None:
+                    c["foreign"] += 1
+                    continue
+                group = "confirmed" if m.status == "ok" else "unconfirmed"
+                seen[epoch, data] += 1
+                if seen[epoch, data] > 1:
+                    c[group + " duplicated"] += 1
+                    if group == "confirmed" and len(examples["duplicated"]) < 10:
+                        examples["duplicated"].append({"id": ident, "token": data, "seq": seq,
+                                                       "subscriber": number, "kind": kind})
+                    continue
+                if data in received:
+                    c["delivered again in a new epoch"] += 1
+                elif m.status == "ok":
+                    latencies.append(at - m.sent)
+                received.add(data)
+                if seq <= last_seq.get(epoch, 0):
+                    c[group + " out of order"] += 1
+                    if len(examples["out_of_order"]) < 10:
+                        examples["out_of_order"].append({
+                            "id": ident, "token": data, "seq": seq, "after": last_seq[epoch],
+                            "subscriber": number, "kind": kind, "status": m.status})
+                last_seq[epoch] = max(last_seq.get(epoch, 0), seq)
+                if m.seq and m.seq != seq:
+                    c["seq mismatch"] += 1
+            kept = chaos.kept.get(ident)
+            for token in by_id.get(ident, ()):
+                m = messages[token]
+                if m.status != "ok" or token in received or not first:
+                    continue
+                if kept is not None and token not in kept:
+                    c["confirmed lost by Redis"] += 1
+                    key = "lost by Redis"
+                else:
+                    c["confirmed lost"] += 1
+                    key = "lost"
+                if len(examples[key]) < 10:
+                    examples[key].append({"id": ident, "token": token, "subscriber": number,
+                                          "kind": kind, "seq": m.seq,
+                                          "sent_at_s": round(m.sent - chaos.t0, 3),
+                                          "redis_seq": (kept or {}).get(token)})
+    return {"counts": c, "examples": dict(examples), "latencies": latencies}
+
+
+def summarise_cluster(chaos):
+    a = chaos.args
+    an = analyse_cluster(chaos)
+    c = an["counts"]
+    status = collections.Counter((m.kind, m.status) for m in chaos.ledger.messages.values())
+    sub_counts = collections.Counter()
+    deliveries = 0
+    for r in chaos.results:
+        sub_counts.update(r["counts"])
+        deliveries += r["deliveries"]
+    waited = a.redis_wait_replicas > 0
+    window = c["confirmed lost by Redis"]
+    # Redis's own loss, whoever received those messages before it lost them.
+    redis_lost = sum(1 for token, m in chaos.ledger.messages.items()
+                     if m.status == "ok" and m.ident in chaos.kept
+                     and token not in chaos.kept[m.ident])
+    lost = c["confirmed lost"] + (window if waited else 0)
+    dup = c["confirmed duplicated"]
+    ooo = c["confirmed out of order"]
+    hung = sub_counts["poll hung"] + sub_counts["ws hung"] + chaos.ledger.counts["publish hung"]
+    failed_actions = [x for x in chaos.actions if "error" in x]
+    done = collections.Counter(x["kind"] for x in chaos.actions if "skipped" not in x)
+    lat = an["latencies"]
+    totals = collections.Counter()
+    for stats in chaos.final_stats:
+        for k, v in ((stats or {}).get("totals") or {}).items():
+            if isinstance(v, (int, float)):
+                totals[k] += v
+    ok = (lost == dup == ooo == 0 and not hung and c["seq mismatch"] == 0
+          and not failed_actions and not chaos.notes)
+    return {
+        "ok": ok, "mode": "cluster", "lost": lost, "duplicated": dup, "out_of_order": ooo,
+        "replication_window_lost": window, "counted_in_lost": waited,
+        "confirmed_missing_from_redis": redis_lost,
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "config": {"subscribers": a.subscribers, "ids": len(chaos.ids),
+                   "websockets": sum(1 for m in chaos.members if m[2] == "ws"),
+                   "nodes": a.nodes, "workers": a.workers, "duration_s": a.duration,
+                   "action_every_s": a.action_every, "actions": a.actions,
+                   "move_every_s": a.move_every, "rate": a.rate, "seed": a.seed,
+                   "redis_wait_replicas": a.redis_wait_replicas,
+                   "redis_timeout": a.redis_timeout, "server": chaos.node_flags()},
+        "setup_s": round(chaos.setup_s, 2), "drain_s": round(chaos.drain_s, 2),
+        "actions": chaos.actions, "actions_done": dict(done),
+        "published": {
+            "confirmed": status["s", "ok"] + status["b", "ok"],
+            "single_confirmed": status["s", "ok"], "batch_confirmed": status["b", "ok"],
+            "unconfirmed": status["s", "unconfirmed"] + status["b", "unconfirmed"],
+            "refused": status["s", "refused"] + status["b", "refused"],
+            "pending": status["s", "pending"] + status["b", "pending"],
+        },
+        "deliveries": deliveries,
+        "latency_s": {"p50": percentile(lat, 50), "p99": percentile(lat, 99),
+                      "max": max(lat) if lat else None},
+        "checks": dict(c), "hung": hung,
+        "subscriber_counts": dict(sub_counts), "publisher_counts": dict(chaos.ledger.counts),
+        "server_totals": {k: totals[k] for k in sorted(totals) if k.startswith("redis_")
+                          or k in ("received", "published", "refused", "delivered")},
+        "examples": an["examples"], "notes": chaos.notes,
+        "server_pids": sorted(chaos.server_pids),
+    }
+
+
+def report_cluster(rec):
+    cfg, p, c = rec["config"], rec["published"], rec["checks"]
+    lines = [
+        "chaos --cluster: %d subscribers (%d WebSocket) on %d ids, %d nodes x %d workers, "
+        "Redis Cluster 3+3, %g s, an action every %g s (%s), --redis-wait-replicas %d, seed %d"
+        % (cfg["subscribers"], cfg["websockets"], cfg["ids"], cfg["nodes"], cfg["workers"],
+           cfg["duration_s"], cfg["action_every_s"], cfg["actions"],
+           cfg["redis_wait_replicas"], cfg["seed"]),
+        "setup %.1f s, drain %.1f s" % (rec["setup_s"], rec["drain_s"]),
+    ]
+    for x in rec["actions"]:
+        detail = ", ".join("%s %s" % (k, v) for k, v in x.items()
+                           if k not in ("kind", "at", "pids"))
+        lines.append("action         %5.1f s  %-6s %s" % (x["at"], x["kind"], detail))
+    lines += [
+        "published      confirmed %d (single %d, batch %d); unconfirmed after %g s of retries "
+        "%d, refused %d" % (p["confirmed"], p["single_confirmed"], p["batch_confirmed"],
+                            RETRY_FOR, p["unconfirmed"], p["refused"]),
+        "deliveries     %d; latency of confirmed p50 %s / p99 %s / max %s s" % (
+            rec["deliveries"], fmt_s(rec["latency_s"]["p50"]), fmt_s(rec["latency_s"]["p99"]),
+            fmt_s(rec["latency_s"]["max"])),
+        "CONFIRMED      lost %d, duplicated %d, out of order %d" % (
+            rec["lost"], rec["duplicated"], rec["out_of_order"]),
+        "async replication window: confirmed messages Redis lost %d, of which subscribers "
+        "missed %d (%s)" % (
+            rec["confirmed_missing_from_redis"], rec["replication_window_lost"],
+            "counted in lost: --redis-wait-replicas" if rec["counted_in_lost"]
+            else "not counted in lost without --redis-wait-replicas"),
+        "unconfirmed    duplicated %d, out of order %d (not in the verdict)" % (
+            c.get("unconfirmed duplicated", 0), c.get("unconfirmed out of order", 0)),
+        "seq mismatch %d, hung %d, epoch changes seen %d, delivered again in a new epoch %d" % (
+            c.get("seq mismatch", 0), rec["hung"], rec["subscriber_counts"].get("epoch changed", 0),
+            c.get("delivered again in a new epoch", 0)),
+    ]
+    sc = rec["subscriber_counts"]
+    lines.append("subscribers    " + ", ".join("%s %d" % kv for kv in sorted(sc.items())))
+    if rec["publisher_counts"]:
+        lines.append("publishers     " + ", ".join(
+            "%s %d" % kv for kv in sorted(rec["publisher_counts"].items())))
+    lines.append("server totals  " + ", ".join("%s %d" % kv for kv in rec["server_totals"].items()))
+    for key, found in rec["examples"].items():
+        for e in found[:5]:
+            lines.append("  %s: %s" % (key, json.dumps(e)))
+    for n in rec["notes"]:
+        lines.append("  note: " + n)
+    lines.append("verdict        " + ("OK: 0 lost / 0 duplicated / 0 out of order"
+                                      if rec["ok"] else "FAIL"))
+    return "\n".join(lines)
+
+
+def main_cluster(args):
+    chaos = ClusterChaos(args)
+    me = os.getpid()
+
+    def on_signal(signum, frame):
+        if os.getpid() == me:
+            raise Interrupted(signal.Signals(signum).name)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 2
+    try:
+        shares = chaos.layout()
+        chaos.start()
+        chaos.fork_children(shares)
+        asyncio.run(chaos.run())
+        rec = summarise_cluster(chaos)
+        logs = "".join(tree.log_text() for tree in chaos.trees)
+        rec["server_log_tracebacks"] = logs.count("Traceback") + logs.count("internal error")
+        if rec["server_log_tracebacks"]:
+            rec["ok"] = False
+            rec["notes"].append("the nodes logged %d internal errors"
+                                % rec["server_log_tracebacks"])
+        print(report_cluster(rec), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rec, f, indent=1)
+        code = 0 if rec["ok"] else 1
+    except (KeyboardInterrupt, Interrupted) as e:
+        print("chaos: stopped (%s)" % (str(e) or "Ctrl-C"), file=sys.stderr)
+        code = 130
+    except RuntimeError as e:
+        print("chaos: %s" % e, file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        chaos.stop()
+        for tree in chaos.trees:
+            if args.keep_log or code == 1:
+                print("chaos: node log kept at %s" % tree.log.name, file=sys.stderr)
+            else:
+                tree.discard_log()
+    return code
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-n", "--subscribers", type=int, default=3000,
-                   help="long-poll subscribers (default %(default)s)")
+    p.add_argument("-n", "--subscribers", type=int, default=None,
+                   help="long-poll subscribers (default 3000; --cluster: 300, some WebSocket)")
     p.add_argument("--ids", type=int, default=0, help="ids they share (default: subscribers / 10)")
     p.add_argument("--compat", type=int, default=0,
                    help="compat readers (GET /<id>.js), one per id of their own (default %(default)s)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of publishing and killing")
     p.add_argument("--kill-every", type=float, default=3.0, help="seconds between SIGKILLs")
-    p.add_argument("--workers", type=int, default=4, help="server workers (default %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="server workers (default 4; --cluster: 2 per node)")
     p.add_argument("--rate", type=float, default=300.0,
                    help="messages/s over all publishers (default %(default)s); per id it is rate/ids")
     p.add_argument("--single", type=int, default=3, help="POST /pub/<id> publishers")
@@ -977,8 +1886,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=10, help="messages per batch")
     p.add_argument("--binary", type=int, default=2, help="binary-protocol publishers")
     p.add_argument("--poll-timeout", type=int, default=20, help="?timeout= of each long-poll")
-    p.add_argument("--max-queued", type=int, default=256,
-                   help="the server's --max-queued: the backlog a reconnecting subscriber can get")
+    p.add_argument("--max-queued", type=int, default=None,
+                   help="the server's --max-queued: the backlog a reconnecting subscriber can get "
+                        "(default 256; --cluster: 100000, so that what Redis lost can be told)")
     p.add_argument("--procs", type=int, default=0,
                    help="subscriber processes (default: one per %d)" % PROC_SPAN)
     p.add_argument("--drain-min", type=float, default=3.0)
@@ -986,7 +1896,46 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write the full record here")
     p.add_argument("--keep-log", action="store_true", help="keep the server's stderr log file")
+    c = p.add_argument_group("cluster mode: a Redis Cluster (3 masters + 3 replicas, tools/redislab.py) "
+                             "and several nodes with --redis; needs redis-server and hiredis")
+    c.add_argument("--cluster", action="store_true",
+                   help="run it (the options above apply but --compat, --binary, "
+                        "--poll-timeout, --kill-every)")
+    c.add_argument("--nodes", type=int, default=3, help="MegaComet nodes (default %(default)s)")
+    c.add_argument("--redis-wait-replicas", type=int, default=0,
+                   help="the nodes' --redis-wait-replicas: with 1, a message Redis lost in a "
+                        "failover counts as lost; without, it is reported apart (default 0)")
+    c.add_argument("--redis-timeout", type=float, default=1.0,
+                   help="the nodes' --redis-timeout (default %(default)s)")
+    c.add_argument("--ws-share", type=float, default=0.3,
+                   help="the share of subscribers on WebSocket, the rest long-poll (default 0.3)")
+    c.add_argument("--move-every", type=float, default=3.0,
+                   help="seconds (+-50%%) a subscriber stays on a node before it moves on with "
+                        "its cursor (default %(default)s)")
+    c.add_argument("--action-every", type=float, default=3.0,
+                   help="seconds between actions (default %(default)s)")
+    c.add_argument("--actions", default="node,pubsub,master",
+                   help="what is done in turn: node (SIGKILL a node, start it again %.1f s "
+                        "later), master (SIGKILL a Redis master, start it again as a replica "
+                        "after the failover), lagging-master (the same, its replica kept "
+                        "behind for --lag s first: the asynchronous replication window), "
+                        "pubsub (CLIENT KILL TYPE pubsub on every master); default "
+                        "%%(default)s" % NODE_DOWN)
+    c.add_argument("--lag", type=float, default=0.3,
+                   help="lagging-master: seconds the master takes writes its paused replica "
+                        "never sees before it is killed (default %(default)s)")
+    c.add_argument("--master-down", type=float, default=1.0,
+                   help="seconds a failed-over master stays down (default %(default)s)")
     args = p.parse_args(argv)
+    cluster = args.cluster
+    for name, one_box, in_cluster in (("subscribers", 3000, 300), ("workers", 4, 2),
+                                      ("max_queued", 256, 100000)):
+        if getattr(args, name) is None:
+            setattr(args, name, in_cluster if cluster else one_box)
+    if cluster and (args.nodes < 2 or not 0 <= args.ws_share <= 1 or args.move_every <= 0
+                    or args.action_every <= 0):
+        p.error("--cluster needs 2 or more nodes, a --ws-share in 0..1, positive --move-every "
+                "and --action-every")
     if args.subscribers < 1 or args.workers < 1 or args.duration <= 0 or args.kill_every <= 0:
         p.error("subscribers, workers, duration and kill-every must be positive")
     if args.subscribers > SOURCE_SPAN * 250:
@@ -1000,6 +1949,8 @@ class Interrupted(Exception):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cluster:
+        return main_cluster(args)
     chaos = Chaos(args)
     me = os.getpid()
 
