@@ -93,8 +93,27 @@ end
 return {tonumber(m[1]), last, found}
 """
 
+# KEYS: meta hash.  ARGV: an epoch whose seqs a node saw numbered twice (a failover lost
+# writes, and the new master numbered on from the last seq it had).  If it is still the id's
+# epoch, the id gets a new one, so that clients start over instead of skipping the new
+# messages (their cursors are past the reused seqs).  Answers the id's epoch (nil: no id).
+RENEW_SCRIPT = b"""
+local e = redis.call('HGET', KEYS[1], 'e')
+if e and e == ARGV[1] then
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  if now <= tonumber(e) then
+    now = tonumber(e) + 1
+  end
+  e = string.format('%d', now)
+  redis.call('HSET', KEYS[1], 'e', e)
+end
+return e and tonumber(e)
+"""
+
 SCRIPTS = {name: (source, hashlib.sha1(source).hexdigest())
-           for name, source in (("publish", PUBLISH_SCRIPT), ("sync", SYNC_SCRIPT))}
+           for name, source in (("publish", PUBLISH_SCRIPT), ("sync", SYNC_SCRIPT),
+                                ("renew", RENEW_SCRIPT))}
 
 
 def meta_key(ident):
@@ -450,10 +469,13 @@ class ClusterNode:
         if type(stored) is tuple:
             self.router.fan_out(ident, message, *stored)
         elif stored is shmqueue.GAP:
-            self.count("gaps_filled", 1)
             sync.state = FETCHING
             keep(sync, (epoch, seq, message))
             self.fetch(ident, sync)
+        elif stored is shmqueue.REPEAT:
+            cached = w.part.message(shmqueue.id_key(ident), seq, w.now_ms())
+            if cached is not None and cached != message:
+                self.renew(ident, sync, epoch)    # the same seq twice: Redis lost writes
 
     def fetch(self, ident, sync):
         """Read the stream after what the cache holds."""
@@ -477,17 +499,25 @@ class ClusterNode:
         key = shmqueue.id_key(ident)
         epoch, last, stream = reply
         now_ms = w.now_ms()
+        i = part.find(key)
+        if i >= 0 and epoch and part.epochs[i] == epoch and part.lasts[i] > last:
+            self.renew(ident, sync, epoch)        # Redis lost writes this node had seen
+            return
+        refill = sync.floor > 0                   # read again: what the channel did not bring
         try:
-            i = part.find(key)
             if stream:
                 first = stream[0]
                 if i < 0 or part.epochs[i] != epoch or first > part.lasts[i] + 1:
                     part.adopt(key, epoch, first - 1, now_ms)
+                filled = False
                 for n in range(0, len(stream), 2):
                     stored = part.store(key, epoch, stream[n], stream[n + 1], now_ms,
                                         self.router.stale_workers)
                     if type(stored) is tuple:
                         self.router.fan_out(ident, stream[n + 1], *stored)
+                        filled = True
+                if filled and refill:
+                    self.count("gaps_filled", 1)
             part.adopt(key, epoch, last, now_ms)
         except shmqueue.TableFull:
             # No room to cache it: the requests waiting go straight to the home, which
@@ -511,8 +541,23 @@ class ClusterNode:
             for handler, src, record in waiting:
                 handler(src, record)
 
-    def healthy(self):
-        return self.redis is not None and self.redis.healthy()
+    def renew(self, ident, sync, epoch):
+        """Seqs of the id's life ``epoch`` were given twice: give the id a new epoch in Redis
+        (once, whichever node asks first), then read it again under that epoch."""
+        sync.state = FETCHING
+        self.w.log("redis: %s lost messages (a failover?): its seqs go back in epoch %d; it "
+                   "gets a new epoch and its clients start over" % (ident.decode(), epoch))
+        self.script(key_slot(ident), "renew", (meta_key(ident),), (epoch,),
+                    lambda reply: self.renewed(ident, reply))
+
+    def renewed(self, ident, reply):
+        sync = self.ids.get(ident)
+        if sync is None or sync.state != FETCHING:
+            return
+        if isinstance(reply, Exception):
+            self.retry.append(ident)              # (read again at the next tick)
+            return
+        self.fetch(ident, sync)
 
 
 def keep(sync, message):

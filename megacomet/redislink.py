@@ -121,6 +121,7 @@ class Link:
         self.retry_at = 0.0
         self.handshaking = False          # TLS handshake in progress
         self.failing_since = 0.0          # when it last failed without an answer since (0: fine)
+        self.answered = False             # any answer since it connected
         self.logged_at = 0.0              # when its failure was last logged
         self.channels = set()             # subscriber link: channels subscribed or asked for
         self.leaving = collections.Counter()   # channels we asked to leave, not yet confirmed
@@ -287,7 +288,7 @@ class Link:
             return
         callback = self.callbacks.popleft()
         self.waiting_since = self.redis.now if self.callbacks else 0.0
-        if self.failing_since and not isinstance(reply, Exception):
+        if (not self.answered or self.failing_since) and not isinstance(reply, Exception):
             self.pong()
         if callback is not None:
             callback(reply)
@@ -315,6 +316,7 @@ class Link:
             self.sock.close()
             self.sock = None
         self.state = self.DOWN
+        self.answered = False
         self.handshaking = False
         self.out.clear()
         self.unsent = b""
@@ -329,6 +331,9 @@ class Link:
                 callback(UNAVAILABLE)
 
     def pong(self):
+        if not self.answered:
+            self.answered = True
+            self.redis.on_health()
         self.waiting_since = 0.0
         self.backoff = 0.0                         # healthy: the next failure starts small
         self.failing_since = 0.0
@@ -400,9 +405,15 @@ class Redis:
                 self.refresh_slots()
 
     def healthy(self):
-        """Every server this worker knows answers (and the mode is known)."""
-        return self.cluster is not None and all(
-            link.state == Link.UP for link in self.links.values())
+        """The mode is known and every server this worker calls answers: each link that
+        serves slots (every link, on one server) is up and has answered since it connected
+        (a stopped server's kernel still completes connections).  A failed master that no
+        longer serves slots does not count, even when it is a seed."""
+        if self.cluster is None:
+            return False
+        serving = set(self.slots) if self.cluster and self.slots else None
+        return all(link.state == Link.UP and link.answered for addr, link in self.links.items()
+                   if serving is None or addr in serving)
 
     # -- which server --------------------------------------------------------------------------
 
@@ -466,7 +477,11 @@ class Redis:
             first = self.cluster is not True or self.slots is None
             self.slots = slots
             self.cluster = True
-            self.refresh_after = self.now + 30.0
+            # A master we cannot reach still holds slots: a failover may be on its way, so
+            # look again soon (else every 30 s: MOVED and lost links also make us look).
+            down = any(addr in self.links and self.links[addr].state == Link.DOWN
+                       for addr in set(slots))
+            self.refresh_after = self.now + (1.0 if down else 30.0)
             if first:
                 self.log("redis: a cluster of %d masters" % len(set(filter(None, slots))),
                          "info")

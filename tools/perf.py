@@ -112,8 +112,11 @@ class PipelineCase:
                 publish = appport.Publish(len(publishes) + 1, req.path[5:], 1, 1)
                 publish.waiting, publish.published, publish.seq = 0, 1, len(publishes) + 1
                 publishes.append(publish)
-            b"".join(wire.response(*appport.answer_of(publish), True)
-                     for publish in publishes)
+            answers = []
+            for publish in publishes:
+                status, body, content_type, headers = appport.answer_of(publish)
+                answers.append(wire.response(status, body, content_type, True, headers))
+            b"".join(answers)
 
 
 class ReadCase:
