@@ -61,5 +61,5 @@ def test_publish_pipeline(benchmark):
     benchmark(case.run, 1)
     publish = perf.appport.Publish(1, b"user:12345", 1, 0)
     publish.seq = 7
-    status, body, _ = perf.appport.answer_of(publish)
+    status, body, _, _ = perf.appport.answer_of(publish)
     assert status == 202 and json.loads(body) == {"id": "user:12345", "seq": 7, "subscribers": 0}
