@@ -1513,7 +1513,7 @@ class ClusterChaos(Chaos):
         n = 0
         next_at = self.t0 + min(a.action_every, 2.0)
         pending = []
-        while next_at < until - 1.0:
+        while next_at < until - 0.5:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             kind = cycle[n % len(cycle)]
             n += 1
