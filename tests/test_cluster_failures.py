@@ -315,7 +315,7 @@ class Poller(Subscriber):
                 if conn is None:
                     node = self.nodes[self.at]
                     conn = self.conn = http.client.HTTPConnection(
-                        getattr(node, "host", HOST), node.client, timeout=POLL + 5)
+                        getattr(node, "host", HOST), node.client, timeout=POLL + 12)
                 conn.request("GET", path)
                 self.ready.set()
                 resp = conn.getresponse()
@@ -588,6 +588,7 @@ def test_redis_that_lost_its_data_starts_a_new_epoch(server_factory, redis_stand
     subs = [Poller(ident, [a]), Poller(ident, [b]), WsSubscriber(ident, [a])]
     start_all(subs)
     lates = []
+    epoch = 0
     for life, loss in enumerate(("start", "restart", "flushall")):
         if loss == "restart":
             redis.restart()
@@ -843,23 +844,31 @@ def failover():
     node timeout.  The old master then comes back as a replica (the WAIT nodes need one to
     confirm anything).  One subscriber of each kind stops just before the kill and comes
     back on the other node with its cursor once new messages flow (a client that moved).
+    Nodes E (plain) and F (WAIT) each hold the only subscriber of an id of their own, and
+    are SIGSTOPped from the kill until new messages flow again: when they read the stream
+    again, the new master has numbered past what they cached, the seqs given twice are
+    behind their cursor, and no other node saw them come twice.
     Measured: when each node publishes again, how many confirmed messages Redis lost."""
     require_redis()
     run = {"t": [("start", time.monotonic())]}
     with redislab.Cluster(masters=3, replicas=1) as cluster, Nodes() as nodes:
         run["t"].append(("cluster", time.monotonic()))
         victim, replica = next((m, reps[0]) for _, _, m, reps in cluster.slot_map() if reps)
-        plain_ids = ids_on(cluster, victim, "fo", 2)
-        wait_ids = ids_on(cluster, victim, "fw", 2)
+        plain_ids = ids_on(cluster, victim, "fo", 3)      # [2]: E's subscriber's alone
+        wait_ids = ids_on(cluster, victim, "fw", 3)       # [2]: F's subscriber's alone
         # (Streams long enough to hold all a run publishes: what is missing was lost.)
         a, b = (nodes.start(cluster.urls, max_queued=100000) for _ in range(2))
         c, d = (nodes.start(cluster.urls, "--redis-wait-replicas", 1, max_queued=100000)
                 for _ in range(2))
+        e = nodes.start(cluster.urls, max_queued=100000, workers=1)
+        f = nodes.start(cluster.urls, "--redis-wait-replicas", 1, max_queued=100000, workers=1)
         plain, waited = Ledger(), Ledger()
-        subs_plain = [Poller(i, [n]) for i in plain_ids for n in (a, b)]
-        subs_wait = [Poller(i, [n]) for i in wait_ids for n in (c, d)]
+        subs_plain = [Poller(i, [n]) for i in plain_ids[:2] for n in (a, b)]
+        subs_wait = [Poller(i, [n]) for i in wait_ids[:2] for n in (c, d)]
+        sleepers = [Poller(plain_ids[2], [e]), Poller(wait_ids[2], [f])]
         movers = [Poller(plain_ids[0], [a]), Poller(wait_ids[0], [d])]
-        start_all(subs_plain + subs_wait + movers)
+        start_all(subs_plain + subs_wait + movers + sleepers)
+        stopped = []                            # E's and F's pids while they are stopped
         run["t"].append(("nodes", time.monotonic()))
 
         def publishers(ledger, ids, pair, tag):
@@ -870,69 +879,12 @@ def failover():
             return started
 
         pubs = publishers(plain, plain_ids, (a, b), "") + publishers(waited, wait_ids, (c, d), "")
-        time.sleep(0.5)
-        for p in pubs[len(plain_ids) * 2:]:          # the WAIT publishers pause
-            p.stop()
-        replica.pause()
         try:
-            victim.command("CLIENT", "KILL", "TYPE", "replica")
-            run["lag_at"] = time.monotonic()
-            lagging = [threading.Thread(target=waited.publish, args=(c, wait_ids[0], "lag.%d" % k),
-                                        daemon=True) for k in range(3)]
-            for t in lagging:
-                t.start()
-            time.sleep(LAG)
-            # The movers leave with what they had, the WAIT one with the unconfirmed three.
-            wait_for(lambda: all(movers[1].datas()["lag.%d" % k] for k in range(3)), 3,
-                     message="the unconfirmed messages delivered")
-            stop_all(movers)
-            cluster.kill(victim)
-            killed_at = time.monotonic()      # (publishes sent before this may have been stored)
+            failover_run(run, cluster, victim, replica, (a, b, c, d), (e, f), plain_ids,
+                         wait_ids, plain, waited, pubs, publishers, movers, sleepers, stopped)
         finally:
-            replica.resume()
-        new_master = cluster.wait_failover(victim, timeout=30)
-        run["lab_failover_s"] = time.monotonic() - killed_at
-        for t in lagging:
-            t.join(15)
-        # Each plain node publishes again (its own publishers' first 202 after the kill).
-        first_ok = {}
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(first_ok) < 2:
-            for node in (a, b):
-                oks = [t for t, port, _, _, status, _, _ in list(plain.attempts)
-                       if port == node.app and status == 202 and t > killed_at + 0.05]
-                if oks and node.app not in first_ok:
-                    first_ok[node.app] = min(oks) - killed_at
-            time.sleep(0.05)
-        run["first_ok_s"] = first_ok
-        run["t"].append(("failover", time.monotonic()))
-        # Every node healthy again (the dead master is one of their seeds): how soon.
-        healthy = {}
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(healthy) < 4:
-            for k, node in enumerate((a, b, c, d)):
-                if k not in healthy and health(node)[0] == 200:
-                    healthy[k] = time.monotonic() - killed_at
-            time.sleep(0.05)
-        run["healthy_after_kill_s"] = healthy
-        # The WAIT nodes can confirm nothing while the new master has no replica.
-        probe = [post(node.app, wait_ids[1], "probe@%d" % node.app)[0] for node in (c, d)]
-        run["wait_probe_without_replica"] = probe
-        # The old master back, as a replica of the new one: WAIT can be satisfied again.
-        back_at = time.monotonic()
-        victim.restart()
-        cluster.wait_ok(30, synced=True)
-        run["replica_back_s"] = time.monotonic() - back_at
-        pubs += publishers(waited, wait_ids, (c, d), "+")
-        wait_first = None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and wait_first is None:
-            oks = [t for t, _, _, _, status, _, _ in list(waited.attempts)
-                   if status == 202 and t > back_at]
-            wait_first = min(oks) - back_at if oks else None
-            time.sleep(0.05)
-        run["wait_ok_after_replica_s"] = wait_first
-        run["t"].append(("replica back", time.monotonic()))
+            resume(stopped)
+        run["t"].append(("E, F resumed", time.monotonic()))
         time.sleep(0.3)
         # The movers come back, each on the other node of its pair, with its cursor.
         moved = [Poller(m.topic, [node], since=m.since, epoch=m.epoch)
@@ -944,20 +896,116 @@ def failover():
         run["t"].append(("publishers stopped", time.monotonic()))
         run["settle_plain"] = settle(subs_plain, plain, timeout=2.0)
         run["settle_wait"] = settle(subs_wait, waited, timeout=2.0)
-        stop_all(subs_plain + subs_wait + moved)
+        run["settle_sleepers"] = (settle(sleepers[:1], plain, timeout=1.0),
+                                  settle(sleepers[1:], waited, timeout=1.0))
+        stop_all(subs_plain + subs_wait + moved + sleepers)
         run["t"].append(("settled", time.monotonic()))
         # What Redis itself kept: the confirmed messages the new master's streams lack.
         kept = set()
         for ident in plain_ids + wait_ids:
-            for _, fields in new_master.command("XRANGE", "mc:{%s}:s" % ident, "-", "+"):
+            for _, fields in run["new_master"].command("XRANGE", "mc:{%s}:s" % ident, "-", "+"):
                 kept.add(fields[1])
         run["redis_lost_plain"] = sorted(d for d in plain.confirmed if d not in kept)
         run["redis_lost_wait"] = sorted(d for d in waited.confirmed if d not in kept)
-        run["killed_at"] = killed_at
         run.update(subs_plain=subs_plain, subs_wait=subs_wait, plain=plain, waited=waited,
-                   movers=list(zip(movers, moved)))
+                   movers=list(zip(movers, moved)), sleepers=sleepers)
         run["bugs"] = nodes.bugs()
     yield run
+
+
+def pause_node(node):
+    """SIGSTOP a node's supervisor and workers; their pids, for resume()."""
+    pids = [node.proc.pid] + [pid for pid in node.worker_pids() if pid]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def resume(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def failover_run(run, cluster, victim, replica, nodes, sleeping, plain_ids, wait_ids, plain,
+                 waited, pubs, publishers, movers, sleeping_subs, stopped):
+    """The failover fixture's middle: from the staged window until the WAIT nodes confirm
+    again and E and F are to be let go (``stopped``: their pids meanwhile)."""
+    a, b, c, d = nodes
+    time.sleep(0.5)
+    for p in pubs[len(plain_ids) * 2:]:          # the WAIT publishers pause
+        p.stop()
+    replica.pause()
+    try:
+        victim.command("CLIENT", "KILL", "TYPE", "replica")
+        run["lag_at"] = time.monotonic()
+        lagging = [threading.Thread(target=waited.publish, daemon=True,
+                                    args=(c, ident, "lag.%s.%d" % (ident, k)))
+                   for ident in (wait_ids[0], wait_ids[2]) for k in range(3)]
+        for t in lagging:
+            t.start()
+        time.sleep(LAG)
+        # The movers leave with what they had, the WAIT one with the unconfirmed three; F's
+        # subscriber has its three too.
+        wait_for(lambda: all(sub.datas()["lag.%s.%d" % (sub.topic, k)]
+                             for sub in (movers[1], sleeping_subs[1]) for k in range(3)), 3,
+                 message="the unconfirmed messages delivered")
+        stop_all(movers)
+        cluster.kill(victim)
+        killed_at = run["killed_at"] = time.monotonic()   # (a publish sent before may
+        for node in sleeping:                             # have been stored)
+            stopped += pause_node(node)
+    finally:
+        replica.resume()
+    run["new_master"] = cluster.wait_failover(victim, timeout=30)
+    run["lab_failover_s"] = time.monotonic() - killed_at
+    for t in lagging:
+        t.join(15)
+    # Each plain node publishes again (its own publishers' first 202 after the kill).
+    first_ok = {}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(first_ok) < 2:
+        for node in (a, b):
+            oks = [t for t, port, _, _, status, _, _ in list(plain.attempts)
+                   if port == node.app and status == 202 and t > killed_at + 0.05]
+            if oks and node.app not in first_ok:
+                first_ok[node.app] = min(oks) - killed_at
+        time.sleep(0.05)
+    run["first_ok_s"] = first_ok
+    run["t"].append(("failover", time.monotonic()))
+    # Every node healthy again (the dead master is one of their seeds): how soon.
+    healthy = {}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(healthy) < 4:
+        for k, node in enumerate((a, b, c, d)):
+            if k not in healthy and health(node)[0] == 200:
+                healthy[k] = time.monotonic() - killed_at
+        time.sleep(0.05)
+    run["healthy_after_kill_s"] = healthy
+    # The WAIT nodes can confirm nothing while the new master has no replica.
+    probe = [post(node.app, wait_ids[1], "probe@%d" % node.app)[0] for node in (c, d)]
+    run["wait_probe_without_replica"] = probe
+    # The old master back, as a replica of the new one: WAIT can be satisfied again.
+    back_at = time.monotonic()
+    victim.restart()
+    cluster.wait_ok(30, synced=True)
+    run["replica_back_s"] = time.monotonic() - back_at
+    pubs += publishers(waited, wait_ids, (c, d), "+")
+    wait_first = None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and wait_first is None:
+        oks = [t for t, _, _, _, status, _, _ in list(waited.attempts)
+               if status == 202 and t > back_at]
+        wait_first = min(oks) - back_at if oks else None
+        time.sleep(0.05)
+    run["wait_ok_after_replica_s"] = wait_first
+    run["t"].append(("replica back", time.monotonic()))
+    # Before E and F go on: more new WAIT messages than the three lost ones.
+    wait_for(lambda: sum(1 for t, _, i, _, status, _, _ in list(waited.attempts)
+                         if status == 202 and t > back_at and i == wait_ids[2]) > 6,
+             10, message="new WAIT messages")
 
 
 def confirmed_at(ledger):
@@ -1045,7 +1093,7 @@ def test_failover_with_wait_redis_keeps_every_confirmed_message(failover):
     assert run["redis_lost_wait"] == []
     assert run["wait_probe_without_replica"] == [503, 503]
     assert run["wait_ok_after_replica_s"] is not None and run["wait_ok_after_replica_s"] < 10
-    assert {"lag.0", "lag.1", "lag.2"} <= run["waited"].unconfirmed
+    assert len([d for d in run["waited"].unconfirmed if d.startswith("lag.")]) == 6
 
 
 def test_failover_with_wait_subscribers_get_every_confirmed_message_once_in_order(failover):
@@ -1060,6 +1108,30 @@ def test_failover_with_wait_subscribers_get_every_confirmed_message_once_in_orde
     assert run["settle_wait"], {i: missing(s, run["waited"])[:5]
                                 for i, s in enumerate(run["subs_wait"])}
     assert_exactly_once(run["subs_wait"], run["waited"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: a node sees seqs come twice only if Redis's last seq is below its cache's when it "
+    "reads the stream again (cluster.py fetched(): part.lasts[i] > last), or if a message on "
+    "the channel repeats a cached seq with other data (take()); SYNC_SCRIPT reads only after "
+    "the cache's last seq, so a node that reads the stream after the new master has numbered "
+    "past it (a node slow to rejoin, or publishers retrying as soon as the slot map is new) "
+    "never compares the seqs given twice: the id keeps its epoch and every client past them "
+    "skips the new confirmed messages at those seqs (with WAIT too: the stored, sent, "
+    "unconfirmed ones were lost); repro: this fixture's node E, or tools/chaos.py --cluster "
+    "--actions lagging-master,pubsub (about 25 confirmed lost in 20 s)"))
+def test_failover_a_node_that_reads_the_stream_late_still_starts_its_clients_over(failover):
+    """E's and F's subscribers (their nodes stopped through the failover, nobody else
+    following their ids) must not skip the confirmed messages given the seqs of lost ones."""
+    run = failover
+    times = confirmed_at(run["plain"])
+    e_sub, f_sub = run["sleepers"]
+    lost_e = [d for d in missing(e_sub, run["plain"]) if times[d] > run["killed_at"]]
+    lost_f = missing(f_sub, run["waited"])
+    figure("failover: confirmed messages missed by the late node's subscriber (plain, WAIT)",
+           (len(lost_e), len(lost_f)))
+    assert (lost_e, lost_f) == ([], [])
+    assert verdict(f_sub, run["waited"])["out_of_order"] == 0
 
 
 def test_failover_leaves_nodes_healthy(failover):

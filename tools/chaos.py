@@ -1847,6 +1847,12 @@ def main_cluster(args):
             rec["notes"].append("the nodes logged %d internal errors"
                                 % rec["server_log_tracebacks"])
         print(report_cluster(rec), flush=True)
+        if args.dump:
+            with open(args.dump, "w") as f:
+                json.dump({"t0": chaos.t0, "members": chaos.members, "results": chaos.results,
+                           "kept": chaos.kept, "ledger": {
+                               t: [m.ident, m.kind, m.pub, m.counter, m.sent, m.status, m.seq]
+                               for t, m in chaos.ledger.messages.items()}}, f)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rec, f, indent=1)
@@ -1924,6 +1930,10 @@ def parse_args(argv=None):
     c.add_argument("--lag", type=float, default=0.3,
                    help="lagging-master: seconds the master takes writes its paused replica "
                         "never sees before it is killed (default %(default)s)")
+    c.add_argument("--dump", metavar="FILE",
+                   help="write every subscriber's deliveries (epoch, seq, data, time), the "
+                        "publishers' ledger and Redis's streams at the end here (JSON), to "
+                        "look into a failure")
     c.add_argument("--master-down", type=float, default=1.0,
                    help="seconds a failed-over master stays down (default %(default)s)")
     args = p.parse_args(argv)
