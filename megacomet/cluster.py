@@ -478,12 +478,14 @@ class ClusterNode:
                 self.renew(ident, sync, epoch)    # the same seq twice: Redis lost writes
 
     def fetch(self, ident, sync):
-        """Read the stream after what the cache holds."""
+        """Read the stream after what the cache holds, and its last message again: if Redis
+        now has another message under that seq, a failover lost writes (see ``renew``)."""
         part = self.w.part
         i = part.find(shmqueue.id_key(ident))
         since, epoch = (part.lasts[i], part.epochs[i]) if i >= 0 else (0, 0)
         self.script(key_slot(ident), "sync", (meta_key(ident), stream_key(ident)),
-                    (since, epoch, self.ttl_ms), lambda reply: self.fetched(ident, reply))
+                    (max(since - 1, 0), epoch, self.ttl_ms),
+                    lambda reply: self.fetched(ident, reply))
 
     def fetched(self, ident, reply):
         sync = self.ids.get(ident)
@@ -500,7 +502,8 @@ class ClusterNode:
         epoch, last, stream = reply
         now_ms = w.now_ms()
         i = part.find(key)
-        if i >= 0 and epoch and part.epochs[i] == epoch and part.lasts[i] > last:
+        if i >= 0 and epoch and part.epochs[i] == epoch and (
+                part.lasts[i] > last or self.numbered_again(key, stream, part.lasts[i], now_ms)):
             self.renew(ident, sync, epoch)        # Redis lost writes this node had seen
             return
         refill = sync.floor > 0                   # read again: what the channel did not bring
@@ -540,6 +543,18 @@ class ClusterNode:
             waiting, sync.waiting = sync.waiting, ()
             for handler, src, record in waiting:
                 handler(src, record)
+
+    def numbered_again(self, key, stream, last, now_ms):
+        """Does the stream hold, under a seq the cache has (its last, read again), another
+        message than the cache?"""
+        part = self.w.part
+        for n in range(0, len(stream), 2):
+            if stream[n] > last:
+                break
+            cached = part.message(key, stream[n], now_ms)
+            if cached is not None and cached != stream[n + 1]:
+                return True
+        return False
 
     def renew(self, ident, sync, epoch):
         """Seqs of the id's life ``epoch`` were given twice: give the id a new epoch in Redis
