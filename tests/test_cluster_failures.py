@@ -32,7 +32,7 @@ Every wait has a timeout; every process is stopped by pid.  The scenarios with s
 assertions run once in a module fixture, with a test per assertion that a server bug broke
 (each found here, fixed since): /health flapping to 200 while Redis was paused, gaps filled
 after a lost pub/sub link not counted, a node unhealthy after a failover while a dead seed
-was down, seqs given twice after a failover that lost writes.
+was down, seqs given twice after a failover that lost writes (two ways).
 """
 
 import collections
@@ -1110,19 +1110,10 @@ def test_failover_with_wait_subscribers_get_every_confirmed_message_once_in_orde
     assert_exactly_once(run["subs_wait"], run["waited"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a node sees seqs come twice only if Redis's last seq is below its cache's when it "
-    "reads the stream again (cluster.py fetched(): part.lasts[i] > last), or if a message on "
-    "the channel repeats a cached seq with other data (take()); SYNC_SCRIPT reads only after "
-    "the cache's last seq, so a node that reads the stream after the new master has numbered "
-    "past it (a node slow to rejoin, or publishers retrying as soon as the slot map is new) "
-    "never compares the seqs given twice: the id keeps its epoch and every client past them "
-    "skips the new confirmed messages at those seqs (with WAIT too: the stored, sent, "
-    "unconfirmed ones were lost); repro: this fixture's node E, or tools/chaos.py --cluster "
-    "--actions lagging-master,pubsub (about 25 confirmed lost in 20 s)"))
 def test_failover_a_node_that_reads_the_stream_late_still_starts_its_clients_over(failover):
     """E's and F's subscribers (their nodes stopped through the failover, nobody else
-    following their ids) must not skip the confirmed messages given the seqs of lost ones."""
+    following their ids) must not skip the confirmed messages given the seqs of lost ones
+    (they did until 2dd729e: a node compared only when Redis's last seq was below its cache's)."""
     run = failover
     times = confirmed_at(run["plain"])
     e_sub, f_sub = run["sleepers"]
