@@ -336,6 +336,12 @@ class ClusterNode:
             self.wait(ident, sync, (self.on_sub, src, record))   # read it all again first
             return
         redis_epoch, redis_last, stream = reply
+        if epoch == redis_epoch and since > redis_last:
+            # The client saw seqs of this life that Redis no longer has: a failover lost
+            # them.  A new epoch first, then its answer (it starts over).
+            hold(sync, (self.on_sub, src, record))
+            self.renew(ident, sync, epoch)
+            return
         if since > redis_last or (epoch and epoch != redis_epoch):
             self.router.on_sub(src, record)       # beyond Redis's too: the cursor counts as 0
             return
@@ -392,11 +398,7 @@ class ClusterNode:
         elif sync.state == LIVE:
             sync.state = FETCHING
             self.fetch(ident, sync)
-        if not sync.waiting:
-            sync.waiting = []
-        elif len(sync.waiting) >= WAITING_MAX:
-            del sync.waiting[0]                   # its poll times out where it is held
-        sync.waiting.append(request)
+        hold(sync, request)
 
     def join(self, ident, sync):
         sync.state = SUBSCRIBING
@@ -573,6 +575,15 @@ class ClusterNode:
             self.retry.append(ident)              # (read again at the next tick)
             return
         self.fetch(ident, sync)
+
+
+def hold(sync, request):
+    """Keep a request until the id's channel is joined and its stream read."""
+    if not sync.waiting:
+        sync.waiting = []
+    elif len(sync.waiting) >= WAITING_MAX:
+        del sync.waiting[0]                       # its poll times out where it is held
+    sync.waiting.append(request)
 
 
 def keep(sync, message):

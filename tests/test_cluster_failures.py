@@ -32,8 +32,8 @@ Every wait has a timeout; every process is stopped by pid.  The scenarios with s
 assertions run once in a module fixture, with a test per assertion that a server bug broke
 (each found here, fixed since): /health flapping to 200 while Redis was paused, gaps filled
 after a lost pub/sub link not counted, a node unhealthy after a failover while a dead seed
-was down, seqs given twice after a failover that lost writes (two ways); and one still open,
-marked xfail: a client past Redis's last seq in the id's epoch gets the buffer again in it.
+was down, seqs given twice after a failover that lost writes (two ways), and a client past
+Redis's last seq in the id's epoch sent the buffer again in it.
 """
 
 import collections
@@ -1133,15 +1133,6 @@ def test_failover_a_node_that_reads_the_stream_late_still_starts_its_clients_ove
     assert verdict(f_sub, run["waited"])["out_of_order"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a subscription whose cursor is past Redis's last seq in the id's own epoch (the "
-    "client saw messages a failover lost, and no node has renewed the epoch yet) is answered "
-    "with the whole buffer again in that same epoch: cluster.py on_sub() reads the stream "
-    "(behind = since > last), SYNC_SCRIPT counts since as 0, and the answer is a reset "
-    "without a new epoch (Partition.subscribe: reset = since > last), which the client takes "
-    "as new messages (61 of 61 again here; ~1400 in a 30 s chaos --cluster "
-    "--redis-wait-replicas 1 --actions node,pubsub,lagging-master). The same epoch with a "
-    "since above Redis's last seq is proof of lost writes: renew() the epoch first"))
 def test_failover_a_client_past_the_last_seq_starts_over_in_a_new_epoch(failover):
     """A client whose cursor is past Redis's last seq in the id's epoch saw messages Redis
     lost: it must be told to start over (a new epoch), not sent the buffer again in the
