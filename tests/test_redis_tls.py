@@ -6,7 +6,6 @@ the password publishes and delivers; one that does not reports itself unhealthy,
 publishes with 503, and says why in its log, in a line or a few, not one per retry.
 """
 
-import http.client
 import os
 import shutil
 import signal
@@ -54,25 +53,15 @@ def tls_redis(tmp_path_factory):
         proc.wait(timeout=10)
 
 
-def request(port, method, path, body=None, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
-
-
 def test_a_node_publishes_and_delivers_through_a_tls_redis_with_a_password(server_factory,
                                                                            tls_redis):
     port, ca = tls_redis
     node = server_factory("--redis", "rediss://:%s@127.0.0.1:%d?ssl_ca_certs=%s"
                           % (PASSWORD, port, ca))
-    wait_for(lambda: request(node.app, "GET", "/health")[0] == 200, timeout=10)
-    status, _, body = request(node.app, "POST", "/pub/tls-a", b"over tls")
+    wait_for(lambda: node.request("GET", "/health")[0] == 200, timeout=10)
+    status, _, body = node.request("POST", "/pub/tls-a", b"over tls")
     assert status == 202 and b'"seq": 1' in body
-    status, _, body = request(node.client, "GET", "/sub/tls-a?since=0")
+    status, _, body = node.request("GET", "/sub/tls-a?since=0", port=node.client)
     assert status == 200 and b'"data": "over tls"' in body
 
 
@@ -85,8 +74,8 @@ def test_a_node_that_cannot_speak_to_redis_is_unhealthy_and_says_why(server_fact
     port, ca = tls_redis
     node = server_factory("--redis", url % {"pw": PASSWORD, "port": port, "ca": ca},
                           "--redis-timeout", "1")
-    wait_for(lambda: request(node.app, "GET", "/health")[0] == 503, timeout=10)
-    status, headers, body = request(node.app, "POST", "/pub/tls-b", b"lost?")
+    wait_for(lambda: node.request("GET", "/health")[0] == 503, timeout=10)
+    status, headers, body = node.request("POST", "/pub/tls-b", b"lost?")
     assert status == 503 and headers.get("Retry-After") == "1", (status, headers, body)
     assert b"redis unavailable" in body
     time.sleep(2)                                 # it keeps trying, with a backoff
