@@ -6,7 +6,6 @@ the password publishes and delivers; one that does not reports itself unhealthy,
 publishes with 503, and says why in its log, in a line or a few, not one per retry.
 """
 
-import os
 import shutil
 import signal
 import subprocess
