@@ -26,6 +26,8 @@ START_TIMEOUT = 20.0
 class Server:
     """One megacomet.py process tree; ``client`` and ``app`` are its ports."""
 
+    host = "127.0.0.1"       # where its ports are reached (another address in a netns test)
+
     def __init__(self, *flags, workers=2, preexec_fn=None, command=None, cwd=ROOT, env=None,
                  port=0, app_port=0):
         self.preexec_fn = preexec_fn     # runs in the server process before it starts
@@ -78,7 +80,7 @@ class Server:
     # -- HTTP helpers (each request on its own connection unless given one) --
 
     def request(self, method, path, body=None, port=None, headers=None, timeout=10):
-        conn = http.client.HTTPConnection("127.0.0.1", port or self.app, timeout=timeout)
+        conn = http.client.HTTPConnection(self.host, port or self.app, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()

@@ -52,6 +52,7 @@ import pytest
 
 from conftest import ROOT, Server, wait_for
 from redisfixtures import redis_standalone, require_redis  # noqa: F401 (a fixture)
+from test_chaos import alive
 
 import redislab  # noqa: E402  (tools/ is on sys.path: conftest puts it there)
 
@@ -120,18 +121,6 @@ def kill_node(node):
             pass
     node.proc.wait(timeout=10)
     return pids
-
-
-def alive(pid):
-    """Is pid a live (not zombie) megacomet process? (A reused pid is another program.)"""
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            cmdline = f.read()
-        with open("/proc/%d/stat" % pid) as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return b"megacomet" in cmdline and state not in ("Z", "X")
 
 
 def health(node, timeout=5.0):
@@ -1172,15 +1161,6 @@ class NsServer(Server):
                          command=["ip", "netns", "exec", ns, sys.executable,
                                   os.path.join(ROOT, "megacomet.py")], **kw)
         self.host = host
-
-    def request(self, method, path, body=None, port=None, headers=None, timeout=10):
-        conn = http.client.HTTPConnection(self.host, port or self.app, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, dict(resp.getheaders()), resp.read()
-        finally:
-            conn.close()
 
 
 @pytest.fixture

@@ -291,8 +291,7 @@ class SubscriberGroup:
                 stop.set()
         loop.add_reader(self.conn.fileno(), on_command)
         self.slots = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
-        tasks = [asyncio.create_task(self.compat(j) if kind == "js" else self.subscriber(j))
-                 for j, (_, _, kind, _) in enumerate(self.members)]
+        tasks = [asyncio.create_task(self.member_task(j)) for j in range(len(self.members))]
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -308,6 +307,10 @@ class SubscriberGroup:
         self.conn.send(("result", {"members": [(m[0], self.first[j], self.got[j])
                                                for j, m in enumerate(self.members)],
                                    "counts": dict(self.counts), "deliveries": self.deliveries}))
+
+    def member_task(self, j):
+        """The coroutine that runs member j (by its kind)."""
+        return self.compat(j) if self.members[j][2] == "js" else self.subscriber(j)
 
     async def connect(self, j):
         """A connection for member j, retried with a growing pause until it is cancelled."""
@@ -483,12 +486,16 @@ class Publisher:
                     except asyncio.TimeoutError:
                         pass
                 next_at = max(next_at + self.interval, time.monotonic() - 1.0)   # no catch-up burst
-                if self.kind == "x":
-                    await self.send_binary()
-                else:
-                    await self.send_http()
+                await self.publish()
         finally:
             self.drop()
+
+    async def publish(self):
+        """One request's worth (per_request messages), at its time."""
+        if self.kind == "x":
+            await self.send_binary()
+        else:
+            await self.send_http()
 
     def drop(self):
         if self.writer is not None:
@@ -618,13 +625,17 @@ class Chaos:
         procs = a.procs or max(1, math.ceil(len(members) / PROC_SPAN))
         return [members[c::procs] for c in range(procs)]
 
+    def child_config(self):
+        """(function, cfg) each subscriber child runs with its share."""
+        return subscriber_child, {"port": self.server.client, "poll_timeout": self.args.poll_timeout,
+                                  "server_poll_timeout": 30, "seed": self.args.seed}
+
     def fork_children(self, shares):
         ctx = multiprocessing.get_context("fork")
-        cfg = {"port": self.server.client, "poll_timeout": self.args.poll_timeout,
-               "server_poll_timeout": 30, "seed": self.args.seed}
+        target, cfg = self.child_config()
         for share in shares:
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=subscriber_child, args=(theirs, cfg, share), daemon=True)
+            proc = ctx.Process(target=target, args=(theirs, cfg, share), daemon=True)
             proc.start()
             theirs.close()
             self.children.append((proc, ours))
@@ -671,7 +682,16 @@ class Chaos:
             t.cancel()
         await asyncio.wait_for(killer, 15)
         self.publish_end = time.monotonic()
-        # Drain: at least --drain-min seconds, then until deliveries stop growing for 2 s.
+        await self.drain()
+        self.final_stats = await get_stats(self.server.app)
+        await self.collect(results)
+        self.analysis = analyse(self)
+        self.buffered = await self.buffered_of_lost()
+
+    async def drain(self):
+        """At least --drain-min seconds after publish_end, then until deliveries stop
+        growing for 2 s (--drain-max at the most)."""
+        a = self.args
         last, stable_since = -1, time.monotonic()
         while time.monotonic() - self.publish_end < a.drain_max:
             now = time.monotonic()
@@ -682,15 +702,16 @@ class Chaos:
                 break
             await asyncio.sleep(0.25)
         self.drain_s = time.monotonic() - self.publish_end
-        self.final_stats = await get_stats(self.server.app)
+
+    async def collect(self, results):
+        """Tells the subscriber children to stop; self.results: what they report."""
         for _, conn in self.children:
             conn.send("stop")
         await self.wait_until(lambda: len(results) == len(self.children), 60, "subscriber results")
+        loop = asyncio.get_running_loop()
         for _, conn in self.children:
             loop.remove_reader(conn.fileno())
         self.results = [results[c] for c in range(len(self.children))]
-        self.analysis = analyse(self)
-        self.buffered = await self.buffered_of_lost()
 
     def on_child(self, c, conn, results):
         try:
@@ -1020,54 +1041,18 @@ async def ws_read_frame(reader):
     return b0 & 0x0F, await reader.readexactly(n) if n else b""
 
 
-class ClusterSubscribers:
+class ClusterSubscribers(SubscriberGroup):
     """members: [(number, id, kind "lp"|"ws")].  Each keeps its cursor and epoch as the
     README says (another epoch: the cursor is 0 before the answer's messages are taken),
     moves to another node every --move-every seconds or so, and at once when its node fails
     it.  Same pipe protocol as SubscriberGroup."""
 
     def __init__(self, conn, cfg, members):
-        self.conn = conn
-        self.cfg = cfg
-        self.members = members
-        self.first = [0.0] * len(members)
-        self.got = [[] for _ in members]          # (epoch, seq, data, receive time)
-        self.counts = collections.Counter()
-        self.deliveries = 0
-        self.connected = 0
+        super().__init__(conn, cfg, members)      # got: (epoch, seq, data, receive time)
         self.rng = random.Random(cfg["seed"] * 7919 + os.getpid())
 
-    def run(self):
-        asyncio.run(self.main())
-
-    async def main(self):
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-
-        def on_command():
-            try:
-                if self.conn.recv() == "stop":
-                    stop.set()
-            except (EOFError, OSError):
-                stop.set()
-        loop.add_reader(self.conn.fileno(), on_command)
-        tasks = [asyncio.create_task(self.websocket(j) if kind == "ws" else self.longpoll(j))
-                 for j, (_, _, kind) in enumerate(self.members)]
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
-            self.conn.send(("progress", {"polling": sum(1 for t in self.first if t),
-                                         "connected": self.connected,
-                                         "deliveries": self.deliveries}))
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        loop.remove_reader(self.conn.fileno())
-        self.conn.send(("result", {"members": [(m[0], self.first[j], self.got[j])
-                                               for j, m in enumerate(self.members)],
-                                   "counts": dict(self.counts), "deliveries": self.deliveries}))
+    def member_task(self, j):
+        return self.websocket(j) if self.members[j][2] == "ws" else self.longpoll(j)
 
     def next_node(self, at):
         ports = self.cfg["ports"]
@@ -1225,7 +1210,7 @@ def cluster_subscriber_child(conn, cfg, members):
     ClusterSubscribers(conn, cfg, members).run()
 
 
-class ClusterPublisher:
+class ClusterPublisher(Publisher):
     """Publishes unique tokens (each its own Idempotency-Key) to its ids, one request at a
     time: a single POST per message ("s"), or NDJSON batches whose lines carry ``key``
     ("b").  A 503, or no answer, is retried with the same keys (for RETRY_FOR seconds), on
@@ -1233,45 +1218,12 @@ class ClusterPublisher:
     (a batch line: its request answered, the line not among its errors)."""
 
     def __init__(self, kind, number, ports, ids, rate, per_request, ledger, rng, stop):
-        self.kind, self.number, self.ports, self.ids = kind, number, ports, ids
-        self.interval = per_request / rate
-        self.per_request = per_request
-        self.ledger, self.rng, self.stop = ledger, rng, stop
+        super().__init__(kind, number, None, ids, rate, per_request, ledger, rng, stop)
+        self.ports = ports
         self.at = number % len(ports)
-        self.counter = 0
-        self.reader = self.writer = None
 
-    def new_tokens(self, n):
-        out = []
-        now = time.monotonic()
-        for _ in range(n):
-            self.counter += 1
-            token = "%s%d.%d" % (self.kind, self.number, self.counter)
-            ident = self.rng.choice(self.ids)
-            self.ledger.add(token, ident, self.kind, self.number, self.counter, now)
-            out.append((token, ident))
-        return out
-
-    async def run(self):
-        next_at = time.monotonic()
-        try:
-            while not self.stop.is_set():
-                now = time.monotonic()
-                if next_at > now:
-                    try:
-                        await asyncio.wait_for(self.stop.wait(), next_at - now)
-                        break
-                    except asyncio.TimeoutError:
-                        pass
-                next_at = max(next_at + self.interval, time.monotonic() - 1.0)
-                await self.send(self.new_tokens(self.per_request))
-        finally:
-            self.drop()
-
-    def drop(self):
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
+    async def publish(self):
+        await self.send(self.tokens(self.per_request))
 
     async def request(self, raw):
         """(status, body) of one request on the publisher's connection; None on failure."""
@@ -1423,25 +1375,13 @@ class ClusterChaos(Chaos):
             self.start_node()
         self.setup_started = t
 
-    def fork_children(self, shares):
-        ctx = multiprocessing.get_context("fork")
-        cfg = {"ports": [c for c, _ in self.ports], "seed": self.args.seed,
-               "move_every": self.args.move_every}
-        for share in shares:
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=cluster_subscriber_child, args=(theirs, cfg, share),
-                               daemon=True)
-            proc.start()
-            theirs.close()
-            self.children.append((proc, ours))
+    def child_config(self):
+        return cluster_subscriber_child, {"ports": [c for c, _ in self.ports],
+                                          "seed": self.args.seed,
+                                          "move_every": self.args.move_every}
 
     def stop(self):
-        for proc, conn in self.children:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5)
-            conn.close()
-        self.children = []
+        self.stop_children()
         for tree in self.trees:
             tree.stop()
         if self.redis is not None:
@@ -1487,24 +1427,9 @@ class ClusterChaos(Chaos):
         await asyncio.wait_for(killer, 90)
         await self.recover()
         self.publish_end = time.monotonic()
-        last, stable_since = -1, time.monotonic()
-        while time.monotonic() - self.publish_end < a.drain_max:
-            now = time.monotonic()
-            d = self.total("deliveries")
-            if d != last:
-                last, stable_since = d, now
-            elif now - stable_since >= 2.0 and now - self.publish_end >= a.drain_min:
-                break
-            await asyncio.sleep(0.25)
-        self.drain_s = time.monotonic() - self.publish_end
+        await self.drain()
         self.final_stats = [await get_stats(tree.app) for tree in self.nodes]
-        for _, conn in self.children:
-            conn.send("stop")
-        await self.wait_until(lambda: len(results) == len(self.children), 60,
-                              "subscriber results")
-        for _, conn in self.children:
-            loop.remove_reader(conn.fileno())
-        self.results = [results[c] for c in range(len(self.children))]
+        await self.collect(results)
         self.kept = await asyncio.to_thread(self.streams)
 
     async def killer(self, until):
