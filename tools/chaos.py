@@ -1756,8 +1756,10 @@ def report_cluster(rec):
     return "\n".join(lines)
 
 
-def main_cluster(args):
-    chaos = ClusterChaos(args)
+def supervise(chaos, begin, conclude, clean_up):
+    """Run one chaos (either mode): SIGTERM and Ctrl-C stop it, and whatever happens its
+    children and servers are stopped.  ``begin`` starts the servers, ``conclude`` reports
+    and returns the exit status, ``clean_up(code)`` stops the servers."""
     me = os.getpid()
 
     def on_signal(signum, frame):
@@ -1767,9 +1769,39 @@ def main_cluster(args):
     code = 2
     try:
         shares = chaos.layout()
-        chaos.start()
+        begin()
         chaos.fork_children(shares)
         asyncio.run(chaos.run())
+        code = conclude()
+    except (KeyboardInterrupt, Interrupted) as e:
+        print("chaos: stopped (%s)" % (str(e) or "Ctrl-C"), file=sys.stderr)
+        code = 130
+    except RuntimeError as e:
+        print("chaos: %s" % e, file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)    # clean-up must not be cut short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        clean_up(code)
+    return code
+
+
+def write_json(path, rec):
+    if path:
+        with open(path, "w") as f:
+            json.dump(rec, f, indent=1)
+
+
+def keep_or_discard(args, code, what, tree):
+    if args.keep_log or code == 1:
+        print("chaos: %s log kept at %s" % (what, tree.log.name), file=sys.stderr)
+    else:
+        tree.discard_log()
+
+
+def main_cluster(args):
+    chaos = ClusterChaos(args)
+
+    def conclude():
         rec = summarise_cluster(chaos)
         logs = "".join(tree.log_text() for tree in chaos.trees)
         rec["server_log_tracebacks"] = logs.count("Traceback") + logs.count("internal error")
@@ -1784,25 +1816,15 @@ def main_cluster(args):
                            "kept": chaos.kept, "ledger": {
                                t: [m.ident, m.kind, m.pub, m.counter, m.sent, m.status, m.seq]
                                for t, m in chaos.ledger.messages.items()}}, f)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rec, f, indent=1)
-        code = 0 if rec["ok"] else 1
-    except (KeyboardInterrupt, Interrupted) as e:
-        print("chaos: stopped (%s)" % (str(e) or "Ctrl-C"), file=sys.stderr)
-        code = 130
-    except RuntimeError as e:
-        print("chaos: %s" % e, file=sys.stderr)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        write_json(args.json, rec)
+        return 0 if rec["ok"] else 1
+
+    def clean_up(code):
         chaos.stop()
         for tree in chaos.trees:
-            if args.keep_log or code == 1:
-                print("chaos: node log kept at %s" % tree.log.name, file=sys.stderr)
-            else:
-                tree.discard_log()
-    return code
+            keep_or_discard(args, code, "node", tree)
+
+    return supervise(chaos, chaos.start, conclude, clean_up)
 
 
 def parse_args(argv=None):
@@ -1893,43 +1915,26 @@ def main(argv=None):
     if args.cluster:
         return main_cluster(args)
     chaos = Chaos(args)
-    me = os.getpid()
 
-    def on_signal(signum, frame):
-        if os.getpid() == me:
-            raise Interrupted(signal.Signals(signum).name)
-    signal.signal(signal.SIGTERM, on_signal)
-    code = 2
-    try:
-        shares = chaos.layout()
+    def begin():
         chaos.server = ServerTree(args.workers, ["--max-queued", args.max_queued]).start()
         chaos.started = time.monotonic()
-        chaos.fork_children(shares)
-        asyncio.run(chaos.run())
+
+    def conclude():
         rec = summarise(chaos)
         log = chaos.server.log_text()
         rec["server_log_tracebacks"] = log.count("Traceback") + log.count("internal error")
         print(report(rec), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rec, f, indent=1)
-        code = 0 if rec["ok"] else 1
-    except (KeyboardInterrupt, Interrupted) as e:
-        print("chaos: stopped (%s)" % (str(e) or "Ctrl-C"), file=sys.stderr)
-        code = 130
-    except RuntimeError as e:
-        print("chaos: %s" % e, file=sys.stderr)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)    # clean-up must not be cut short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        write_json(args.json, rec)
+        return 0 if rec["ok"] else 1
+
+    def clean_up(code):
         chaos.stop_children()
         if chaos.server is not None:
             chaos.server.stop()
-            if args.keep_log or code == 1:
-                print("chaos: server log kept at %s" % chaos.server.log.name, file=sys.stderr)
-            else:
-                chaos.server.discard_log()
-    return code
+            keep_or_discard(args, code, "server", chaos.server)
+
+    return supervise(chaos, begin, conclude, clean_up)
 
 
 if __name__ == "__main__":
