@@ -437,22 +437,22 @@ class Redis:
     def discover(self):
         """Ask a seed what it is: a Redis Cluster answers CLUSTER SLOTS with its slot map."""
         self.refreshing = True
-        target = self.targets[self.seed % len(self.targets)]
-        self.seed += 1
-        self.link((target.host, target.port)).call(self._discovered, "CLUSTER", "SLOTS")
+        self.next_seed().call(self._discovered, "CLUSTER", "SLOTS")
 
     def refresh_slots(self):
-        """Ask for the slot map again (after MOVED, a lost master, and now and then)."""
+        """Ask for the slot map again (after MOVED, a lost master, and now and then): of a
+        server that answers now, else of the next seed."""
         if self.refreshing:
             return
         self.refreshing = True
         links = [link for link in self.links.values() if link.state == Link.UP]
-        if links:
-            random.choice(links).call(self._discovered, "CLUSTER", "SLOTS")
-        else:
-            target = self.targets[self.seed % len(self.targets)]
-            self.seed += 1
-            self.link((target.host, target.port)).call(self._discovered, "CLUSTER", "SLOTS")
+        link = random.choice(links) if links else self.next_seed()
+        link.call(self._discovered, "CLUSTER", "SLOTS")
+
+    def next_seed(self):
+        target = self.targets[self.seed % len(self.targets)]
+        self.seed += 1
+        return self.link((target.host, target.port))
 
     def _discovered(self, reply):
         self.refreshing = False
