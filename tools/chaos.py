@@ -1072,6 +1072,16 @@ class ClusterSubscribers(SubscriberGroup):
             self.counts["connect " + error_name(e)] += 1
         return None
 
+    async def connect(self, at):
+        """(node index, reader, writer): node ``at``, or the next that accepts."""
+        while True:
+            conn = await self.open(self.cfg["ports"][at])
+            if conn is not None:
+                self.connected += 1
+                return (at, *conn)
+            at = self.next_node(at)
+            await asyncio.sleep(self.rng.uniform(0.02, 0.1))
+
     def take(self, j, state, epoch, messages):
         """Rule 3 of the README's epochs; then the messages, in the epoch they count in."""
         if epoch and epoch != state["epoch"]:
@@ -1091,13 +1101,7 @@ class ClusterSubscribers(SubscriberGroup):
         at = j % len(self.cfg["ports"])
         timeout = CLUSTER_POLL_TIMEOUT
         while True:
-            conn = await self.open(self.cfg["ports"][at])
-            if conn is None:
-                at = self.next_node(at)
-                await asyncio.sleep(self.rng.uniform(0.02, 0.1))
-                continue
-            reader, writer = conn
-            self.connected += 1
+            at, reader, writer = await self.connect(at)
             leave_at = self.move_at()
             try:
                 while True:
@@ -1146,14 +1150,8 @@ class ClusterSubscribers(SubscriberGroup):
         at = j % len(self.cfg["ports"])
         quiet = CLUSTER_HEARTBEAT * 3 + 5        # the server pings every CLUSTER_HEARTBEAT s
         while True:
+            at, reader, writer = await self.connect(at)
             port = self.cfg["ports"][at]
-            conn = await self.open(port)
-            if conn is None:
-                at = self.next_node(at)
-                await asyncio.sleep(self.rng.uniform(0.02, 0.1))
-                continue
-            reader, writer = conn
-            self.connected += 1
             leave_at = self.move_at()
             try:
                 path = "/ws/%s?since=%d" % (ident, state["since"])
