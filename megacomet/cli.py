@@ -73,6 +73,7 @@ MIN_HEARTBEAT, MAX_HEARTBEAT = 0.5, 3600.0
 MIN_WORKER_TIMEOUT = SUPERVISE_INTERVAL   # the supervisor checks no more often than that
 LOG_RECORD_ROOM = 64           # a message log record's header (shmqueue.REC_HEADER), with room
 RING_RECORD_ROOM = 256         # a worker-to-worker record's header and id (wire.MAX_ID_LENGTH)
+DEFAULT_POLL_TIMEOUT = 30
 BANNER_FDS_BESIDES = 32        # the banner's estimate of a worker's fds that are not connections
 
 # Machines whose stores other cores see in program order (TSO), as shmqueue's rings need: a
@@ -101,8 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--app-port", type=int, default=9000,
                    help="app port: HTTP publish API, /stats, /metrics, /health and the binary "
                         "protocol (default %(default)s; 0 picks a free one)")
-    p.add_argument("--max-ids", type=int, default=1_000_000,
-                   help="ids the shared table holds at once (default %(default)s)")
+    p.add_argument("--max-ids", type=int, default=shmqueue.DEFAULT_MAX_IDS,
+                   help="ids the shared table holds at once; subscribers alone may create "
+                        "ids in 3/4 of it (default %(default)s)")
     p.add_argument("--shm-mb", type=int, default=128,
                    help="MiB of shared memory for buffered messages (default %(default)s)")
     p.add_argument("--ring-kb", type=int, default=256,
@@ -112,9 +114,9 @@ def parse_args(argv=None):
                    help="messages buffered per id; older ones are dropped (default %(default)s)")
     p.add_argument("--queue-ttl", type=float, default=60.0,
                    help="seconds a buffered message lives (default %(default)s)")
-    p.add_argument("--poll-timeout", type=int, default=30,
+    p.add_argument("--poll-timeout", type=int, default=DEFAULT_POLL_TIMEOUT,
                    help="seconds a long-poll is held without news (default %(default)s; "
-                        "?timeout= may ask for 1..120)")
+                        "?timeout= may ask for 1..120, or up to this if longer)")
     p.add_argument("--compat-ports", action="store_true",
                    help="also serve subscribers on --port+1 .. --port+WORKERS-1, as the original "
                         "MegaComet did (its pages connect to port + hash(id) %% workers)")
@@ -361,13 +363,18 @@ def check_main(argv):
                    help="connections to hold (default %(default)s)")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="worker processes (default: CPU count, %(default)s here)")
+    p.add_argument("--max-ids", type=int, default=shmqueue.DEFAULT_MAX_IDS,
+                   help="the --max-ids the server will run with (default %(default)s)")
+    p.add_argument("--poll-timeout", type=int, default=DEFAULT_POLL_TIMEOUT,
+                   help="the --poll-timeout the server will run with (default %(default)s)")
     p.add_argument("--redis", action="append", default=[], metavar="URL",
                    help="also check this Redis for cluster mode: reachable, its version, and "
                         "maxmemory-policy noeviction (repeatable)")
     args = p.parse_args(argv)
     if args.connections < 1 or not 1 <= args.workers <= shmqueue.MAX_WORKERS:
         p.error("--connections must be positive and --workers 1..%d" % shmqueue.MAX_WORKERS)
-    status = hostcheck.report(args.connections, args.workers)
+    status = hostcheck.report(args.connections, args.workers, max_ids=args.max_ids,
+                              poll_timeout=args.poll_timeout)
     if args.redis:
         try:
             from . import redislink

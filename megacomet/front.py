@@ -23,6 +23,7 @@ from .httpconn import CLIENT_INBUF_LIMIT
 from .worker import HELD, PENDING, READING
 
 MAX_IDS = 16                     # ids in one subscription (a page: a user channel and rooms)
+MAX_ASKED_TIMEOUT = 120          # ?timeout= may ask up to this, or up to --poll-timeout if longer
 PREFLIGHT = (b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
              b"Access-Control-Allow-Headers: Content-Type, Cache-Control, Last-Event-ID\r\n"
              b"Access-Control-Max-Age: 86400\r\n")
@@ -93,7 +94,8 @@ class FrontDoor:
             if stream or req.websocket_key is not None:
                 seconds = self.w.cfg.heartbeat        # a stream's deadline is its next ping
             else:
-                seconds = int_param(query, "timeout", self.w.cfg.poll_timeout, 1, 120)
+                longest = self.w.cfg.poll_timeout
+                seconds = int_param(query, "timeout", longest, 1, max(MAX_ASKED_TIMEOUT, longest))
             if expires is not None:                   # ... or the signature's expiry
                 seconds = max(0.0, min(seconds, expires - time.time()))
             if req.websocket_key is not None:

@@ -10,9 +10,15 @@ import math
 import os
 import resource
 
+from . import shmqueue
+
 KERNEL_BYTES_PER_CONNECTION = 4608     # socket, inode, buffers of an idle TCP connection
 SERVER_BYTES_PER_CONNECTION = 512      # worker's share, with room (about 230 B measured)
 FDS_PER_WORKER_BESIDES = 64 + 32       # the app port's reserve, listeners, eventfds, pipes
+# CPU of one long-poll answered at its timeout and polled again: about what a delivery costs
+# (56-69 us per delivery in tools/scale.py here, at every size up to 1 000 000).
+REPOLL_CPU_US = 65
+REPOLL_CORE_SHARE = 0.25   # of the host's cores, at most, for re-polls of idle long-polls
 
 
 def read_proc(path):
@@ -34,7 +40,7 @@ def mem_available():
     return None
 
 
-def checks(connections, workers):
+def checks(connections, workers, max_ids=shmqueue.DEFAULT_MAX_IDS, poll_timeout=30):
     """(name, what it is now, what is needed, ok, fix) for each limit; ok None: advice only."""
     per_worker = math.ceil(connections / workers) + FDS_PER_WORKER_BESIDES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -81,6 +87,23 @@ def checks(connections, workers):
     if available is not None:
         rows.append(("free memory (MemAvailable, bytes)", available, need, available >= need,
                      "more memory, or fewer connections per host"))
+    # Subscribers alone may fill 3/4 of the shared id table (publishers keep the rest), so
+    # that many connections each on an id of its own need a larger table than the default.
+    need = shmqueue.max_ids_for(connections, workers)
+    rows.append(("--max-ids (server flag; if every connection subscribes to an id of its "
+                 "own: subscribers may create ids in 3/4 of the table)", max_ids, need,
+                 max_ids >= need, "start the server with --max-ids %d" % need))
+    # Every idle long-poll is answered at --poll-timeout and polls again: with many held,
+    # that alone can keep the cores busy (1 000 000 at 30 s: 33 000 re-polls a second).
+    cores = os.cpu_count() or 1
+    repoll_cores = connections / poll_timeout * REPOLL_CPU_US / 1e6
+    longest = math.ceil(connections * REPOLL_CPU_US / 1e6 / (cores * REPOLL_CORE_SHARE))
+    rows.append(("cores kept busy by re-polls of idle long-polls at --poll-timeout %d "
+                 "(connections / timeout a second, about %d us of CPU each; %d cores here)"
+                 % (poll_timeout, REPOLL_CPU_US, cores),
+                 round(repoll_cores, 2), "at most %g" % (cores * REPOLL_CORE_SHARE),
+                 repoll_cores <= cores * REPOLL_CORE_SHARE,
+                 "start the server with --poll-timeout %d or more (or more cores)" % longest))
     migrate = read_proc("/proc/sys/net/ipv4/tcp_migrate_req")
     if migrate is not None:
         rows.append(("net.ipv4.tcp_migrate_req (advice: a restarted or reloaded worker's "
@@ -89,8 +112,8 @@ def checks(connections, workers):
     return rows
 
 
-def report(connections, workers, out=print):
-    rows = checks(connections, workers)
+def report(connections, workers, out=print, max_ids=shmqueue.DEFAULT_MAX_IDS, poll_timeout=30):
+    rows = checks(connections, workers, max_ids, poll_timeout)
     out("megacomet check: %d connections over %d workers" % (connections, workers))
     failing = 0
     for name, have, need, ok, fix in rows:

@@ -44,6 +44,7 @@ import struct
 import time
 
 MAX_WORKERS = 64
+DEFAULT_MAX_IDS = 1_000_000      # --max-ids
 # What Partition.store says of a message it did not cache (cluster mode).
 STALE, REPEAT, GAP = "stale", "repeat", "gap"
 EMPTY = 0          # key of a free slot; also the log's wrap marker
@@ -107,6 +108,27 @@ class TableFull(Exception):
     """The home partition has no room for one more id."""
 
 
+def partition_slots(workers, max_ids):
+    """(id slots of each partition, how many of them ids that only subscribers created may
+    fill) for --max-ids over that many workers."""
+    # Ids spread over partitions by hash: leave room for the unevenness.
+    per_part = max_ids / workers
+    slots = int(per_part + 4 * per_part ** 0.5) + 16
+    # The rest is kept for publishers, so that polls on made-up ids cannot lock publishing out.
+    return slots, slots - max(1, slots // 4)
+
+
+def max_ids_for(subscribed_ids, workers, step=10_000):
+    """The smallest --max-ids (a multiple of step) whose table lets subscribers alone create
+    that many ids over that many workers, with room for the ids' uneven spread by hash."""
+    per_part = subscribed_ids / workers
+    need = per_part + 4 * per_part ** 0.5
+    max_ids = max(step, -(-subscribed_ids // step) * step)
+    while partition_slots(workers, max_ids)[1] < need:
+        max_ids += step
+    return max_ids
+
+
 class Layout:
     """Where everything lives in the region, computed the same way in every process."""
 
@@ -118,9 +140,7 @@ class Layout:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be 1..{MAX_WORKERS}")
         self.workers = workers
-        # Ids spread over partitions by hash: leave room for the unevenness.
-        per_part = max_ids / workers
-        self.slots = int(per_part + 4 * per_part ** 0.5) + 16
+        self.slots, self.subscriber_slots = partition_slots(workers, max_ids)
         self.index_cells = int(self.slots / self.INDEX_LOAD) + 1
         self.log_size = max(4096, _align(log_bytes // workers, 8))
         self.ring_size = max(4096, 1 << (max(ring_bytes, 4096) - 1).bit_length())
@@ -325,9 +345,7 @@ class Partition:
         self.max_queued = region.max_queued
         self.expired = 0      # counted by this process since it started
         self.dropped = 0
-        # Ids that only subscribers created may fill this many slots: the rest is kept for
-        # publishers, so that polls on made-up ids cannot lock publishing out.
-        self.sub_limit = n - max(1, n // 4)
+        self.sub_limit = lay.subscriber_slots
         self.local_epochs = True   # False in cluster mode: Redis gives ids their epochs
 
     # -- the table ---------------------------------------------------------

@@ -192,6 +192,16 @@ def test_a_polls_timeout_is_its_deadline_within_1_and_120_s(w, query, timeout):
     assert w.deadline[FD] == w._tick_of(w.now + timeout)
 
 
+@pytest.mark.parametrize("query, timeout", [("", 600), ("?timeout=300", 300),
+                                            ("?timeout=1000", 600)])
+def test_with_a_longer_poll_timeout_a_poll_may_ask_up_to_it(query, timeout):
+    # A host holding a million polls raises --poll-timeout so that their re-polls do not
+    # fill its cores; the clients it serves must be able to ask for that long.
+    w = workers(1, poll_timeout=600)[0]
+    get(w, "/sub/news" + query)
+    assert w.deadline[FD] == w._tick_of(w.now + timeout)
+
+
 # -- signed subscriptions ------------------------------------------------------------------
 
 SECRET = b"s3cret"

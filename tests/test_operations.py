@@ -63,6 +63,24 @@ def test_check_passes_for_what_this_host_holds_and_names_the_fix_otherwise():
         assert name in big.stdout, name
 
 
+def test_check_names_the_max_ids_and_poll_timeout_a_million_polls_need():
+    # Both stopped the first million-connection run: "id table full" at ~780 000, then the
+    # re-polls of a 30 s (then 120 s) timeout filling both cores.
+    default = run_check("--connections", "1000000", "--workers", "64")
+    assert "FIX  --max-ids" in default.stdout
+    assert "start the server with --max-ids 1340000" in default.stdout
+    # At 30 s each of N polls comes back N/30 times a second: more than a quarter of any
+    # host's cores once N is 200 000 per core.
+    many = str(200000 * os.cpu_count())
+    default = run_check("--connections", many, "--workers", "64")
+    assert "FIX  cores kept busy by re-polls of idle long-polls at --poll-timeout 30 " \
+        in default.stdout
+    raised = run_check("--connections", many, "--workers", "64", "--poll-timeout", "3600")
+    assert "ok   cores kept busy" in raised.stdout
+    assert "ok   --max-ids" in run_check("--connections", "1000000", "--workers", "64",
+                                         "--max-ids", "1340000").stdout
+
+
 # -- graceful reload -----------------------------------------------------------------
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))

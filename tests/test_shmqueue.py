@@ -636,6 +636,26 @@ def test_new_ids_from_subscribers_leave_a_quarter_of_the_table_to_publishers():
     assert p.subscribe(p.nslots, 1, 0, 0) == (1, [(1, b"m")])  # and their ids can be followed
 
 
+@pytest.mark.parametrize("workers", [1, 4])
+def test_max_ids_for_n_lets_subscribers_alone_create_n_ids_over_the_workers(workers):
+    # What `megacomet.py check --connections N` and tools/scale.py ask for: N connections,
+    # each on an id of its own, must not meet "id table full" (as 1 000 000 did with the
+    # default 1 000 000, whose subscribers' share is 3/4).
+    n = 6000
+
+    def subscribe_all(max_ids):
+        region = SharedRegion(workers, max_ids, 1 << 16, 4096, 1000, 8)
+        parts = [region.partition(w) for w in range(workers)]
+        for k in range(n):
+            key = id_key(b"user-%d" % k)
+            parts[region.home(key)].subscribe(key, 1, 0, 0)
+
+    with pytest.raises(TableFull):
+        subscribe_all(n)
+    subscribe_all(sq.max_ids_for(n, workers))
+    assert sq.max_ids_for(n, workers) % 10000 == 0
+
+
 def test_compat_untake_gives_back_only_the_last_message_taken():
     region = SharedRegion(1, 100, 1 << 16, 4096, 1000, 8)
     p = region.partition(0)
