@@ -57,7 +57,8 @@ _REC = struct.Struct("<qqIII")
 REC_HEADER = _REC.size
 _RING_LEN = _U32
 _RING_WRAP = 0xFFFFFFFF
-_RING_REWIND = 16384      # an empty ring whose tail is at least this far in starts again at 0
+_RING_REWIND = 4096       # an empty ring whose tail is at least this far in starts again at 0
+_RING_KEEP = 8192         # what a rewinding ring keeps resident; it gives back the pages past it
 
 # Per-worker stats block (all u64).  The first fields say who runs the worker: pid (the
 # supervisor zeroes it when the worker dies), when it started, when its loop last turned
@@ -185,7 +186,8 @@ class SharedRegion:
         return Partition(self, w)
 
     def ring(self, src, dst):
-        return Ring(self.view, self.layout.ring_offsets[src, dst], self.layout.ring_size)
+        return Ring(self.view, self.layout.ring_offsets[src, dst], self.layout.ring_size,
+                    self.mm)
 
     def home(self, key):
         return key % self.layout.workers
@@ -238,15 +240,23 @@ class Ring:
 
     Positions are absolute u64 byte counts; the physical place is pos mod size.
     A record never straddles the end: a wrap marker sends the reader to 0.
+
+    Every page of the shared region a ring ever touched would stay resident (in the PSS of
+    every worker), and with W workers there are W * W rings: 4 096 of 256 KiB at 64. So an
+    empty ring starts again at 0, and when it does after a burst took it further, its
+    producer gives the pages past _RING_KEEP back to the kernel (``mm``: the region's mmap).
     """
 
-    __slots__ = ("_pos", "_data", "size", "_mask")
+    __slots__ = ("_pos", "_data", "size", "_mask", "_mm", "_start", "_high")
 
-    def __init__(self, view, offset, size):
+    def __init__(self, view, offset, size, mm=None):
         self._pos = view[offset:offset + 2 * _CACHE_LINE].cast("Q")   # [0]=head, [8]=tail
         self._data = view[offset + 2 * _CACHE_LINE:offset + 2 * _CACHE_LINE + size]
         self.size = size
         self._mask = size - 1
+        self._mm = mm
+        self._start = offset + 2 * _CACHE_LINE      # of the data, in mm
+        self._high = 0       # producer: the furthest byte written since pages were given back
 
     def push(self, payload) -> bool:
         """Append one record; False when it does not fit now (back-pressure)."""
@@ -265,6 +275,8 @@ class Ring:
             # Until the consumer reads the wrap marker, the room is the phys bytes before it:
             # a record that would not fit there goes where it is, as before.
             pad = room_to_end
+            if self._high > _RING_KEEP:
+                self._give_back(phys)
         else:
             pad = 0
         if tail + pad + need - self._pos[0] > self.size:
@@ -276,8 +288,27 @@ class Ring:
             phys = 0
         _RING_LEN.pack_into(data, phys, len(payload))
         data[phys + 4:phys + 4 + len(payload)] = payload
+        if phys + need > self._high:
+            self._high = phys + need
         self._pos[8] = tail + need          # publish: the record is visible from here on
         return True
+
+    def _give_back(self, marker):
+        """The ring is empty and about to start again at 0: free the pages past _RING_KEEP
+        that the last burst touched, but the one the wrap marker at ``marker`` goes on.
+        The consumer reads nothing there until the producer writes it again (a freed page
+        reads as zeros, and is written before the tail moves past it)."""
+        page = mmap.PAGESIZE
+        first = (self._start + _RING_KEEP + page - 1) // page * page
+        end = (self._start + self._high + page - 1) // page * page
+        kept = (self._start + marker) // page * page
+        self._high = 0
+        try:
+            for lo, hi in ((first, min(kept, end)), (max(first, kept + page), end)):
+                if hi > lo:
+                    self._mm.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+        except (AttributeError, OSError, ValueError):
+            self._mm = None      # no mmap, or a kernel without MADV_REMOVE: keep the pages
 
     def pop(self):
         """The next record's bytes, or None; the caller must ``commit`` after handling it."""
