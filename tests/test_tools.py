@@ -131,3 +131,12 @@ def test_scale_small_size(tmp_path):
     assert cells[0] == "1500" and cells[-1] == "0", row
     phases = doc["records"][0]["phases"]
     assert phases["hold"]["opened"] == 1500 and phases["deliver_batch"]["delivered"] == 1500
+    assert doc["records"][0]["workers"] == 2
+
+
+def test_scale_auto_workers_keep_each_under_its_open_files():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import scale
+    assert [scale.workers_for(n, "auto") for n in (10000, 128000, 129000, 300000, 1000000)] \
+        == [8, 8, 16, 24, 64]
+    assert scale.workers_for(1000000, "16") == 16

@@ -25,7 +25,9 @@ script runs included) per publish; Redis memory is the masters' used_memory.
                        Redis commands and memory per buffered message (an id's
                        first message and the later ones apart); a sample read on B
   cluster-deliver      one message to each of N subscribers, each on its own id:
-                       publishes/s, latency, CPU per delivery (nodes, Redis)
+                       publishes/s, latency, CPU per delivery (nodes, Redis); then
+                       again paced at 1 000/s, one request deep (latency without
+                       the publisher's own queues)
   cluster-fanout       one publish to N subscribers of one id
   cluster-resubscribe  MegaComet only (Nchan has no such hook): B holds 100 000 ids
                        (16 per WebSocket; the nodes' CPU while they sit idle), Redis
@@ -100,6 +102,9 @@ CLUSTER_MODES = {"cluster-queue": ("queue", "poll"), "cluster-deliver": ("delive
 # How the cluster modes publish, the same for every server: single POSTs, 4 keep-alive
 # connections of 64 in flight each.
 CLUSTER_PUBLISH = ["--publish", "single", "--pub-conns", "4", "--pipeline", "64"]
+# cluster-deliver also publishes at this rate (messages/s, one request deep on the same 4
+# connections), below what any server here accepts: latency without the publisher's queues.
+CLUSTER_PACED = 1000
 NOT_RUN = {("nchan", "cluster-resubscribe"): "Nchan has no equivalent hook to time"}
 # How the deliver modes' single publishes are sent, the same for every server; a round per
 # shape (--publish-shape): name -> (keep-alive connections, requests in flight on each).
@@ -171,8 +176,9 @@ class Server:
     With ``redis`` (a list of URLs) it is a node of a cluster (Deployment): MegaComet gets
     --redis for each URL, Nchan an upstream of them that its locations pass to."""
 
-    def __init__(self, name, workdir, workers, redis=()):
+    def __init__(self, name, workdir, workers, redis=(), flags=()):
         self.name = name
+        self.flags = list(flags)          # more megacomet.py flags (scale: --max-ids)
         self.workdir = workdir
         self.workers = workers
         self.redis = list(redis)
@@ -190,7 +196,8 @@ class Server:
                   "--max-queued", str(QUEUED), "--queue-ttl", str(TTL)]
         if self.name == "megacomet":
             return ([py, os.path.join(ROOT, "megacomet.py"), "--workers", str(self.workers)]
-                    + common + [a for url in self.redis for a in ("--redis", url)])
+                    + common + [a for url in self.redis for a in ("--redis", url)]
+                    + self.flags)
         if self.name == "aiohttp":
             return [py, PEER] + common
         if self.name == "nchan":
@@ -465,6 +472,8 @@ def megatest_args(server, mode, size, duration, shapes=tuple(PUBLISH_SHAPES)):
         a += ["--ids-per-conn", str(size["k"]), "--hold", str(size["hold"]), "--stall", "30"]
     if cluster:
         a += CLUSTER_PUBLISH
+        if mode == "deliver":
+            a += ["--paced", str(CLUSTER_PACED)]
     elif mode == "deliver":
         methods = {"megacomet": "batch,binary,single", "aiohttp": "batch,single",
                    "nchan": "single"}[server.name]
@@ -669,7 +678,8 @@ for _t in ("sse", "ws"):
     ROWS += hold_rows("hold-" + _t) + deliver_rows("deliver-" + _t) + fanout_rows("fanout-" + _t)
 _WHERE = ("same", "cross")
 ROWS += (queue_rows("cluster-queue")
-         + deliver_rows("cluster-deliver", [(w, "deliver_single_" + w) for w in _WHERE])
+         + deliver_rows("cluster-deliver", [(w, "deliver_single_" + w) for w in _WHERE]
+                        + [("%s paced" % w, "deliver_single_%s_paced" % w) for w in _WHERE])
          + fanout_rows("cluster-fanout", [(w, "fanout_" + w) for w in _WHERE])
          + resubscribe_rows("cluster-resubscribe"))
 

@@ -248,6 +248,7 @@ class Publisher:
         self.http = HttpConn(host, port, timeout=60)
         self.bin = None
         self.done = 0          # messages handed to the server so far (progress)
+        self.rate = 0.0        # single: messages/s on this connection (0: as fast as it goes)
         self.refused = []      # single: ids answered 503 (cluster mode: Redis did not confirm)
 
     def close(self):
@@ -308,7 +309,12 @@ class Publisher:
         ok = 0
         errors = collections.Counter()
         window = self.window
+        start = time.monotonic()
         for i in range(0, len(ids), window):
+            if self.rate:            # paced: window i is sent no earlier than i/rate s in
+                delay = start + i / self.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
             t = stamp or MONO()
             part = ids[i:i + window]
             reqs = [HttpConn.build("POST", "/pub/" + x, ("%d|%d|%s" % (rnd, t, x)).encode())
@@ -1345,6 +1351,7 @@ class Coordinator:
         self.pub_port = args.publish_to[0][1]   # where publish() sends (--publish-to)
         # How publish() sends: connections and requests in flight on each (--publish-shape).
         self.pub_conns, self.pipeline = args.pub_conns, args.pipeline
+        self.pub_rate = 0.0
         self.refused = []                       # ids answered 503 by the last publish()
         # Every node's app port (--app-port, --publish-to), for their Redis counters in /stats.
         self.node_ports = sorted({args.app_port} | {port for _, port in args.publish_to})
@@ -1699,7 +1706,9 @@ class Coordinator:
         self.phase = "open"
         base_subs = self.totals(self.stats(), "subscribers") or 0
         t0 = time.monotonic()
-        self.command("open")
+        # Each child answers between its connects: with a million connects under way on 2
+        # cores, its answer may take more than the usual 15 s.
+        self.command("open", timeout=max(15.0, n / 20000))
         # Progress is an open, a retry or a failure; a retried connect may take
         # --connect-timeout before anything moves.
         tot_of = self.agg
@@ -1789,6 +1798,8 @@ class Coordinator:
             self.publishers.append(Publisher(self.args.host, self.pub_port,
                                              self.args.batch_size, self.pipeline))
         parts = [items[i * len(items) // k:(i + 1) * len(items) // k] for i in range(k)]
+        for p in self.publishers:
+            p.rate = self.pub_rate / k
         results = [None] * k
 
         def run(i):
@@ -1829,12 +1840,17 @@ class Coordinator:
         with publish() sending there meanwhile; ``shaped``: a round per --publish-shape too
         ("deliver_single_spread"), publish() using its connections and depth."""
         shapes = (self.args.publish_shape if shaped else []) or [("", None, None)]
+        if shaped and self.args.paced:
+            # The same connections one request deep, at a rate every server keeps up with:
+            # latency without the queues of publishing as fast as it goes.
+            shapes = shapes + [("paced", None, 1)]
         for where, port in self.args.publish_to:
             for shape, conns, depth in shapes:
                 self.close_publishers()
                 self.pub_port = port
                 self.pub_conns = conns or self.args.pub_conns
                 self.pipeline = depth or self.args.pipeline
+                self.pub_rate = self.args.paced if shape == "paced" else 0.0
                 yield name + ("_" + where if where else "") + ("_" + shape if shape else "")
 
     def close_publishers(self):
@@ -2205,7 +2221,8 @@ class Coordinator:
             self.close_publishers()
             try:
                 if self.children:
-                    self.command("close", timeout=10)
+                    # Closing is the kernel's work on both ends: about 20 000/s here.
+                    self.command("close", timeout=max(10.0, self.args.connections / 20000))
             except Stopped:
                 pass
             self.shutdown()
@@ -2290,6 +2307,11 @@ def parse_args(argv=None):
                    help="deliver: a single-publish round per shape (repeatable), named "
                         "deliver_single_NAME, over CONNS connections DEPTH requests deep "
                         "each, e.g. spread=8x16 (instead of --pub-conns and --pipeline)")
+    p.add_argument("--paced", type=float, default=0.0, metavar="RATE",
+                   help="deliver: one more single-publish round per target, named "
+                        "deliver_single_..._paced, at RATE messages/s in all over the same "
+                        "connections, one request deep (publish-to-receive latency without "
+                        "the publisher's queues)")
     p.add_argument("--procs", type=int, default=0, help="client processes (0: auto)")
     p.add_argument("--per-proc", type=int, default=15000,
                    help="connections per client process when --procs is auto")
@@ -2337,6 +2359,8 @@ def parse_args(argv=None):
         p.error("--publish-shape takes NAME=CONNSxDEPTH, e.g. spread=8x16")
     if any(c < 1 or d < 1 for _, c, d in args.publish_shape):
         p.error("--publish-shape: connections and depth must be positive")
+    if args.paced < 0 or any(n == "paced" for n, _, _ in args.publish_shape):
+        p.error("--paced takes a positive rate, and names its own round (no shape 'paced')")
     if args.publish is None:
         if args.proto == "nchan" or args.mode == "resubscribe":
             args.publish = "single"

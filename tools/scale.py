@@ -9,17 +9,22 @@ on another fresh server, the same again, and one message published to every
 one of them (batch API), each checked to arrive exactly once: CPU per
 delivery and the time until the last arrived.  It prints one table:
 
-    held  PSS B/conn  CPU us/conn  CPU us/delivery  time to all s  latency max ms
-    deliveries/s  not exactly once
+    held  workers  PSS B/conn  kernel slab B/conn  CPU us/conn  CPU us/delivery
+    time to all s  latency max ms  deliveries/s  not exactly once
 
     python tools/scale.py                                  # 10k, 50k, 150k, 300k; 16 workers
+    python tools/scale.py --sizes 10000,100000,300000,1000000 --workers auto
     python tools/scale.py --sizes 10000,50000 --workers 8 --json scale.json
 
 Flat columns are the goal: what one held connection or one delivery costs
-should not depend on how many others there are.  The full run needs about
-20 GB of free memory for 300 000 connections on both ends of loopback and
-takes a few minutes; it is a tool, not a test (tests/test_tools.py runs a
-small size once).
+should not depend on how many others there are.  The server gets the
+--max-ids its n ids need and --poll-timeout 600 (see POLL_TIMEOUT); with
+--workers auto each size gets the workers the 20 000 open files per process
+call for.  Loopback keeps both ends of every connection in one kernel: about
+10 KB of slab per connection, so 1 000 000 need about 10 GB besides the
+load generator's processes; run `python3 megacomet.py check --connections N
+--workers W` first and apply the sysctls it names.  It is a tool, not a test
+(tests/test_tools.py runs a small size once).
 """
 
 import argparse
@@ -31,9 +36,28 @@ import time
 
 import bench
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megacomet import shmqueue  # noqa: E402
+
 SIZES = (10000, 50000, 150000, 300000)
+# Seconds a poll is held without news.  Every held poll answered at its timeout polls again:
+# n / timeout re-polls a second, each costing about what a delivery does.  At 1 000 000
+# with the server's default 30 s that is 33 000/s, more than this 2-core box serves, and
+# the runs would measure the re-polls; a real deployment sets it by the same sum.
+POLL_TIMEOUT = 600
+PER_WORKER = 16000       # --workers auto: connections per worker at most
+
+
+def workers_for(n, workers):
+    """The --workers for n held connections: a number, or 'auto' (see PER_WORKER)."""
+    if workers != "auto":
+        return int(workers)
+    needed = -(-n // PER_WORKER)
+    return min(64, max(8, (needed + 7) // 8 * 8))
 COLUMNS = (("held", ("phases", "hold", "opened")),
+           ("workers", ("workers",)),
            ("PSS B/conn", ("phases", "hold", "pss_bytes_per_connection")),
+           ("kernel slab B/conn", ("phases", "hold", "kernel_slab_bytes_per_connection")),
            ("CPU us/conn", ("phases", "hold", "cpu_us_per_connection")),
            ("CPU us/delivery", ("phases", "deliver_batch", "cpu_us_per_delivery")),
            ("time to all s", ("phases", "deliver_batch", "span_s")),
@@ -42,17 +66,23 @@ COLUMNS = (("held", ("phases", "hold", "opened")),
            ("not exactly once", ("phases", "deliver_batch", "not_exactly_once")))
 
 
-def run_size(n, workers, workdir, duration, verbose):
+def run_size(n, workers, workdir, duration, verbose, poll_timeout=POLL_TIMEOUT):
     """Hold n long-polls (memory, CPU per connection), then, on a fresh server, n again and
     one message to each (CPU per delivery, time to all): one record with both phases."""
-    record = {"phases": {}, "problems": []}
+    record = {"phases": {}, "problems": [], "workers": workers}
     for mode, size, extra in (("hold", {"n": n, "hold": 2}, ()),
                               ("deliver", {"n": n}, ("--publish", "batch"))):
-        server = bench.Server("megacomet", workdir, workers)
+        # Every connection subscribes to an id of its own: the table must let subscribers
+        # create n ids (what `megacomet.py check --connections n` asks for).
+        max_ids = max(shmqueue.DEFAULT_MAX_IDS, shmqueue.max_ids_for(n, workers))
+        server = bench.Server("megacomet", workdir, workers,
+                              flags=["--max-ids", str(max_ids),
+                                     "--poll-timeout", str(poll_timeout)])
         server.start()
         try:
             rec = bench.run_megatest(server, mode, size, workdir, duration, verbose,
-                                     extra=extra, tag="scale-%d-%s" % (n, mode))
+                                     extra=extra + ("--poll-timeout", str(poll_timeout)),
+                                     tag="scale-%d-%s" % (n, mode))
         finally:
             server.stop()
         bench.annotate(rec)
@@ -76,8 +106,13 @@ def main(argv=None):
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)),
                     help="comma list of held connections")
-    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--workers", default="16",
+                    help="worker processes, or 'auto': per size, the smallest multiple of 8 "
+                         "that keeps each worker under %d connections (the 20 000 open "
+                         "files per process)" % PER_WORKER)
     ap.add_argument("--duration", type=float, default=600, help="cap per size in seconds")
+    ap.add_argument("--poll-timeout", type=int, default=POLL_TIMEOUT,
+                    help="the server's --poll-timeout (default %(default)s s: see POLL_TIMEOUT)")
     ap.add_argument("--json", metavar="FILE", help="write the records and the table")
     ap.add_argument("--workdir", help="keep logs and records here (default: a temp dir)")
     ap.add_argument("--verbose", "-v", action="store_true", help="show megatest progress")
@@ -88,10 +123,12 @@ def main(argv=None):
     started = time.monotonic()
     records = []
     for n in sizes:
-        bench.log("scale: %d held, %d workers" % (n, args.workers))
-        records.append(run_size(n, args.workers, workdir, args.duration, args.verbose))
+        workers = workers_for(n, args.workers)
+        bench.log("scale: %d held, %d workers" % (n, workers))
+        records.append(run_size(n, workers, workdir, args.duration, args.verbose,
+                                args.poll_timeout))
     text = table(records)
-    print("\nMegaComet scaling (--workers %d, %d cores): one message to every held long-poll"
+    print("\nMegaComet scaling (--workers %s, %d cores): one message to every held long-poll"
           % (args.workers, os.cpu_count()))
     print(text)
     problems = [p for rec in records for p in rec.get("problems", [])]
