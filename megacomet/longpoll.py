@@ -93,6 +93,10 @@ class LongPoll:
     def news_many(self, fd, items):
         self.answer_many(fd, items)
 
+    def deliver_all(self, fds, ident, seq, epoch, data, cache):
+        for fd in fds:
+            self.deliver(fd, ident, seq, epoch, data, cache)
+
     def deliver(self, fd, ident, seq, epoch, data, cache):
         """The next message of a poll of one id: JSON holders share one response per
         keep-alive/HEAD variant (a fan-out builds it once)."""

@@ -55,6 +55,7 @@ class Router:
         # whether it answered a compat poll.  backlog(fd, id, last, epoch, flags, messages):
         # a SUB's whole answer (``subscriptions``).
         self.deliver_to = {}
+        self.deliver_many = None   # Subscriptions.deliver_many (set by server.assemble)
         self.backlog = None
         self.cluster = None      # cluster.ClusterNode in cluster mode: publishes go to Redis
         # Holder side of the subscriber counts: id -> connections held here for it as its
@@ -500,10 +501,16 @@ class Router:
         state, proto, deliver_to = w.state, w.proto, self.deliver_to
         cache = {}                                     # what holders of one format can share
         compat_answered = False
-        for fd in (entry,) if type(entry) is int else list(entry):
-            if state[fd] == HELD:                      # pending: its own answer brings it
-                compat_answered |= deliver_to[proto[fd]](fd, ident, seq, epoch, flags, data,
-                                                         cache)
+        if type(entry) is set and not self.compat_held.get(ident):
+            # A fan-out, no compat poll among them: the subscription core takes them at once
+            # (pending ones: their own answer brings it).
+            self.deliver_many([fd for fd in entry if state[fd] == HELD], ident, seq, epoch,
+                              flags, data, cache)
+        else:
+            for fd in (entry,) if type(entry) is int else list(entry):
+                if state[fd] == HELD:                  # pending: its own answer brings it
+                    compat_answered |= deliver_to[proto[fd]](fd, ident, seq, epoch, flags,
+                                                             data, cache)
         if flags & DELIVER_COMPAT and not compat_answered:
             w.send(src, records.cgive(seq, ident))
 

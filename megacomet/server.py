@@ -54,6 +54,7 @@ def assemble(index, config, region, eventfds, ready_fd=None, standby_fd=None):
                        protocols.SSE: stream, protocols.WS: stream}
     router.deliver_to = dict.fromkeys(subs.transports, subs.deliver)
     router.deliver_to[protocols.POLL_COMPAT] = poll.deliver_compat
+    router.deliver_many = subs.deliver_many
     router.backlog = subs.backlog
 
     w.record_handlers = {**router.handlers(), **poll.handlers(), **app.handlers()}

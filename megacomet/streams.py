@@ -248,6 +248,19 @@ class Streams:
             frame = cache[proto] = self.encode[proto](ident, seq, data, epoch)
         self._send(fd, frame)
 
+    def deliver_all(self, fds, ident, seq, epoch, data, cache):
+        """deliver() to each of fds, streams of one protocol (a fan-out): one frame, one
+        write each, and the readers too slow for it closed as _send would."""
+        proto = self.w.proto[fds[0]]
+        frame = cache.get(proto)
+        if frame is None:
+            frame = cache[proto] = self.encode[proto](ident, seq, data, epoch)
+        w = self.w
+        waiting, closed = w.write_many(fds, frame)
+        w.counters[DELIVERED] += len(fds) - closed
+        for fd in waiting:
+            self._bound_output(fd)
+
     def refused(self, fd):
         self._end(fd, CloseCode.TRY_AGAIN_LATER, "id table full")
 

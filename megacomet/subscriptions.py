@@ -225,6 +225,29 @@ class Subscriptions:
             self.ask_again(fd, ident)
         return False
 
+    def deliver_many(self, fds, ident, seq, epoch, flags, data, cache):
+        """deliver() to each of fds, held polls and streams of one id (a fan-out).  Those a
+        cursor of ident alone has up to date, its epoch known, take it in a batch per
+        transport; the rest (a gap, another epoch, a first message, several ids) one by one
+        through deliver(), which decides the same for them."""
+        since, known, fresh, proto = self.since, self.epoch, self.fresh, self.w.proto
+        many = self.many
+        previous = seq - 1
+        batches = {}
+        for fd in fds:
+            if since[fd] != previous or known[fd] != epoch or fresh[fd] or (many and fd in many):
+                self.deliver(fd, ident, seq, epoch, flags, data, cache)
+                continue
+            since[fd] = seq
+            batch = batches.get(proto[fd])
+            if batch is None:
+                batches[proto[fd]] = [fd]
+            else:
+                batch.append(fd)
+        transports = self.transports
+        for p, batch in batches.items():
+            transports[p].deliver_all(batch, ident, seq, epoch, data, cache)
+
     # -- what a transport reads ------------------------------------------------------------
 
     def take_news(self, fd):

@@ -650,16 +650,50 @@ class Worker:
         if pending is not None:
             pending += data                       # a bytearray: appends do not copy what waits
             return
+        n = self._write_now(fd, data)
+        if 0 <= n < len(data):
+            self._keep_unsent(fd, data, n)
+
+    def write_many(self, fds, data):
+        """write(fd, data) to each of fds: one message to many subscribers, the loop kept
+        here so that each costs little more than its syscall.  Returns (the fds with output
+        still waiting, most often none; how many of fds were closed as they failed)."""
+        outbuf, tls = self.outbuf, self.tls
+        size = len(data)
+        waiting = []
+        closed = 0
+        for fd in fds:
+            if fd in outbuf or fd in tls:
+                self.write(fd, data)
+                if not self.state[fd]:
+                    closed += 1
+                    continue
+            else:
+                n = self._write_now(fd, data)
+                if n == size:
+                    continue
+                if n < 0:
+                    closed += 1
+                    continue
+                self._keep_unsent(fd, data, n)
+            if fd in outbuf:
+                waiting.append(fd)
+        return waiting, closed
+
+    def _write_now(self, fd, data):
+        """What the socket takes of data now: the bytes sent, or -1 if it failed (closed)."""
         try:
-            n = os.write(fd, data)
+            return os.write(fd, data)
         except BlockingIOError:
-            n = 0
+            return 0
         except OSError:
             self.close(fd)
-            return
-        if n < len(data):
-            self.outbuf[fd] = bytearray(memoryview(data)[n:])
-            self.ep.modify(fd, self._mask(fd))
+            return -1
+
+    def _keep_unsent(self, fd, data, sent):
+        """The socket took only ``sent`` bytes of data: keep the rest for EPOLLOUT."""
+        self.outbuf[fd] = bytearray(memoryview(data)[sent:])
+        self.ep.modify(fd, self._mask(fd))
 
     def _flush_out(self, fd):
         pending = self.outbuf.get(fd)

@@ -111,6 +111,10 @@ class FakeWorker(worker.Worker):
         with self.syscalls():
             super().write(fd, data)
 
+    def write_many(self, fds, data):
+        with self.syscalls():
+            return super().write_many(fds, data)
+
     def _flush_out(self, fd):
         with self.syscalls():
             super()._flush_out(fd)

@@ -12,7 +12,7 @@ import pytest
 
 from inprocess import (advance, deliver, feed, hang_up, http_request, ids_at,
                        open_connection, read_records_to, records_to, response, settle, stop,
-                       two_workers_and_ids, workers, written)
+                       take_output, two_workers_and_ids, workers, written)
 from megacomet import records, shmqueue, signing
 from megacomet.records import MSGS_FINAL, MSGS_RESET
 from megacomet.worker import HELD, PENDING
@@ -303,3 +303,49 @@ def test_release_of_a_partly_received_backlog_leaves_no_part_behind():
     assert w0.router.partial
     hang_up(w0, FD)
     assert leftovers(w0, FD) == {}
+
+
+# -- a fan-out: many holders of one id on one worker -------------------------------------------
+
+def events(data):
+    """(seq, data) of each SSE event in data."""
+    out = []
+    for block in data.split(b"\n\n"):
+        lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
+        if b"id" in lines and b"data" in lines:
+            out.append((int(lines[b"id"]), lines[b"data"]))
+    return out
+
+
+def test_a_fan_out_gives_each_holder_what_its_own_cursor_is_owed():
+    """routing hands the holders of one id to Subscriptions.deliver_many: those up to date
+    go in a batch per transport (one frame, Worker.write_many), the others one by one.
+    Each must get exactly what deliver() would give it alone, in order, once."""
+    w, = workers(1)
+    ident = b"score"
+    publish(w, ident, b"m1", b"m2")
+    settle(w)
+    epoch = epoch_of(w, ident)
+    streams = {100: "", 101: "", 102: "?since=1", 103: "?since=2&epoch=%d" % epoch,
+               104: "?since=2&epoch=%d" % (epoch + 1)}       # another epoch: starts over
+    for fd, query in streams.items():
+        poll(w, "/sse/" + ident.decode(), query, fd=fd)
+    poll(w, "/sub/" + ident.decode(), "?since=2&epoch=%d" % epoch, fd=110)   # a long-poll too
+    poll(w, "/sub/" + ident.decode(), "?since=2&epoch=%d" % epoch, fd=111)
+    settle(w)
+    got = {fd: events(written(w, fd)) for fd in streams}
+    w.io.room[102] = 10                  # this reader takes only 10 bytes of what comes next
+    delivered = w.counters[shmqueue.DELIVERED]
+    publish(w, ident, b"m3")
+    publish(w, ident, b"m4")
+    settle(w)
+    take_output(w, 102)
+    for fd in streams:
+        got[fd] += events(written(w, fd))
+    everything = [(1, b"m1"), (2, b"m2"), (3, b"m3"), (4, b"m4")]
+    assert got[100] == got[101] == got[104] == everything
+    assert got[102] == everything[1:]
+    assert got[103] == everything[2:]
+    first, second = response(w, 110).body, response(w, 111).body
+    assert first == second and b'"seq": 3' in first and b"m4" not in first
+    assert w.counters[shmqueue.DELIVERED] - delivered == 5 * 2 + 2

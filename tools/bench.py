@@ -796,6 +796,9 @@ def main(argv=None):
     ap.add_argument("--hold-n", type=int, default=0, metavar="N",
                     help="connections of every hold mode instead of the size's (e.g. 100000 "
                          "for hold-sse,hold-ws); peers stay capped at what they can hold")
+    ap.add_argument("--fanout-n", type=int, default=0, metavar="N",
+                    help="subscribers of the one id of every fan-out mode instead of the "
+                         "size's (e.g. 100000 for fanout,fanout-ws)")
     ap.add_argument("--workers", type=int, default=8, help="megacomet and nginx workers")
     ap.add_argument("--publish-shape", default=",".join(PUBLISH_SHAPES),
                     help="deliver modes: a single-publish round per shape, every server, rows "
@@ -836,9 +839,10 @@ def main(argv=None):
         return 0 if write_plots(plots, docs, args.plot) else 1
 
     sizes = SIZES["quick" if args.quick else "full"]
-    if args.hold_n:
-        sizes = {m: dict(v, n=args.hold_n) if split_mode(m)[0] == "hold" else v
-                 for m, v in sizes.items()}
+    for base, n in (("hold", args.hold_n), ("fanout", args.fanout_n)):
+        if n:
+            sizes = {m: dict(v, n=n) if split_mode(m)[0] == base and m not in CLUSTER_MODES
+                     else v for m, v in sizes.items()}
     duration = args.duration or (60 if args.quick else 240)
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
