@@ -373,8 +373,7 @@ def check_main(argv):
     args = p.parse_args(argv)
     if args.connections < 1 or not 1 <= args.workers <= shmqueue.MAX_WORKERS:
         p.error("--connections must be positive and --workers 1..%d" % shmqueue.MAX_WORKERS)
-    status = hostcheck.report(args.connections, args.workers, max_ids=args.max_ids,
-                              poll_timeout=args.poll_timeout)
+    status = hostcheck.report(args.connections, args.workers, args.max_ids, args.poll_timeout)
     if args.redis:
         try:
             from . import redislink

@@ -40,7 +40,7 @@ def mem_available():
     return None
 
 
-def checks(connections, workers, max_ids=shmqueue.DEFAULT_MAX_IDS, poll_timeout=30):
+def checks(connections, workers, max_ids, poll_timeout):
     """(name, what it is now, what is needed, ok, fix) for each limit; ok None: advice only."""
     per_worker = math.ceil(connections / workers) + FDS_PER_WORKER_BESIDES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -112,7 +112,7 @@ def checks(connections, workers, max_ids=shmqueue.DEFAULT_MAX_IDS, poll_timeout=
     return rows
 
 
-def report(connections, workers, out=print, max_ids=shmqueue.DEFAULT_MAX_IDS, poll_timeout=30):
+def report(connections, workers, max_ids, poll_timeout, out=print):
     rows = checks(connections, workers, max_ids, poll_timeout)
     out("megacomet check: %d connections over %d workers" % (connections, workers))
     failing = 0
