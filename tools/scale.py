@@ -53,7 +53,16 @@ def workers_for(n, workers):
     if workers != "auto":
         return int(workers)
     needed = -(-n // PER_WORKER)
-    return min(64, max(8, (needed + 7) // 8 * 8))
+    return min(shmqueue.MAX_WORKERS, max(8, (needed + 7) // 8 * 8))
+
+
+def workers_arg(text):
+    if text == "auto" or (text.isdigit() and 1 <= int(text) <= shmqueue.MAX_WORKERS):
+        return text
+    raise argparse.ArgumentTypeError("a number of workers (1..%d) or 'auto'"
+                                     % shmqueue.MAX_WORKERS)
+
+
 COLUMNS = (("held", ("phases", "hold", "opened")),
            ("workers", ("workers",)),
            ("PSS B/conn", ("phases", "hold", "pss_bytes_per_connection")),
@@ -106,7 +115,7 @@ def main(argv=None):
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)),
                     help="comma list of held connections")
-    ap.add_argument("--workers", default="16",
+    ap.add_argument("--workers", default="16", type=workers_arg,
                     help="worker processes, or 'auto': per size, the smallest multiple of 8 "
                          "that keeps each worker under %d connections (the 20 000 open "
                          "files per process)" % PER_WORKER)
