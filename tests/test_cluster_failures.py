@@ -99,9 +99,13 @@ class Nodes:
         return found
 
     def stop(self):
+        """Stop every node, all at once (each takes ~0.4 s to stop: not one after another)."""
         found = self.bugs()
-        for node in self.started:
-            node.stop()
+        stopping = [threading.Thread(target=node.stop) for node in self.started]
+        for thread in stopping:
+            thread.start()
+        for thread in stopping:
+            thread.join()
         return found
 
     def __enter__(self):
