@@ -11,10 +11,12 @@ import ...``; importing a fixture into a test module is all pytest needs)::
 
 * ``redis_standalone`` (function scope): a fresh, empty redis-server for each
   test (about 10 ms to start); the test may kill, restart or pause it.
-* ``redis_cluster`` (module scope: making one takes about 2 s): a 3-master,
-  3-replica Redis Cluster shared by the tests of one module.  Tests using it
-  must use keys of their own and must never kill, pause or restart its nodes;
-  a test that does makes its own ``redislab.Cluster()`` in a ``with`` block.
+* ``redis_cluster`` (making one takes 3 to 4 s): a 3-master, 3-replica Redis
+  Cluster shared by every test that asks for it, in whatever module (made by
+  the first, stopped when pytest ends).  Tests using it must use keys of their
+  own and must never kill, pause or restart its nodes; a test that does makes
+  its own ``redislab.Cluster()`` in a ``with`` block.  A module that finds it
+  damaged anyway (a node gone, a cluster_state not ok) gets a new one.
 
 Both are tools/redislab.py's objects (see there for the API).  Without
 redis-server (``apt-get install redis-server``) or hiredis the tests that use
@@ -22,7 +24,8 @@ them are skipped, except under CI (CI=true), where they fail: CI installs both,
 so a missing one there is a broken setup, not a reason to skip.
 
 This module must never start anything when it is imported, and never leave a
-redis-server behind: every server is stopped by pid when its scope ends.
+redis-server behind: every server is stopped by pid when its scope ends (the shared
+cluster's, at pytest's end).
 """
 
 import os
@@ -57,9 +60,28 @@ def redis_standalone():
         yield server
 
 
+_shared_cluster = []               # the one redis_cluster, once made
+
+
+def _sound(cluster):
+    try:
+        return (all(n.alive() for n in cluster.nodes)
+                and set(cluster.state().values()) == {"ok"})
+    except Exception:
+        return False
+
+
 @pytest.fixture(scope="module")
-def redis_cluster():
-    """A 3 + 3 Redis Cluster (redislab.Cluster) for this module: never kill its nodes."""
+def redis_cluster(request):
+    """A 3 + 3 Redis Cluster (redislab.Cluster) shared by the session: never kill its nodes.
+
+    (A fixture imported into several modules is a fixture of each: a session scope would
+    make one per module.  So the module fixture hands out the one cluster kept here.)"""
     require_redis()
-    with redislab.Cluster(masters=3, replicas=1) as cluster:
-        yield cluster
+    if _shared_cluster and not _sound(_shared_cluster[0]):
+        _shared_cluster.pop().stop()
+    if not _shared_cluster:
+        cluster = redislab.Cluster(masters=3, replicas=1).start()
+        _shared_cluster.append(cluster)
+        request.config.add_cleanup(cluster.stop)
+    yield _shared_cluster[0]
