@@ -373,8 +373,11 @@ def shared():
                                     env=seeded_env()).start())
             yield Pair(redis, *nodes)
         finally:
-            for node in nodes:
-                node.stop()
+            stopping = [threading.Thread(target=node.stop) for node in nodes]   # at once
+            for thread in stopping:
+                thread.start()
+            for thread in stopping:
+                thread.join()
 
 
 @pytest.fixture
