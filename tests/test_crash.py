@@ -381,12 +381,26 @@ def test_publish_whose_home_stops_answering_gets_503_unconfirmed(server_factory)
         for attempt in range(20):                 # connections that land on the stopped worker hang
             body = "\n".join(json.dumps({"id": "stop%d-%d" % (attempt, i), "data": "x"})
                              for i in range(60)).encode()
-            started = time.monotonic()
+            conn = http.client.HTTPConnection(server.host, server.app, timeout=1)
             try:
-                status, _, raw = server.request("POST", "/pub", body, timeout=6)
-            except OSError:
-                continue
-            reply = status, json.loads(raw), time.monotonic() - started
+                # A /health answered: a running worker holds this connection (on the stopped
+                # one it would hang as the batch would, for nothing).  The batch follows on it.
+                try:
+                    conn.request("GET", "/health")
+                    conn.getresponse().read()
+                except OSError:
+                    continue
+                conn.sock.settimeout(6)
+                started = time.monotonic()
+                try:
+                    conn.request("POST", "/pub", body)
+                    resp = conn.getresponse()
+                    reply = resp.status, json.loads(resp.read()), time.monotonic() - started
+                except OSError as e:
+                    raise AssertionError("the batch got no answer from a running worker in "
+                                         "%.1f s: %r" % (time.monotonic() - started, e))
+            finally:
+                conn.close()
             break
         assert reply is not None, "every connection landed on the stopped worker"
         status, doc, took = reply
