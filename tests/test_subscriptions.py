@@ -11,6 +11,7 @@ five defects found by outside testing lived.
 5. a ``since`` above an id's last seq counts as 0 with several ids too.
 """
 
+import concurrent.futures
 import http.client
 import json
 import os
@@ -96,17 +97,21 @@ def test_a_poll_whose_home_is_stalled_answers_its_own_since(server_factory):
     epoch = first["epoch"]
     pid = server.worker_pids()[home]
     os.kill(pid, signal.SIGSTOP)
+    def ask(query):
+        sock = client_on_live_worker(server)
+        with sock:
+            sock.sendall(b"GET /sub/%s?%s HTTP/1.1\r\nHost: t\r\n\r\n"
+                         % (ident.encode(), query.encode()))
+            status, _, body = read_response(sock, timeout=5)
+        assert status == 200
+        return query, json.loads(body)
+
     try:
-        answers = []
-        for query in ("since=19&timeout=1", "since=19&epoch=%d&timeout=1" % epoch,
-                      "since=20&timeout=1", "since=20&epoch=%d&timeout=1" % epoch):
-            sock = client_on_live_worker(server)
-            with sock:
-                sock.sendall(b"GET /sub/%s?%s HTTP/1.1\r\nHost: t\r\n\r\n"
-                             % (ident.encode(), query.encode()))
-                status, _, body = read_response(sock, timeout=5)
-            assert status == 200
-            answers.append((query, json.loads(body)))
+        # Four clients at once (each poll waits out its timeout: 1 s).
+        queries = ("since=19&timeout=1", "since=19&epoch=%d&timeout=1" % epoch,
+                   "since=20&timeout=1", "since=20&epoch=%d&timeout=1" % epoch)
+        with concurrent.futures.ThreadPoolExecutor(len(queries)) as pool:
+            answers = list(pool.map(ask, queries))
     finally:
         os.kill(pid, signal.SIGCONT)
     for query, doc in answers:
