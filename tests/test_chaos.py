@@ -1,8 +1,8 @@
 """CI run of tools/chaos.py: workers SIGKILLed under load lose, duplicate and reorder nothing.
 
-300 long-poll subscribers on 30 ids, 2 workers, 10 s of HTTP and binary
-publishing at 450 messages/s with a random worker SIGKILLed every 2 s (4 kills),
-then the tool's own drain and checks: about 15 s.  (The load of 15 s at the
+300 long-poll subscribers on 30 ids, 2 workers, 7.5 s of HTTP and binary
+publishing at 600 messages/s with a random worker SIGKILLed every 1.5 s (4 kills),
+then the tool's own drain and checks: about 12 s.  (The load of 15 s at the
 default 300/s with a kill every 3 s: as many kills, messages and deliveries,
 ~4 500 and ~44 000; a worker is back within 0.1 s of its kill.)  The long run is
 ``python tools/chaos.py`` (3000 subscribers, 60 s, 4 workers).
@@ -32,8 +32,8 @@ def alive(pid):
 
 def test_chaos_short_run_loses_nothing(tmp_path):
     record = tmp_path / "chaos.json"
-    proc = subprocess.run([sys.executable, CHAOS, "-n", "300", "--workers", "2", "--duration", "10",
-                           "--kill-every", "2", "--rate", "450", "--seed", "1", "--json", str(record)],
+    proc = subprocess.run([sys.executable, CHAOS, "-n", "300", "--workers", "2", "--duration", "7.5",
+                           "--kill-every", "1.5", "--rate", "600", "--seed", "1", "--json", str(record)],
                           cwd=ROOT, capture_output=True, text=True, timeout=90)
     output = proc.stdout[-4000:] + proc.stderr[-3000:]
     assert record.exists(), output
