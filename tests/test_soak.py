@@ -11,7 +11,7 @@ The load is the one 30 s at the defaults made (~9 000 messages published, ~36 00
 delivered, ~5 300 connections accepted, each of the 1 000 held polls answered by its
 timeout once), in half the time: --rate 600 instead of 300, twice the churn loops,
 --hold-timeout 9 so that the held polls time out during the load.  Private RSS is judged
-from the first sample after a 3 s warm-up (it is flat from the first second of load) to
+from the first sample after a 3 s warm-up (it is flat from the first samples of load on) to
 the last third: ~25 000 requests apart, as many as in the 30 s run (10 s warm-up, samples
 2 s apart), so a leak per request is caught as small as before (~130 B).  The machine
 stays far from busy (~0.6 CPU).
