@@ -1102,7 +1102,7 @@ def test_a_cursor_confirmed_on_one_node_before_the_other_heard_of_it_is_not_rese
         home_pid = b.stats()["workers"][h]["pid"]
         os.kill(home_pid, signal.SIGSTOP)
         try:
-            for _ in range(12):                             # until the kernel's buffers
+            for _ in range(40):                             # until the kernel's buffers
                 status, _, doc = batch(a, [{"id": filler, "data": "f" * 60000}] * 16)
                 assert status == 202 and doc["published"] == 16, doc
                 if pubsub_output_queued(redis) > 0:         # are full and Redis keeps the rest
